@@ -7,8 +7,9 @@ from typing import Any
 
 import pytest
 
-from helpers import SUITE_SCORE
 from mailwarden.devdns import DevDNSServer
+
+from helpers import SUITE_SCORE
 
 
 @pytest.fixture(scope="session")

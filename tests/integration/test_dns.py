@@ -8,9 +8,10 @@ import time
 
 import pytest
 
-from helpers import make_resolver
 from mailwarden.devdns import DevDNSServer
 from mailwarden.dns import MX, Nameserver, Resolver, Status, parse_nameserver
+
+from helpers import make_resolver
 
 ZONE = {
     "example.com": [
@@ -54,7 +55,7 @@ def test_typed_answers(server: DevDNSServer) -> None:
     resolver = make_resolver(server)
     a = resolver.a("example.com")
     assert a.status is Status.OK
-    assert set(a.records) == {ipaddress.IPv4Address("192.0.2.1"), ipaddress.IPv4Address("192.0.2.2")}
+    assert set(a.records) == {ipaddress.ip_address("192.0.2.1"), ipaddress.ip_address("192.0.2.2")}
     assert resolver.aaaa("example.com").records == (ipaddress.IPv6Address("2001:db8::1"),)
     assert set(resolver.mx("Example.COM.").records) == {MX(10, "mx1.example.com"),
                                                          MX(20, "mx2.example.com")}
@@ -185,7 +186,8 @@ def test_dnssec_ad_bit_is_passed_through_as_authentic(server: DevDNSServer) -> N
 def test_next_nameserver_is_tried_after_a_failure(server: DevDNSServer) -> None:
     with DevDNSServer({"example.com": ["SERVFAIL"]}) as failing:
         resolver = Resolver(
-            nameservers=[Nameserver(failing.host, failing.port), Nameserver(server.host, server.port)],
+            nameservers=[Nameserver(failing.host, failing.port),
+                         Nameserver(server.host, server.port)],
             timeout=0.3, lifetime=1.0,
         )
         answer = resolver.a("example.com")

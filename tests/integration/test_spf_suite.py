@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 import yaml
 
-from helpers import SUITE_SCORE, make_resolver
 from mailwarden.devdns import DevDNSServer
 from mailwarden.spf import check_mailfrom
+
+from helpers import SUITE_SCORE, make_resolver
 
 SUITE = Path(__file__).parent.parent / "data" / "spf-suite" / "rfc7208-tests.yml"
 SUITE_NAME = "openspf RFC 7208 suite"
