@@ -218,9 +218,9 @@ def valid_domain(domain: str) -> str | None:
 class _Stop(Exception):
     """Ends the evaluation at once with temperror or permerror (caught in `run`)."""
 
-    def __init__(self, result: Result, cause: str, mechanism: str | None = None) -> None:
+    def __init__(self, result: Result, cause: str) -> None:
         super().__init__(cause)
-        self.outcome = _Outcome(result, mechanism, cause)
+        self.outcome = _Outcome(result, None, cause)
 
 
 @dataclass
@@ -289,7 +289,7 @@ class _Evaluation:
         if self.lookups > self.limits.dns_terms:
             raise _Stop(Result.PERMERROR,
                         f"more than {self.limits.dns_terms} DNS-querying terms "
-                        f"(RFC 7208 §4.6.4), at {term!r}", term)
+                        f"(RFC 7208 §4.6.4), at {term!r}")
 
     def _count_void(self, answer: Answer[Any], term: str) -> None:
         if answer.void:
@@ -297,8 +297,7 @@ class _Evaluation:
             if self.void > self.limits.void_lookups:
                 raise _Stop(Result.PERMERROR,
                             f"more than {self.limits.void_lookups} void lookups "
-                            f"(RFC 7208 §4.6.4), at {term!r} ({answer.name} {answer.status})",
-                            term)
+                            f"(RFC 7208 §4.6.4), at {term!r} ({answer.name} {answer.status})")
 
     def _target(self, spec: MacroString | None, domain: str) -> str:
         if spec is None:
@@ -333,7 +332,7 @@ class _Evaluation:
             outcome = self._check_host(target, want_exp)
             if outcome.result is Result.NONE:
                 # §6.1: a redirect to a domain without a record is a permerror.
-                raise _Stop(Result.PERMERROR, f"{term}: {target} has {_NO_RECORD}", term)
+                raise _Stop(Result.PERMERROR, f"{term}: {target} has {_NO_RECORD}")
             return outcome
         return _Outcome(Result.NEUTRAL, None,
                         f"no mechanism matched in the record of {domain} (default, RFC 7208 §4.7)")
@@ -351,8 +350,7 @@ class _Evaluation:
                         f"{domain} publishes {len(texts)} SPF records (RFC 7208 §4.5)")
         record = parse_record(texts[0])
         if isinstance(record, RecordError):
-            raise _Stop(Result.PERMERROR, f"syntax error in the record of {domain}: {record}",
-                        record.term or None)
+            raise _Stop(Result.PERMERROR, f"syntax error in the record of {domain}: {record}")
         return record
 
     def _matches(self, directive: Directive, domain: str) -> bool:
@@ -385,7 +383,7 @@ class _Evaluation:
         if answer.status is Status.TEMPERROR:
             raise _Stop(Result.TEMPERROR,
                         f"DNS error for {answer.rdtype} {answer.name} at {term!r}: "
-                        f"{answer.error}", term)
+                        f"{answer.error}")
 
     def _in_addresses(self, records: tuple[Any, ...], directive: Directive) -> bool:
         prefix = directive.cidr4 if self.ip.version == 4 else directive.cidr6
@@ -402,9 +400,8 @@ class _Evaluation:
         if outcome.result in (Result.FAIL, Result.SOFTFAIL, Result.NEUTRAL):
             return False
         if outcome.result is Result.NONE:
-            raise _Stop(Result.PERMERROR, f"{term}: {target} has {_NO_RECORD} (RFC 7208 §5.2)",
-                        term)
-        raise _Stop(outcome.result, f"{term}: {outcome.cause}", outcome.mechanism or term)
+            raise _Stop(Result.PERMERROR, f"{term}: {target} has {_NO_RECORD} (RFC 7208 §5.2)")
+        raise _Stop(outcome.result, f"{term}: {outcome.cause}")
 
     def _mx(self, directive: Directive, target: str) -> bool:
         """§5.4, with the limit of §4.6.4 on address lookups per MX evaluation."""
@@ -416,7 +413,7 @@ class _Evaluation:
         if len(hosts) > self.limits.mx_names:
             raise _Stop(Result.PERMERROR,
                         f"{target} has {len(hosts)} MX records, more than "
-                        f"{self.limits.mx_names} (RFC 7208 §4.6.4)", term)
+                        f"{self.limits.mx_names} (RFC 7208 §4.6.4)")
         for host in sorted(hosts):
             addresses = self._addresses(host)
             self._raise_temperror(addresses, term)

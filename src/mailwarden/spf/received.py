@@ -53,8 +53,6 @@ def received_spf(
 ) -> str:
     """The header value (without the "Received-SPF:" name), on one line."""
     comment = _COMMENTS[result].format(sender=sender or "<>", ip=ip)
-    if problem and result in ("temperror", "permerror"):
-        comment += ": " + problem
     pairs = [
         ("receiver", receiver),
         ("client-ip", ip),

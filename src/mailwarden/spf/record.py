@@ -90,7 +90,8 @@ def parse_record(text: str) -> Record | RecordError:
         return RecordError('record does not begin with "v=spf1"')
     if not text.isascii():
         bad = next(ch for ch in text if not ch.isascii())
-        return RecordError(f"non-ASCII character {bad!r} in record (RFC 7208 §3.1)")
+        term = next((t for t in text.split(" ") if not t.isascii()), "")
+        return RecordError(f"non-ASCII character {bad!r} (RFC 7208 §3.1)", term)
     directives: list[Directive] = []
     unknown: list[Modifier] = []
     redirect: MacroString | None = None
