@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import math
 import secrets
 import socket
 import struct
@@ -280,13 +281,16 @@ class Resolver:
         question = wire_name + struct.pack("!HH", qtype, dns.rdataclass.IN)
         last_error = "no nameserver answered"
         failed: set[Nameserver] = set()
+        # Bounded by the attempts that fit in the lifetime, whatever the clock does.
+        attempts = len(self.nameservers) * max(1, math.ceil(self.lifetime / self.timeout))
         while len(failed) < len(self.nameservers):
             for server in self.nameservers:
                 if server in failed:
                     continue
                 remaining = end - self.clock()
-                if remaining <= 0:
+                if remaining <= 0 or attempts <= 0:
                     return self._temperror(name, rdtype, f"timeout ({last_error})"), 0
+                attempts -= 1
                 response, error = self._exchange(question, server, min(self.timeout, remaining))
                 if response is None:
                     last_error = f"{server}: {error}"

@@ -235,3 +235,11 @@ def test_parse_nameserver(text: str, host: str, port: int) -> None:
 def test_parse_nameserver_rejects(text: str) -> None:
     with pytest.raises(ValueError):
         parse_nameserver(text)
+
+
+def test_retries_are_bounded_even_when_the_clock_stands_still(server: DevDNSServer) -> None:
+    resolver = make_resolver(server, timeout=0.1, lifetime=0.3, clock=Clock())
+    answer = resolver.txt("slow.example.com")
+    assert answer.status is Status.TEMPERROR
+    assert [q for q in server.queries if q[0] == "slow.example.com"] == [
+        ("slow.example.com", "TXT", "udp")] * 3
