@@ -176,7 +176,7 @@ def test_s7_3_t_is_decimal_seconds() -> None:
     assert expanded("%{t2}", context(timestamp=42), exp=True) == "42"
 
 
-def test_ip_macro_value_forms() -> None:
+def test_s7_3_ip_macro_value_forms() -> None:
     assert ip_macro_value(bytes([10, 0, 0, 255])) == "10.0.0.255"
     assert ip_macro_value(ipaddress.IPv6Address("::1").packed) == ".".join("0" * 31 + "1")
     value = ip_macro_value(ipaddress.IPv6Address("ffff::").packed)
@@ -224,7 +224,7 @@ def test_s7_3_custom_delimiter_replaces_dot() -> None:
     assert expanded("%{d1-}", context(domain="a.b-c.d")) == "c.d"
 
 
-def test_transform_identity_shortcut() -> None:
+def test_s7_3_transform_identity_shortcut() -> None:
     macro = Macro("d", False, None, False, ".")
     assert transform("x.y", macro) == "x.y"
     assert transform("x.y", Macro("d", False, 1, False, ".")) == "y"
@@ -296,9 +296,9 @@ def test_s7_1_tokens() -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["%x", "%", "abc%", "%{", "%{d", "%{}", "%{z}", "%{Z}", "%{1}", "%{d0}", "%{d00}",
-     "%{d0r}", "%{d!}", "%{d }", "%{dr2}", "%{d-r}", "%{d.x}", "%{ d}", "%{dd}", "%{d2%}",
-     "% {d}", "%D", "a b", "\t", "é.example.com", "x\x7f"],
+    ["%x", "%", "abc%", "%{", "%{d", "%{}", "%{z}", "%{Z}", "%{1}", "%{d!}", "%{d }", "%{dr2}",
+     "%{d-r}", "%{d.x}", "%{ d}", "%{dd}", "%{d2%}", "% {d}", "%D", "a b", "\t",
+     "é.example.com", "x\x7f"],
 )
 def test_s7_1_syntax_errors(text: str) -> None:
     result = parse_macro_string(text)
@@ -321,18 +321,27 @@ def test_s6_2_space_allowed_only_in_exp_text() -> None:
         "192.0.2.3 is not one of email.example.com's servers")
 
 
-def test_s7_1_zero_digit_transformer_is_an_error_even_in_exp() -> None:
+@pytest.mark.parametrize("text", ["%{d0}", "%{d00}", "%{d0r}", "%{D000-}", "x.%{l0}.example.com"])
+def test_s7_3_zero_digit_transformer_is_a_syntax_error(text: str) -> None:
+    err = parse_macro_string(text)
+    assert isinstance(err, MacroError)
+    assert "zero" in err.cause
+
+
+def test_s7_3_zero_digit_transformer_is_an_error_even_in_exp() -> None:
     err = parse_macro_string("%{d0}", exp=True)
     assert isinstance(err, MacroError)
     assert "zero" in err.cause
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: parse_macro_string keeps only the first 12 transformer digits, so a nonzero number "
-    "written with 12+ leading zeros ('%{d0000000000001}' == 1) is rejected as zero "
-    "(RFC 7208 §7.1 transformers = *DIGIT; §7.3 only forbids the value zero)"))
 def test_s7_1_leading_zero_digits_are_not_zero() -> None:
     assert expanded("%{d0000000000001}") == "com"
+    assert expanded("%{d0002r}") == "example.email"
+
+
+def test_s7_1_huge_digit_count_means_all_parts() -> None:
+    assert expanded("%{d" + "9" * 400 + "}") == "email.example.com"
+    assert expanded("%{d" + "0" * 50 + "1" + "0" * 50 + "r}") == "com.example.email"
 
 
 # -- §7.3 truncation ---------------------------------------------------------------------

@@ -152,6 +152,10 @@ def check_host(
     if address is None:
         outcome = _Outcome(Result.PERMERROR, cause=f"client address {str(ip)!r} is not an IP")
         return _finish(outcome, None, domain, sender, str(ip), helo, identity, receiver)
+    local, at, sender_domain = sender.rpartition("@")
+    if not local:
+        # §4.3: a sender without a local-part stands for postmaster@ its domain.
+        sender = f"postmaster@{sender_domain if at else sender}"
     evaluation = _Evaluation(dns, address, sender, helo, receiver, limits, clock)
     try:
         outcome = evaluation.run(domain)
@@ -285,11 +289,11 @@ class _Evaluation:
         return self._query("a" if self.ip.version == 4 else "aaaa", name)
 
     def _count_term(self, term: str) -> None:
-        self.lookups += 1
-        if self.lookups > self.limits.dns_terms:
+        if self.lookups >= self.limits.dns_terms:
             raise _Stop(Result.PERMERROR,
                         f"more than {self.limits.dns_terms} DNS-querying terms "
                         f"(RFC 7208 §4.6.4), at {term!r}")
+        self.lookups += 1
 
     def _count_void(self, answer: Answer[Any], term: str) -> None:
         if answer.void:
@@ -303,7 +307,7 @@ class _Evaluation:
         if spec is None:
             return domain
         self.ctx.domain = domain
-        return truncate_domain(expand(spec, self.ctx)).rstrip(".").lower()
+        return truncate_domain(expand(spec, self.ctx).rstrip(".")).lower()
 
     # -- check_host ----------------------------------------------------------------------
     def _check_host(self, domain: str, want_exp: bool) -> _Outcome:
@@ -412,7 +416,7 @@ class _Evaluation:
         hosts = [mx.exchange for mx in answer.records if mx.exchange]
         if len(hosts) > self.limits.mx_names:
             raise _Stop(Result.PERMERROR,
-                        f"{target} has {len(hosts)} MX records, more than "
+                        f"{term}: {target} has {len(hosts)} MX records, more than "
                         f"{self.limits.mx_names} (RFC 7208 §4.6.4)")
         for host in sorted(hosts):
             addresses = self._addresses(host)
@@ -480,4 +484,8 @@ class _Evaluation:
             return None
         self.ctx.domain = domain
         text = expand(parsed, self.ctx)
-        return text if text.isascii() else None
+        if not text.isascii():
+            return None
+        # Envelope values expanded into the text must not carry control characters into
+        # an SMTP reply or a header.
+        return "".join(ch if " " <= ch <= "~" else "?" for ch in text)

@@ -97,7 +97,7 @@ def parse_macro_string(text: str, *, exp: bool = False) -> MacroString | MacroEr
         if digits:
             significant = digits.lstrip("0")
             # More than 12 significant digits exceeds any label count; never int() a huge string.
-            count = int(significant) if len(significant) <= 12 else 10**12
+            count = int(significant or "0") if len(significant) <= 12 else 10**12
             if count == 0:
                 return MacroError(f"zero-part transformer in {match.group(0)!r} (RFC 7208 §7.3)")
         if literal:
