@@ -66,7 +66,45 @@ def build_parser() -> argparse.ArgumentParser:
                      help="this host's name, for %%{r} and Received-SPF (default: unknown)")
     spf.add_argument("--json", action="store_true", help="print one JSON object")
     spf.set_defaults(handler=_cmd_spf)
+
+    run = commands.add_parser("run", help="run the milter daemon",
+                              description="Run the milter daemon in the foreground.")
+    run.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                     help=f"configuration file (default: {DEFAULT_CONFIG})")
+    run.set_defaults(handler=_cmd_run)
+
+    check = commands.add_parser(
+        "check-config", help="validate a configuration and print the effective policy",
+        description="Validate a configuration file; print the effective policy, or the error "
+        "with its file, line and key (exit status 1).",
+    )
+    check.add_argument("path", nargs="?", default=DEFAULT_CONFIG, metavar="PATH")
+    check.add_argument("--json", action="store_true", help="print the policy as JSON")
+    check.set_defaults(handler=_cmd_check_config)
     return parser
+
+
+DEFAULT_CONFIG = "conf/mailwarden.yaml"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from mailwarden.daemon import run
+
+    return run(args.config)
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from mailwarden.config import ConfigError, load
+    from mailwarden.policy.describe import effective_policy, format_policy
+
+    try:
+        config = load(args.path)
+    except ConfigError as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return 1
+    policy = effective_policy(config)
+    print(json.dumps(policy, indent=2) if args.json else format_policy(policy))
+    return 0
 
 
 def _cmd_spf(args: argparse.Namespace) -> int:

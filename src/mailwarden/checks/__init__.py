@@ -1,0 +1,82 @@
+"""The checks a rule can run. Each is a `CheckSpec`: where it may run, the results it gives,
+how its arguments are read from the config, the verdict each result gets by default, and the
+function that does the work (pure logic over the Transaction and the shared resolver)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from mailwarden.config import Outcome, Reply
+from mailwarden.dns import DNSClient
+from mailwarden.relay import HostGroup
+from mailwarden.transaction import CheckResult, Transaction
+
+if TYPE_CHECKING:
+    from mailwarden.config import Config, Section
+
+
+@dataclass
+class Context:
+    """What checks may use besides the transaction."""
+
+    config: Config
+    dns: DNSClient
+    groups: Mapping[str, HostGroup]
+    clock: Callable[[], float] = time.monotonic
+
+
+@dataclass(frozen=True, slots=True)
+class CheckOutcome:
+    """What one run of a check found: the result the rule acts on, every result to record,
+    headers to add, and the text for an SMTP reply should the rule refuse."""
+
+    decisive: str
+    results: tuple[CheckResult, ...] = ()
+    headers: tuple[tuple[str, str], ...] = ()
+    text: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CheckSpec:
+    name: str
+    stages: tuple[str, ...]
+    results: tuple[str, ...]
+    parse_args: Callable[[Section, Config], Any]
+    run: Callable[[Context, Transaction, Any], CheckOutcome]
+    outcomes: Callable[[Any], Mapping[str, Outcome]]
+    replies: Mapping[str, Reply] = field(default_factory=dict)
+    # macros the check reads, by stage, so that negotiation can ask the MTA for them
+    macros: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+def _registry() -> dict[str, CheckSpec]:
+    from mailwarden.checks import iprev, relay, spf
+
+    specs = [spf.SPEC, relay.MAIL_RELAY, relay.RCPT_RELAY, iprev.SPEC]
+    return {spec.name: spec for spec in specs}
+
+
+class _LazyChecks(Mapping[str, CheckSpec]):
+    """The registry, built on first use (the check modules import config, which imports us)."""
+
+    _specs: dict[str, CheckSpec] | None = None
+
+    def _get(self) -> dict[str, CheckSpec]:
+        if self._specs is None:
+            self._specs = _registry()
+        return self._specs
+
+    def __getitem__(self, key: str) -> CheckSpec:
+        return self._get()[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
+CHECKS: Mapping[str, CheckSpec] = _LazyChecks()

@@ -1,0 +1,82 @@
+"""The `iprev` check (RFC 8601 §3): forward-confirmed reverse DNS of the client.
+
+pass: a name from the PTR lookup has an address equal to the client's; fail: the PTR names'
+forward lookups gave no matching address; permerror: no PTR record; temperror: a DNS
+temporary error. Recorded as `iprev=RESULT policy.iprev=IP (name)`; by default only recorded,
+with 550 5.7.25 (RFC 7372) when a rule refuses on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mailwarden.checks import CheckOutcome, CheckSpec, Context
+from mailwarden.config import Outcome
+from mailwarden.dns import DNSClient, IPAddress, Status
+from mailwarden.policy import codes
+from mailwarden.transaction import CheckResult, Transaction
+
+if TYPE_CHECKING:
+    from mailwarden.config import Config, Section
+
+RESULTS = ("pass", "fail", "temperror", "permerror")
+
+
+@dataclass(frozen=True, slots=True)
+class IprevArgs:
+    max_names: int = 10
+
+
+def parse_args(section: Section, config: Config) -> IprevArgs:
+    return IprevArgs(section.integer("max_names", 10, minimum=1, maximum=50))
+
+
+def outcomes(args: IprevArgs) -> Mapping[str, Outcome]:
+    return {}
+
+
+@dataclass(frozen=True, slots=True)
+class IprevResult:
+    result: str
+    name: str  # the confirmed name, or the first PTR name
+    reason: str
+
+
+def iprev(dns: DNSClient, ip: IPAddress, max_names: int = 10) -> IprevResult:
+    """RFC 8601 §2.7.3: the iprev evaluation of `ip`."""
+    answer = dns.ptr(ip.reverse_pointer)
+    if answer.status is Status.TEMPERROR:
+        return IprevResult("temperror", "", f"PTR lookup failed: {answer.error}")
+    if not answer.ok:
+        return IprevResult("permerror", "", f"no PTR record for {ip} ({answer.status})")
+    names: tuple[str, ...] = answer.records[:max_names]
+    temporary = ""
+    for name in names:
+        forward = dns.a(name) if ip.version == 4 else dns.aaaa(name)
+        if forward.status is Status.TEMPERROR:
+            temporary = f"forward lookup of {name} failed: {forward.error}"
+        elif ip in forward.records:
+            return IprevResult("pass", name, f"{ip} is {name}")
+    if temporary:
+        return IprevResult("temperror", names[0], temporary)
+    return IprevResult("fail", names[0], f"no PTR name of {ip} resolves back to it")
+
+
+def run(ctx: Context, txn: Transaction, args: IprevArgs) -> CheckOutcome:
+    if txn.client_ip is None:
+        return CheckOutcome("permerror", text="no client address")
+    found = iprev(ctx.dns, txn.client_ip, args.max_names)
+    record = CheckResult("", "iprev", found.result, found.reason,
+                         (("policy.iprev", str(txn.client_ip)),), comment=found.name or None)
+    text = f"Reverse DNS of {txn.client_ip}: {found.reason}"
+    return CheckOutcome(found.result, (record,), text=text)
+
+
+SPEC = CheckSpec(
+    name="iprev", stages=("connect", "helo", "mail", "rcpt", "eom"), results=RESULTS,
+    parse_args=parse_args, run=run, outcomes=outcomes,
+    replies={"fail": codes.IPREV_FAIL, "permerror": codes.IPREV_FAIL,
+             "temperror": codes.IPREV_TEMPERROR},
+)

@@ -1,0 +1,111 @@
+"""Relay checks.
+
+`mail_relay`: a client outside `allowed_hosts` (and not authenticated, unless
+`allow_authenticated: false`) may not use one of our own domains in MAIL FROM.
+`rcpt_relay`: a client outside `allowed_hosts` and not authenticated may not send to a domain
+that is not ours: no open relay.
+
+A host group whose host names cannot be resolved just now gives `temperror` (a tempfail by
+default), never a permanent refusal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mailwarden.checks import CheckOutcome, CheckSpec, Context
+from mailwarden.config import Outcome
+from mailwarden.policy import codes
+from mailwarden.relay import Membership
+from mailwarden.transaction import CheckResult, Transaction
+
+if TYPE_CHECKING:
+    from mailwarden.config import Config, Section
+
+RESULTS = ("pass", "fail", "temperror")
+
+
+@dataclass(frozen=True, slots=True)
+class RelayArgs:
+    allowed_hosts: tuple[str, ...] = ()
+    allow_authenticated: bool = True
+
+
+def parse_args(section: Section, config: Config) -> RelayArgs:
+    groups = section.str_list("allowed_hosts")
+    for group in groups:
+        if group not in config.hosts:
+            raise section.error("allowed_hosts", f"no host group named {group!r} in hosts:")
+    return RelayArgs(groups, section.boolean("allow_authenticated", True))
+
+
+def outcomes(args: RelayArgs) -> Mapping[str, Outcome]:
+    return {"fail": Outcome("reject"), "temperror": Outcome("tempfail")}
+
+
+def _client_allowed(ctx: Context, txn: Transaction, args: RelayArgs) -> Membership:
+    if args.allow_authenticated and txn.authenticated:
+        return Membership.IN
+    if txn.client_ip is None:
+        return Membership.OUT
+    unknown = False
+    for name in args.allowed_hosts:
+        member = ctx.groups[name].membership(txn.client_ip, ctx.dns)
+        if member is Membership.IN:
+            return member
+        unknown = unknown or member is Membership.UNKNOWN
+    return Membership.UNKNOWN if unknown else Membership.OUT
+
+
+def _outcome(method: str, result: str, reason: str, prop: tuple[str, str], text: str
+             ) -> CheckOutcome:
+    record = CheckResult("", method, result, reason, (prop,), report=False)
+    return CheckOutcome(result, (record,), text=text)
+
+
+def run_mail(ctx: Context, txn: Transaction, args: RelayArgs) -> CheckOutcome:
+    sender = txn.mail_from or ""
+    prop = ("smtp.mailfrom", sender or "<>")
+    domain = txn.sender_domain
+    if not domain or not ctx.config.is_our_domain(domain):
+        return _outcome("mail_relay", "pass", "sender domain is not ours", prop, "")
+    allowed = _client_allowed(ctx, txn, args)
+    if allowed is Membership.IN:
+        return _outcome("mail_relay", "pass", "client may use our domains", prop, "")
+    if allowed is Membership.UNKNOWN:
+        return _outcome("mail_relay", "temperror", "host group lookup failed", prop,
+                        "Cannot verify the client just now, try again later")
+    return _outcome("mail_relay", "fail", f"{txn.client} may not send as {domain}", prop,
+                    f"Sender address <{sender}> is not allowed from {txn.client}")
+
+
+def run_rcpt(ctx: Context, txn: Transaction, args: RelayArgs) -> CheckOutcome:
+    rcpt = txn.rcpts[-1] if txn.rcpts else ""
+    prop = ("smtp.rcptto", rcpt)
+    domain = rcpt.rpartition("@")[2].lower().rstrip(".")
+    if domain and ctx.config.is_our_domain(domain):
+        return _outcome("rcpt_relay", "pass", "recipient domain is ours", prop, "")
+    allowed = _client_allowed(ctx, txn, args)
+    if allowed is Membership.IN:
+        return _outcome("rcpt_relay", "pass", "client may relay", prop, "")
+    if allowed is Membership.UNKNOWN:
+        return _outcome("rcpt_relay", "temperror", "host group lookup failed", prop,
+                        "Cannot verify the client just now, try again later")
+    return _outcome("rcpt_relay", "fail", f"relay to {domain or rcpt} denied for {txn.client}",
+                    prop, f"<{rcpt}>: Relay access denied")
+
+
+MAIL_RELAY = CheckSpec(
+    name="mail_relay", stages=("mail", "rcpt", "eom"), results=RESULTS,
+    parse_args=parse_args, run=run_mail, outcomes=outcomes,
+    replies={"fail": codes.SENDER_DENIED, "temperror": codes.DNS_TEMPERROR},
+    macros={"mail": ("{auth_authen}",)},
+)
+RCPT_RELAY = CheckSpec(
+    name="rcpt_relay", stages=("rcpt",), results=RESULTS,
+    parse_args=parse_args, run=run_rcpt, outcomes=outcomes,
+    replies={"fail": codes.RELAY_DENIED, "temperror": codes.DNS_TEMPERROR},
+    macros={"mail": ("{auth_authen}",)},
+)

@@ -1,0 +1,94 @@
+"""The `spf` check: both identities (HELO and MAIL FROM, RFC 7208 §2.3/§2.4); the rule acts on
+the MAIL FROM result.
+
+Arguments (after vSMTP's check_spf): `header` — which headers to add: `spf` (Received-SPF),
+`auth` (our Authentication-Results), `both` or `none`; `policy` — `soft` rejects only `fail`,
+`strict` rejects `fail` and `softfail` (and `permerror`). A `temperror` tempfails under both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mailwarden.checks import CheckOutcome, CheckSpec, Context
+from mailwarden.config import Outcome
+from mailwarden.policy import codes
+from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
+from mailwarden.spf.check import valid_domain
+from mailwarden.transaction import CheckResult, Transaction
+
+if TYPE_CHECKING:
+    from mailwarden.config import Config, Section
+
+RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+
+
+@dataclass(frozen=True, slots=True)
+class SPFArgs:
+    header: str = "both"
+    policy: str = "soft"
+
+
+def parse_args(section: Section, config: Config) -> SPFArgs:
+    return SPFArgs(section.string("header", "both", choices=("spf", "auth", "both", "none")),
+                   section.string("policy", "soft", choices=("soft", "strict")))
+
+
+def outcomes(args: SPFArgs) -> Mapping[str, Outcome]:
+    table = {"fail": Outcome("reject"), "temperror": Outcome("tempfail")}
+    if args.policy == "strict":
+        table["softfail"] = Outcome("reject")
+        table["permerror"] = Outcome("reject")
+    return table
+
+
+def run(ctx: Context, txn: Transaction, args: SPFArgs) -> CheckOutcome:
+    if txn.client_ip is None:
+        return CheckOutcome("none", text="no client address")
+    helo = txn.helo or ""
+    limits = Limits(budget=ctx.config.spf_budget)
+    receiver = ctx.config.authserv_id
+    report = args.header in ("auth", "both")
+    results: list[CheckResult] = []
+    if helo and valid_domain(helo) is None:
+        helo_result = check_helo(ctx.dns, txn.client_ip, helo, receiver=receiver, limits=limits,
+                                 clock=ctx.clock)
+        results.append(_record(helo_result, "smtp.helo", helo, report))
+    mail_from = txn.mail_from or ""
+    result = check_mailfrom(ctx.dns, txn.client_ip, mail_from, helo, receiver=receiver,
+                            limits=limits, clock=ctx.clock)
+    results.append(_record(result, "smtp.mailfrom", result.sender, report))
+    headers = (result.header(),) if args.header in ("spf", "both") else ()
+    return CheckOutcome(str(result.result), tuple(results), headers, _reply_text(result))
+
+
+def _record(result: SPFResult, prop: str, value: str, report: bool) -> CheckResult:
+    return CheckResult("", "spf", str(result.result), result.cause, ((prop, value),),
+                       report=report)
+
+
+def _reply_text(result: SPFResult) -> str:
+    """RFC 7208 §8.4: a fail reply SHOULD carry the explanation."""
+    if result.result == "fail":
+        why = result.explanation or (f"{result.ip} is not allowed to send mail for "
+                                     f"{result.domain}")
+        return f"SPF fail: {why}"
+    if result.result == "softfail":
+        return f"SPF softfail: {result.ip} is not allowed to send mail for {result.domain}"
+    if result.result in ("temperror", "permerror"):
+        return f"SPF {result.result} for {result.domain}: {result.cause}"
+    return f"SPF {result.result} for {result.domain}"
+
+
+SPEC = CheckSpec(
+    name="spf",
+    stages=("mail", "rcpt", "eom"),
+    results=RESULTS,
+    parse_args=parse_args,
+    run=run,
+    outcomes=outcomes,
+    replies={"fail": codes.SPF_FAIL, "softfail": codes.SPF_FAIL,
+             "temperror": codes.SPF_TEMPERROR, "permerror": codes.SPF_PERMERROR},
+)

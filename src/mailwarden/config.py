@@ -1,0 +1,533 @@
+"""YAML configuration to a typed, frozen `Config`.
+
+Every error names the file, the line and the key path (`rules.mail[1].policy`); unknown keys are
+errors, so that a typo never silently turns a check off. Check-specific arguments are validated
+by the check itself (`mailwarden.checks`), through the same `Section` reader.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from mailwarden.dns import Nameserver, parse_nameserver
+
+T = TypeVar("T")
+
+STAGES = ("connect", "helo", "mail", "rcpt", "eom")
+ACTIONS = ("continue", "accept", "tempfail", "reject", "quarantine", "discard")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
+_DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
+                     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+
+
+class ConfigError(Exception):
+    """A configuration problem, located: `file:line: key: message`."""
+
+    def __init__(self, file: str, line: int, key: str, message: str) -> None:
+        self.file, self.line, self.key, self.message = file, line, key, message
+        where = f"{file}:{line}" if line else file
+        super().__init__(f"{where}: {key + ': ' if key else ''}{message}")
+
+
+# -- the node reader ---------------------------------------------------------------------------
+class Section:
+    """A YAML mapping being read: typed getters that record what was used, and `finish()` to
+    reject every key that nobody asked for."""
+
+    def __init__(self, node: yaml.MappingNode, file: str, path: str) -> None:
+        self.node, self.file, self.path = node, file, path
+        self._items: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+            if not isinstance(key, str):
+                raise ConfigError(file, _line(key_node), path, "keys must be strings")
+            if key in self._items:
+                raise ConfigError(file, _line(key_node), self.key(key), "duplicate key")
+            self._items[key] = (key_node, value_node)
+        self._used: set[str] = set()
+
+    # -- locating ----------------------------------------------------------------------------
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def error(self, name: str | None, message: str) -> ConfigError:
+        if name is not None and name in self._items:
+            return ConfigError(self.file, _line(self._items[name][1]), self.key(name), message)
+        return ConfigError(self.file, _line(self.node), self.key(name) if name else self.path,
+                           message)
+
+    def has(self, name: str) -> bool:
+        return name in self._items
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+    def node_of(self, name: str) -> yaml.Node:
+        self._used.add(name)
+        return self._items[name][1]
+
+    def finish(self) -> None:
+        for name, (key_node, _) in self._items.items():
+            if name not in self._used:
+                raise ConfigError(self.file, _line(key_node), self.key(name), "unknown key")
+
+    # -- typed getters -------------------------------------------------------------------------
+    def _scalar(self, name: str) -> Any:
+        node = self.node_of(name)
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.error(name, "expected a single value")
+        return yaml.safe_load(yaml.serialize(node))
+
+    def string(self, name: str, default: str | None = None, *, choices: tuple[str, ...] = (),
+            required: bool = False) -> str:
+        if not self.has(name):
+            if required or default is None:
+                raise self.error(name, "is required")
+            return default
+        value = self._scalar(name)
+        if value is None or isinstance(value, (dict, list)):
+            raise self.error(name, "expected a string")
+        text = value if isinstance(value, str) else _to_text(value)
+        if choices and text not in choices:
+            raise self.error(name, f"must be one of {', '.join(choices)} (got {text!r})")
+        return text
+
+    def optional_str(self, name: str) -> str | None:
+        return self.string(name) if self.has(name) else None
+
+    def boolean(self, name: str, default: bool) -> bool:
+        if not self.has(name):
+            return default
+        value = self._scalar(name)
+        if not isinstance(value, bool):
+            raise self.error(name, f"expected true or false (got {value!r})")
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float = 0.0,
+               maximum: float | None = None) -> float:
+        if not self.has(name):
+            return default
+        value = self._scalar(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(name, f"expected a number (got {value!r})")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum:g} and {maximum:g}" if maximum is not None else \
+                f"at least {minimum:g}"
+            raise self.error(name, f"must be {bound} (got {value!r})")
+        return float(value)
+
+    def integer(self, name: str, default: int, *, minimum: int = 0,
+            maximum: int | None = None) -> int:
+        value = self.number(name, default, minimum=minimum, maximum=maximum)
+        if value != int(value):
+            raise self.error(name, f"expected a whole number (got {value!r})")
+        return int(value)
+
+    def str_list(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        """A list of strings; a single string counts as a one-element list."""
+        if not self.has(name):
+            return default
+        node = self.node_of(name)
+        if isinstance(node, yaml.ScalarNode):
+            value = self._scalar(name)
+            return (value if isinstance(value, str) else _to_text(value),)
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(name, "expected a list")
+        items: list[str] = []
+        for index, item in enumerate(node.value):
+            if not isinstance(item, yaml.ScalarNode):
+                raise ConfigError(self.file, _line(item), f"{self.key(name)}[{index}]",
+                                  "expected a string")
+            value = yaml.safe_load(yaml.serialize(item))
+            items.append(value if isinstance(value, str) else _to_text(value))
+        return tuple(items)
+
+    def section(self, name: str) -> Section | None:
+        if not self.has(name):
+            return None
+        node = self.node_of(name)
+        if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null"):
+            return Section(yaml.MappingNode("tag:yaml.org,2002:map", []), self.file,
+                           self.key(name))
+        if not isinstance(node, yaml.MappingNode):
+            raise self.error(name, "expected a mapping")
+        return Section(node, self.file, self.key(name))
+
+    def sequence(self, name: str) -> list[tuple[str, yaml.Node]]:
+        """The items of a list as (key path, node)."""
+        if not self.has(name):
+            return []
+        node = self.node_of(name)
+        if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null"):
+            return []
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.error(name, "expected a list")
+        return [(f"{self.key(name)}[{i}]", item) for i, item in enumerate(node.value)]
+
+    def parsed(self, name: str, default: T, parse: Callable[[str], T]) -> T:
+        """A string value turned into something else by `parse` (ValueError = bad value)."""
+        if not self.has(name):
+            return default
+        text = self.string(name)
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise self.error(name, str(exc)) from None
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1 if node.start_mark is not None else 0
+
+
+def _to_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def as_section(node: yaml.Node, file: str, path: str) -> Section:
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(file, _line(node), path, "expected a mapping")
+    return Section(node, file, path)
+
+
+# -- the configuration ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply: code, RFC 3463 enhanced status code and text."""
+
+    code: int
+    status: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a rule does with one result: an action and, for reject/tempfail, its reply
+    (None fields take the check's defaults)."""
+
+    action: str
+    code: int | None = None
+    status: str | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """`when:` — every given test must hold."""
+
+    client_in: tuple[str, ...] = ()  # host group names
+    authenticated: bool | None = None
+    sender_domain_in: tuple[str, ...] = ()
+    rcpt_domain_in: tuple[str, ...] = ()
+    negate: Condition | None = None  # `not: {...}`
+
+
+@dataclass(frozen=True, slots=True)
+class RuleConfig:
+    name: str
+    stage: str
+    check: str
+    args: Any  # the check's own frozen dataclass
+    when: Condition | None
+    on: Mapping[str, Outcome]
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class DNSConfig:
+    nameservers: tuple[Nameserver, ...] = ()  # empty: /etc/resolv.conf
+    timeout: float = 2.0
+    lifetime: float = 5.0
+    cache_size: int = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: str
+    listen: str
+    authserv_id: str
+    user: str | None = None
+    group: str | None = None
+    socket_mode: int = 0o660
+    log_level: str = "info"
+    workers: int = 2
+    drain_timeout: float = 30.0
+    dns: DNSConfig = DNSConfig()
+    spf_budget: float = 20.0
+    domains: frozenset[str] = frozenset()
+    hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    rules: Mapping[str, tuple[RuleConfig, ...]] = field(default_factory=dict)
+
+    def stage_rules(self, stage: str) -> tuple[RuleConfig, ...]:
+        return self.rules.get(stage, ())
+
+    def all_rules(self) -> Iterator[RuleConfig]:
+        for stage in STAGES:
+            yield from self.stage_rules(stage)
+
+    def is_our_domain(self, domain: str) -> bool:
+        """A domain we receive mail for: one listed, or a subdomain of one listed."""
+        domain = domain.lower().rstrip(".")
+        while domain:
+            if domain in self.domains:
+                return True
+            _, _, domain = domain.partition(".")
+        return False
+
+
+def parse_listen(text: str) -> str:
+    """libmilter's socket syntax: `unix:PATH`, `inet:PORT@HOST`, `inet6:PORT@HOST`
+    (`inet:HOST:PORT` as Postfix writes it is accepted and converted)."""
+    kind, sep, rest = text.partition(":")
+    if not sep or kind not in ("unix", "local", "inet", "inet6"):
+        raise ValueError(f"expected unix:PATH, inet:PORT@HOST or inet6:PORT@HOST, not {text!r}")
+    if kind in ("unix", "local"):
+        if not rest.startswith("/"):
+            raise ValueError(f"the unix socket path must be absolute: {text!r}")
+        return f"unix:{rest}"
+    if "@" not in rest and kind == "inet" and rest.count(":") == 1:
+        host, _, port = rest.partition(":")
+        rest = f"{port}@{host}"
+    port, _, host = rest.partition("@")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    if host:
+        try:
+            ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            if not _DOMAIN.match(host):
+                raise ValueError(f"bad host in {text!r}") from None
+    return f"{kind}:{port}@{host}" if host else f"{kind}:{port}"
+
+
+def parse_status(text: str) -> str:
+    if not _STATUS.match(text):
+        raise ValueError(f"not an RFC 3463 enhanced status code: {text!r}")
+    return text
+
+
+def _domain(text: str) -> str:
+    name = text.lower().rstrip(".")
+    if not _DOMAIN.match(name):
+        raise ValueError(f"not a domain name: {text!r}")
+    return name
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a configuration file; raises ConfigError."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(file, 0, "", f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(file, 0, "", f"not UTF-8 text: {exc}") from None
+    return parse(text, file)
+
+
+def parse(text: str, file: str = "<config>") -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        line = mark.line + 1 if mark is not None else 0
+        raise ConfigError(file, line, "", f"YAML syntax error: {exc.problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, 0, "", f"YAML error: {exc}") from None
+    if node is None:
+        raise ConfigError(file, 1, "", "the file is empty")
+    top = as_section(node, file, "")
+    return _build(top)
+
+
+def _build(top: Section) -> Config:
+    from mailwarden.checks import CHECKS  # the checks validate their own arguments
+
+    listen = top.parsed("listen", "inet:8894@127.0.0.1", parse_listen)
+    authserv_id = top.parsed("authserv_id", "", _domain) if top.has("authserv_id") else ""
+    if not authserv_id:
+        raise top.error("authserv_id", "is required (the name in our Authentication-Results)")
+    user = top.optional_str("user")
+    group = top.optional_str("group")
+    socket_mode = top.parsed("socket_mode", 0o660, _octal_mode)
+    log_level = top.string("log_level", "info", choices=LOG_LEVELS)
+    workers = top.integer("workers", 2, minimum=1, maximum=64)
+    drain_timeout = top.number("drain_timeout", 30.0, minimum=0, maximum=3600)
+
+    dns = DNSConfig()
+    dns_section = top.section("dns")
+    if dns_section is not None:
+        servers: list[Nameserver] = []
+        port = dns_section.integer("port", 53, minimum=1, maximum=65535)
+        for index, text in enumerate(dns_section.str_list("nameservers")):
+            try:
+                servers.append(parse_nameserver(text, default_port=port))
+            except ValueError as exc:
+                raise ConfigError(top.file, _line(dns_section.node_of("nameservers")),
+                                  f"dns.nameservers[{index}]", str(exc)) from None
+        dns = DNSConfig(
+            tuple(servers),
+            dns_section.number("timeout", 2.0, minimum=0.05, maximum=60),
+            dns_section.number("lifetime", 5.0, minimum=0.05, maximum=120),
+            dns_section.integer("cache_size", 10_000, minimum=0, maximum=10_000_000),
+        )
+        dns_section.finish()
+
+    spf_budget = 20.0
+    spf_section = top.section("spf")
+    if spf_section is not None:
+        spf_budget = spf_section.number("budget", 20.0, minimum=0.1, maximum=600)
+        spf_section.finish()
+
+    domains: list[str] = []
+    for index, text in enumerate(top.str_list("domains")):
+        try:
+            domains.append(_domain(text))
+        except ValueError as exc:
+            raise ConfigError(top.file, _line(top.node_of("domains")), f"domains[{index}]",
+                              str(exc)) from None
+
+    hosts: dict[str, tuple[str, ...]] = {}
+    hosts_section = top.section("hosts")
+    if hosts_section is not None:
+        from mailwarden.relay import check_host_entry
+
+        for name in hosts_section.names():
+            entries = hosts_section.str_list(name)
+            for index, entry in enumerate(entries):
+                problem = check_host_entry(entry)
+                if problem:
+                    raise ConfigError(top.file, _line(hosts_section.node_of(name)),
+                                      f"hosts.{name}[{index}]", problem)
+            hosts[name] = entries
+        hosts_section.finish()
+
+    partial = Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
+                     drain_timeout, dns, spf_budget, frozenset(domains), hosts, {})
+    rules: dict[str, tuple[RuleConfig, ...]] = {}
+    rules_section = top.section("rules")
+    if rules_section is not None:
+        for stage in rules_section.names():
+            if stage not in STAGES:
+                raise rules_section.error(stage, f"unknown stage (stages: {', '.join(STAGES)})")
+            parsed: list[RuleConfig] = []
+            names: set[str] = set()
+            for path, node in rules_section.sequence(stage):
+                rule = _rule(as_section(node, top.file, path), stage, partial, CHECKS)
+                if rule.name in names:
+                    raise ConfigError(top.file, rule.line, path,
+                                      f"duplicate rule name {rule.name!r}")
+                names.add(rule.name)
+                parsed.append(rule)
+            rules[stage] = tuple(parsed)
+        rules_section.finish()
+    top.finish()
+    return Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
+                  drain_timeout, dns, spf_budget, frozenset(domains), hosts, rules)
+
+
+def _octal_mode(text: str) -> int:
+    if not re.fullmatch(r"0?[0-7]{3}", text):
+        raise ValueError(f"expected an octal mode such as 0660, not {text!r}")
+    return int(text, 8)
+
+
+def _rule(section: Section, stage: str, config: Config, checks: Mapping[str, Any]) -> RuleConfig:
+    line = _line(section.node)
+    name = section.string("name", required=True)
+    check_name = section.string("check", required=True, choices=tuple(sorted(checks)))
+    check = checks[check_name]
+    if stage not in check.stages:
+        raise section.error("check", f"{check_name!r} runs at stage(s) "
+                                     f"{', '.join(check.stages)}, not {stage}")
+    when = None
+    when_section = section.section("when")
+    if when_section is not None:
+        when = _condition(when_section, config)
+    on: dict[str, Outcome] = {}
+    on_section = section.section("on")
+    if on_section is not None:
+        for result in on_section.names():
+            if result not in check.results:
+                raise on_section.error(result, f"{check_name} has no result {result!r} "
+                                               f"(results: {', '.join(check.results)})")
+            on[result] = _outcome(on_section, result)
+        on_section.finish()
+    args = check.parse_args(section, config)
+    section.finish()
+    return RuleConfig(name, stage, check_name, args, when, on, line)
+
+
+def _outcome(parent: Section, result: str) -> Outcome:
+    node = parent.node_of(result)
+    if isinstance(node, yaml.ScalarNode):
+        action = parent.string(result, choices=ACTIONS)
+        return Outcome(action)
+    section = as_section(node, parent.file, parent.key(result))
+    action = section.string("action", required=True, choices=ACTIONS)
+    code = section.integer("code", 0, minimum=200, maximum=599) if section.has("code") else None
+    status = section.parsed("status", None, parse_status) if section.has("status") else None
+    text = section.optional_str("text")
+    if text is not None and not all(" " <= ch <= "~" for ch in text):
+        raise section.error("text", "must be printable ASCII")
+    if (code or status) and action not in ("reject", "tempfail"):
+        raise section.error("code" if code else "status",
+                            "a reply code only goes with reject or tempfail")
+    if code is not None and status is not None and str(code)[0] != status[0]:
+        raise section.error("status", f"class of {status} does not match the code {code}")
+    if action == "tempfail" and code is not None and code // 100 != 4:
+        raise section.error("code", "a tempfail reply must be 4xx")
+    if action == "reject" and code is not None and code // 100 != 5:
+        raise section.error("code", "a reject reply must be 5xx")
+    section.finish()
+    return Outcome(action, code, status, text)
+
+
+def _condition(section: Section, config: Config) -> Condition:
+    groups = section.str_list("client_in")
+    for group in groups:
+        if group not in config.hosts:
+            raise section.error("client_in", f"no host group named {group!r} in hosts:")
+    authenticated = None
+    if section.has("authenticated"):
+        authenticated = section.boolean("authenticated", False)
+    sender = tuple(_domain_or_ours(section, "sender_domain_in"))
+    rcpt = tuple(_domain_or_ours(section, "rcpt_domain_in"))
+    negate = None
+    not_section = section.section("not")
+    if not_section is not None:
+        negate = _condition(not_section, config)
+    section.finish()
+    return Condition(groups, authenticated, sender, rcpt, negate)
+
+
+def _domain_or_ours(section: Section, name: str) -> list[str]:
+    """Domain lists accept the word `ours` for the configured `domains:`."""
+    out = []
+    for text in section.str_list(name):
+        if text == "ours":
+            out.append(text)
+            continue
+        try:
+            out.append(_domain(text))
+        except ValueError as exc:
+            raise section.error(name, str(exc)) from None
+    return out
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper()),
+                        format="mailwarden[%(process)d]: %(levelname)s %(message)s", force=True)

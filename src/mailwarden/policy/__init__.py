@@ -1,0 +1,1 @@
+"""The policy engine: rules per SMTP stage turning check results into verdicts."""

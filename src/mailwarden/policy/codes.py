@@ -1,0 +1,27 @@
+"""Default SMTP replies: RFC 7372 enhanced status codes for email authentication, RFC 3463 for
+the rest. Every one can be overridden per rule (`on: {RESULT: {action, code, status, text}}`)."""
+
+from __future__ import annotations
+
+from mailwarden.config import Reply
+
+SPF_FAIL = Reply(550, "5.7.23", "SPF validation failed")
+SPF_TEMPERROR = Reply(451, "4.7.24", "SPF validation error, try again later")
+SPF_PERMERROR = Reply(550, "5.7.24", "SPF validation error")
+IPREV_FAIL = Reply(550, "5.7.25", "Reverse DNS validation failed")
+IPREV_TEMPERROR = Reply(451, "4.7.25", "Reverse DNS validation error, try again later")
+RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+SENDER_DENIED = Reply(554, "5.7.1", "Sender address not allowed from this host")
+DNS_TEMPERROR = Reply(451, "4.4.3", "Temporary DNS failure, try again later")
+# When a rule asks for reject/tempfail for a result that has no specific reply.
+GENERIC_REJECT = Reply(550, "5.7.1", "Message refused by policy")
+GENERIC_TEMPFAIL = Reply(451, "4.7.1", "Temporary policy failure, try again later")
+
+
+def smtp_text(text: str, limit: int = 400) -> str:
+    """Reply text safe for SMTP and libmilter: printable ASCII, no CR/LF, bounded, and '%'
+    doubled because smfi_setreply() treats the text as a format string."""
+    clean = "".join(ch if " " <= ch <= "~" else "?" for ch in text)
+    if len(clean) > limit:
+        clean = clean[: limit - 3] + "..."
+    return clean.replace("%", "%%")

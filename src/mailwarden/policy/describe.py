@@ -1,0 +1,96 @@
+"""The effective policy of a configuration, as `mailwarden check-config` prints it: every rule
+with its arguments and what each of its check's results leads to, defaults filled in."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from mailwarden.checks import CHECKS
+from mailwarden.config import STAGES, Config, Outcome, Reply
+from mailwarden.policy import codes
+
+
+def _reply_for(default: Reply | None, outcome: Outcome) -> str:
+    base = default or (codes.GENERIC_REJECT if outcome.action == "reject"
+                       else codes.GENERIC_TEMPFAIL)
+    code, status = base.code, base.status
+    if outcome.action == "tempfail" and code // 100 == 5:
+        code, status = 451, "4" + status[1:]
+    return f"{outcome.code or code} {outcome.status or status} {outcome.text or base.text}"
+
+
+def effective_policy(config: Config) -> dict[str, Any]:
+    rules: dict[str, list[dict[str, Any]]] = {}
+    for stage in STAGES:
+        for rule in config.stage_rules(stage):
+            spec = CHECKS[rule.check]
+            defaults = spec.outcomes(rule.args)
+            results: dict[str, str] = {}
+            for result in spec.results:
+                outcome = rule.on.get(result) or defaults.get(result) or Outcome("continue")
+                action = outcome.action
+                if result == "temperror" and action == "reject":
+                    action = "tempfail"
+                    outcome = dataclasses.replace(outcome, action=action)
+                text = action
+                if action in ("reject", "tempfail"):
+                    text += " " + _reply_for(spec.replies.get(result), outcome)
+                results[result] = text
+            entry: dict[str, Any] = {"name": rule.name, "check": rule.check,
+                                     "line": rule.line}
+            args = rule.args
+            is_record = dataclasses.is_dataclass(args) and not isinstance(args, type)
+            entry["args"] = dataclasses.asdict(args) if is_record else {}
+            if rule.when is not None:
+                entry["when"] = _condition(dataclasses.asdict(rule.when))
+            entry["results"] = results
+            rules.setdefault(stage, []).append(entry)
+    return {
+        "file": config.path,
+        "listen": config.listen,
+        "user": config.user,
+        "group": config.group,
+        "authserv_id": config.authserv_id,
+        "log_level": config.log_level,
+        "workers": config.workers,
+        "drain_timeout": config.drain_timeout,
+        "dns": {
+            "nameservers": [str(ns) for ns in config.dns.nameservers] or "from /etc/resolv.conf",
+            "timeout": config.dns.timeout,
+            "lifetime": config.dns.lifetime,
+            "cache_size": config.dns.cache_size,
+        },
+        "spf_budget": config.spf_budget,
+        "domains": sorted(config.domains),
+        "hosts": {name: list(entries) for name, entries in config.hosts.items()},
+        "rules": rules,
+    }
+
+
+def _condition(data: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in data.items()
+           if v not in ((), None) and k != "negate"}
+    if data.get("negate"):
+        out["not"] = _condition(data["negate"])
+    return out
+
+
+def format_policy(policy: dict[str, Any]) -> str:
+    lines = [f"configuration {policy['file']}: OK",
+             f"listen {policy['listen']}  user {policy['user'] or '-'}:{policy['group'] or '-'}"
+             f"  workers {policy['workers']}  authserv-id {policy['authserv_id']}",
+             f"dns {policy['dns']}",
+             f"domains {', '.join(policy['domains']) or '-'}"]
+    for name, entries in policy["hosts"].items():
+        lines.append(f"hosts.{name}: {', '.join(entries)}")
+    for stage, rules in policy["rules"].items():
+        lines.append(f"{stage}:")
+        for rule in rules:
+            args = " ".join(f"{k}={v}" for k, v in rule["args"].items())
+            lines.append(f"  - {rule['name']} (line {rule['line']}): {rule['check']} {args}")
+            if "when" in rule:
+                lines.append(f"      when {rule['when']}")
+            for result, action in rule["results"].items():
+                lines.append(f"      {result:<10} -> {action}")
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""The state of one SMTP connection and of the message being received on it.
+
+Built stage by stage by the milter adapter (or by a test, or the offline `test` command); checks
+read it and append their results; the engine knows nothing else about the MTA.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from mailwarden.dns import IPAddress
+
+
+@dataclass(frozen=True, slots=True)
+class CheckResult:
+    """One authentication or policy result.
+
+    `method` and `properties` are RFC 8601 vocabulary (`spf`, `smtp.mailfrom`, ...); results with
+    `report=False` (relay checks) stay out of Authentication-Results but are logged."""
+
+    rule: str
+    method: str
+    result: str
+    reason: str = ""
+    properties: tuple[tuple[str, str], ...] = ()
+    comment: str | None = None
+    report: bool = True
+
+    def short(self) -> str:
+        identity = next((v for k, v in self.properties if k.startswith("smtp.")), "")
+        return f"{self.method}={self.result}" + (f"({identity})" if identity else "")
+
+
+@dataclass(slots=True)
+class Transaction:
+    # -- the connection --------------------------------------------------------------------
+    client_ip: IPAddress | None = None
+    client_name: str = ""  # the MTA's view of the client's name ("unknown", "[192.0.2.1]", ...)
+    client_port: int = 0
+    helo: str | None = None
+    macros: dict[str, str] = field(default_factory=dict)
+    connection_results: list[CheckResult] = field(default_factory=list)
+    connection_accepted: bool = False  # an `accept` verdict at connect/helo
+    # -- the message -----------------------------------------------------------------------
+    queue_id: str = ""
+    mail_from: str | None = None  # None before MAIL FROM; "" is the null reverse-path
+    mail_params: tuple[str, ...] = ()
+    rcpts: list[str] = field(default_factory=list)
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    body_size: int = 0
+    results: list[CheckResult] = field(default_factory=list)
+    add_headers: list[tuple[str, str]] = field(default_factory=list)  # in order, top first
+    accepted: bool = False  # an `accept` verdict for this message: no further rules
+    quarantine: str | None = None
+    messages: int = 0  # messages begun on this connection
+
+    @classmethod
+    def for_client(cls, ip: str | None, name: str = "", port: int = 0) -> Transaction:
+        address: IPAddress | None = None
+        if ip:
+            try:
+                address = ipaddress.ip_address(ip.strip("[]"))
+            except ValueError:
+                address = None
+        return cls(client_ip=address, client_name=name, client_port=port)
+
+    def new_message(self) -> None:
+        """MAIL FROM (or an abort) starts a new message on the same connection."""
+        self.queue_id = ""
+        self.mail_from = None
+        self.mail_params = ()
+        self.rcpts = []
+        self.headers = []
+        self.body_size = 0
+        self.results = list(self.connection_results)
+        self.add_headers = []
+        self.accepted = self.connection_accepted
+        self.quarantine = None
+        self.messages += 1
+
+    @property
+    def auth_user(self) -> str:
+        return self.macros.get("{auth_authen}", "")
+
+    @property
+    def authenticated(self) -> bool:
+        return bool(self.auth_user)
+
+    @property
+    def sender_domain(self) -> str:
+        if not self.mail_from:
+            return ""
+        return self.mail_from.rpartition("@")[2].lower().rstrip(".")
+
+    @property
+    def rcpt_domains(self) -> list[str]:
+        return [r.rpartition("@")[2].lower().rstrip(".") for r in self.rcpts]
+
+    @property
+    def client(self) -> str:
+        ip = str(self.client_ip) if self.client_ip is not None else "unknown"
+        return f"{self.client_name or 'unknown'}[{ip}]"
