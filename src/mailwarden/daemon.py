@@ -1,16 +1,22 @@
 """The daemon: bind, drop privileges, run milter workers, reload on SIGHUP, drain on SIGTERM.
 
 A master process binds the milter socket once (libmilter's opensocket) and forks `workers`
-processes that each run libmilter's loop on that socket; libmilter spreads connections across
-them, and several processes get past the GIL. The master never runs libmilter itself, so it keeps
-Python's signal handling:
+processes that each run libmilter's loop on it; libmilter spreads connections across them, and
+several processes get past the GIL. The master never runs libmilter itself, so it keeps Python's
+signal handling, and talks to each worker over a pipe:
 
-- SIGHUP: read and validate the configuration; if it is broken, log why (file, line, key) and
-  keep the running one. If it is good, start new workers with it, then ask the old ones to stop:
-  they stop accepting, finish the transactions in progress (bounded by drain_timeout) and exit,
-  so no connection is dropped.
-- SIGTERM/SIGINT: ask every worker to stop the same way, wait for them, exit.
+- SIGHUP: the master reads and validates the configuration. A broken one is refused with its
+  file, line and key, and the running one stays in force. A good one is sent to the workers as
+  "reload": each builds the new policy and gives it to new connections; connections in progress
+  finish under the policy they started with. Nothing is restarted, nothing is dropped.
+- SIGTERM/SIGINT: the workers stop accepting (their copy of the listening socket is swapped for
+  an idle one), finish the transactions in progress within `drain_timeout`, and exit; the
+  master closes the socket, so the MTA's new connections fail at once (and it applies its
+  milter_default_action) instead of waiting.
 - A worker that dies unexpectedly is replaced.
+
+libmilter's own stop (smfi_stop, or its SIGTERM handling) is not used for draining: once
+smfi_main() returns, pymilter can no longer call into Python for the sessions still open.
 """
 
 from __future__ import annotations
@@ -22,7 +28,9 @@ import os
 import pwd
 import signal
 import socket
+import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +40,14 @@ import milter
 
 from mailwarden.config import Config, ConfigError, configure_logging, load
 from mailwarden.dns import Resolver, system_nameservers
-from mailwarden.milter import Runtime, Session
+from mailwarden.milter import ACTIVE, Runtime, Session
 from mailwarden.policy.engine import Engine
 
 log = logging.getLogger("mailwarden.daemon")
 
-MILTER_FLAGS = Milter.ADDHDRS | Milter.CHGHDRS | Milter.QUARANTINE | Milter.SETSYMLIST
 # libmilter gives up on an MTA that says nothing for this long (seconds).
 MILTER_TIMEOUT = 600
+RELOAD, DRAIN = b"R", b"D"
 
 
 def build_runtime(config: Config) -> Runtime:
@@ -67,13 +75,35 @@ def _socket_path(listen: str) -> Path | None:
     return Path(rest) if kind in ("unix", "local") else None
 
 
+def _listening_fd() -> int:
+    """The descriptor of the socket libmilter's opensocket() just bound."""
+    for name in sorted(os.listdir("/proc/self/fd"), key=int, reverse=True):
+        fd = int(name)
+        try:
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                continue
+            with socket.socket(fileno=os.dup(fd)) as probe:
+                if probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+                    return fd
+        except OSError:
+            continue
+    raise RuntimeError("cannot find the listening socket libmilter opened")
+
+
+@dataclass
+class Worker:
+    pid: int
+    control: int  # write end of the worker's control pipe
+    draining_since: float | None = None
+
+
 @dataclass
 class Master:
     config_path: str
     config: Config
     runtime: Runtime
-    workers: dict[int, Runtime] = field(default_factory=dict)  # pid -> its runtime
-    draining: dict[int, float] = field(default_factory=dict)  # pid -> deadline for SIGKILL
+    listen_fd: int = -1
+    workers: dict[int, Worker] = field(default_factory=dict)
     stopping: bool = False
     reload_requested: bool = False
 
@@ -81,7 +111,6 @@ class Master:
     def bind(self) -> None:
         """Register the callbacks and open the socket (still with the privileges we started
         with), then drop to the configured user and group."""
-        milter.set_flags(MILTER_FLAGS)
         milter.set_connect_callback(Milter.connect_callback)
         milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
         milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
@@ -101,17 +130,12 @@ class Master:
                         unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
                         negotiate=Milter.negotiate_callback)
         milter.opensocket(True)
+        self.listen_fd = _listening_fd()
         uid, gid = self._identity()
         if path is not None:
             os.chmod(path, self.config.socket_mode)
             if uid is not None and gid is not None:
                 os.chown(path, uid, gid)
-            # libmilter removes the socket file when a worker closes its listener; a second
-            # link to the same socket lets the master put the name back (see _keep_socket).
-            keep = path.with_name(path.name + ".keep")
-            with contextlib.suppress(FileNotFoundError):
-                keep.unlink()
-            os.link(path, keep)
         if uid is not None and gid is not None:
             os.setgroups([])
             os.setgid(gid)
@@ -140,44 +164,28 @@ class Master:
                                  f"({self.config.path}: group)") from None
         return entry.pw_uid, gid
 
-    def _keep_socket(self) -> None:
-        path = _socket_path(self.config.listen)
-        if path is None:
-            return
-        keep = path.with_name(path.name + ".keep")
-        if keep.exists() and not path.exists():
-            with contextlib.suppress(OSError):
-                os.link(keep, path)
-
     # -- workers -----------------------------------------------------------------------------
-    def spawn(self, runtime: Runtime) -> int:
+    def spawn(self) -> None:
+        read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the worker
-            code = 0
+            code = 1
             try:
-                code = _worker(runtime)
+                os.close(write_end)
+                for other in self.workers.values():
+                    os.close(other.control)
+                code = _worker(self.config_path, self.runtime, read_end, self.listen_fd)
             except BaseException:
                 log.exception("worker failed")
-                code = 1
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.workers[pid] = runtime
-        return pid
+        os.close(read_end)
+        self.workers[pid] = Worker(pid, write_end)
 
-    def start_workers(self) -> None:
-        for _ in range(self.config.workers):
-            self.spawn(self.runtime)
-        log.info("started %d worker(s)", self.config.workers)
-
-    def retire(self, pids: list[int]) -> None:
-        """Ask workers to stop: they finish what they are doing, then exit."""
-        deadline = time.monotonic() + self.config.drain_timeout + 5
-        for pid in pids:
-            self.workers.pop(pid, None)
-            self.draining[pid] = deadline
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+    def tell(self, worker: Worker, command: bytes) -> None:
+        with contextlib.suppress(OSError):
+            os.write(worker.control, command)
 
     # -- signals and the main loop -------------------------------------------------------------
     def _on_hup(self, signum: int, frame: object) -> None:
@@ -194,15 +202,14 @@ class Master:
             log.error("reload refused, the running configuration stays in force: %s", exc)
             _notify("READY=1")
             return False
-        for key in ("listen", "user", "group", "socket_mode"):
+        for key in ("listen", "user", "group", "socket_mode", "workers"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect only after a restart", key)
         configure_logging(new.log_level)
         self.config = new
-        self.runtime = build_runtime(new)
-        old = list(self.workers)
-        self.start_workers()
-        self.retire(old)
+        self.runtime = build_runtime(new)  # for workers started from now on
+        for worker in self.workers.values():
+            self.tell(worker, RELOAD)
         log.info("configuration reloaded from %s", self.config_path)
         _notify("READY=1")
         return True
@@ -215,68 +222,101 @@ class Master:
                 return
             if pid == 0:
                 return
-            if pid in self.draining:
-                del self.draining[pid]
+            worker = self.workers.pop(pid, None)
+            if worker is None:
                 continue
-            if pid in self.workers:
-                runtime = self.workers.pop(pid)
+            os.close(worker.control)
+            if not self.stopping:
                 log.error("worker %d ended unexpectedly (status %d); starting another", pid,
                           status)
-                if not self.stopping:
-                    time.sleep(0.5)
-                    self.spawn(runtime if runtime is self.runtime else self.runtime)
-
-    def kill_overdue(self) -> None:
-        now = time.monotonic()
-        for pid, deadline in list(self.draining.items()):
-            if now > deadline:
-                log.warning("worker %d did not finish in time; killing it", pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                self.draining[pid] = now + 3600
+                time.sleep(0.2)
+                self.spawn()
 
     def serve(self) -> int:
         signal.signal(signal.SIGHUP, self._on_hup)
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, self._on_term)
-        self.start_workers()
+        for _ in range(self.config.workers):
+            self.spawn()
+        log.info("started %d worker(s)", self.config.workers)
         _notify("READY=1")
         while not self.stopping:
             if self.reload_requested:
                 self.reload_requested = False
                 self.reload()
             self.reap()
-            self.kill_overdue()
-            self._keep_socket()
-            time.sleep(0.1)
+            time.sleep(0.05)
+        return self.shutdown()
+
+    def shutdown(self) -> int:
         _notify("STOPPING=1")
-        log.info("stopping: waiting for transactions in progress")
-        self.retire(list(self.workers))
-        while self.draining:
-            self.reap()
-            self.kill_overdue()
-            time.sleep(0.1)
+        log.info("stopping: finishing the transactions in progress")
+        for worker in self.workers.values():
+            self.tell(worker, DRAIN)
         path = _socket_path(self.config.listen)
         if path is not None:
-            for name in (path, path.with_name(path.name + ".keep")):
-                with contextlib.suppress(OSError):
-                    name.unlink()
+            with contextlib.suppress(OSError):
+                path.unlink()
+        with contextlib.suppress(OSError):
+            os.close(self.listen_fd)
+        deadline = time.monotonic() + self.config.drain_timeout + 5
+        while self.workers and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.05)
+        for worker in list(self.workers.values()):
+            log.warning("worker %d did not finish in time; killing it", worker.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker.pid, signal.SIGKILL)
+        while self.workers:
+            self.reap()
+            time.sleep(0.05)
         log.info("stopped")
         return 0
 
 
-def _worker(runtime: Runtime) -> int:
-    """Run libmilter's loop until SIGTERM, then let running sessions finish."""
+def _worker(config_path: str, runtime: Runtime, control: int, listen_fd: int) -> int:
+    """Run libmilter's loop; a control thread handles reload and drain requests."""
     for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
-    Milter.factory = lambda: Session(runtime)
+    current = [runtime]
+    Milter.factory = lambda: Session(current[0])
+    threading.Thread(target=_control, args=(config_path, current, control, listen_fd),
+                     name="control", daemon=True).start()
     milter.main()
-    deadline = time.monotonic() + runtime.config.drain_timeout
-    while runtime.active > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if runtime.active > 0:
-        log.warning("exiting with %d session(s) unfinished", runtime.active)
     return 0
+
+
+def _control(config_path: str, current: list[Runtime], control: int, listen_fd: int) -> None:
+    while True:
+        try:
+            command = os.read(control, 1)
+        except OSError:
+            command = b""
+        if command == RELOAD:
+            try:
+                config = load(config_path)
+            except ConfigError as exc:
+                log.error("reload failed in worker, keeping the running policy: %s", exc)
+                continue
+            configure_logging(config.log_level)
+            current[0] = build_runtime(config)
+            continue
+        # DRAIN, or the master is gone: stop accepting, finish, exit.
+        _drain(current[0].config.drain_timeout, listen_fd)
+
+
+def _drain(timeout: float, listen_fd: int) -> None:
+    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    idle.bind("")  # Linux autobinds an unguessable abstract name: nothing will arrive
+    idle.listen(1)
+    os.dup2(idle.fileno(), listen_fd)
+    deadline = time.monotonic() + timeout
+    while ACTIVE.value > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if ACTIVE.value > 0:
+        log.warning("drain: %d session(s) still open after %g s; exiting", ACTIVE.value, timeout)
+    logging.shutdown()
+    os._exit(0)
 
 
 def run(config_path: str) -> int:

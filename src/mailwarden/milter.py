@@ -13,7 +13,7 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import Milter
@@ -43,7 +43,7 @@ _BASE_MACROS = {"connect": ("j", "{daemon_name}", "{client_addr}"), "mail": ("i"
 class Plan:
     """What to negotiate, derived once from the configuration."""
 
-    protocol_off: int  # SMFIP_* bits to turn off (stages not wanted, stages not answered)
+    protocol: int  # SMFIP_* flags to ask for: P_NO* (don't send that stage), P_NR* (no reply)
     macros: dict[str, tuple[str, ...]]
 
     @classmethod
@@ -69,27 +69,32 @@ class Plan:
         return cls(off, {stage: tuple(sorted(names)) for stage, names in macros.items()})
 
 
-@dataclass
+@dataclass(frozen=True)
 class Runtime:
     """What every session of one configuration shares."""
 
     config: Config
     engine: Engine
     plan: Plan
-    active: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def build(cls, config: Config, engine: Engine) -> Runtime:
-        return cls(config, engine, Plan.for_config(config), 0, threading.Lock())
+        return cls(config, engine, Plan.for_config(config))
 
-    def enter(self) -> None:
-        with self.lock:
-            self.active += 1
 
-    def leave(self) -> None:
-        with self.lock:
-            self.active -= 1
+class SessionCount:
+    """Sessions in progress in this process (a drain waits for zero)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, delta: int) -> None:
+        with self._lock:
+            self.value += delta
+
+
+ACTIVE = SessionCount()
 
 
 def guarded(refusable: bool) -> Callable[[F], F]:
@@ -124,17 +129,17 @@ class Session(Milter.Base):  # type: ignore[misc]
         self.txn = Transaction()
         self.pending: Verdict | None = None
         self.in_message = False
-        self.header_bytes = 0
+        self._header_size = 0
         self._protocol = 0
-        runtime.enter()
+        ACTIVE.add(1)
 
     # -- negotiation -----------------------------------------------------------------------
     def negotiate(self, opts: list[int]) -> int:
         try:
             self._actions, protocol, _, _ = opts
             for stage, names in self.runtime.plan.macros.items():
-                self.setsymlist(_MACRO_STAGE[stage], " ".join(names))
-            opts[1] = self._protocol = protocol & ~self.runtime.plan.protocol_off
+                self._ctx.setsymlist(_MACRO_STAGE[stage], " ".join(names))
+            opts[1] = self._protocol = protocol & self.runtime.plan.protocol
             opts[2] = opts[3] = 0
         except Exception:
             log.exception("negotiation failed; asking for everything")
@@ -207,7 +212,7 @@ class Session(Milter.Base):  # type: ignore[misc]
     def envfrom(self, mailfrom: str, *params: str) -> int:
         self.txn.new_message()
         self.in_message = True
-        self.header_bytes = 0
+        self._header_size = 0
         self.txn.mail_from = mailfrom.strip().removeprefix("<").removesuffix(">")
         self.txn.mail_params = tuple(params)
         self._macros("mail")
@@ -236,9 +241,9 @@ class Session(Milter.Base):  # type: ignore[misc]
     @guarded(refusable=False)
     def header(self, name: str, value: str) -> int:
         size = len(name) + len(value)
-        if name.lower() == AR.lower() or self.header_bytes + size <= MAX_HEADER_BYTES:
+        if name.lower() == AR.lower() or self._header_size + size <= MAX_HEADER_BYTES:
             self.txn.headers.append((name, value))
-            self.header_bytes += size
+            self._header_size += size
         return self._answer("header", int(Milter.CONTINUE))
 
     @guarded(refusable=True)
@@ -273,5 +278,5 @@ class Session(Milter.Base):  # type: ignore[misc]
         except Exception:
             log.exception("internal error in close")
         finally:
-            self.runtime.leave()
+            ACTIVE.add(-1)
         return int(Milter.CONTINUE)

@@ -1,0 +1,83 @@
+"""Start the real `mailwarden run` daemon for a test, and stop it by its PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import yaml
+
+
+class Daemon:
+    """`mailwarden run --config WORKDIR/mailwarden.yaml`, its log in WORKDIR/daemon.log."""
+
+    def __init__(self, workdir: Path, config: dict[str, object]) -> None:
+        self.workdir = workdir
+        self.config_path = workdir / "mailwarden.yaml"
+        self.log_path = workdir / "daemon.log"
+        self.config = config
+        self.process: subprocess.Popen[bytes] | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.write_config(config)
+
+    @property
+    def socket(self) -> str:
+        return str(self.config["listen"])
+
+    def write_config(self, config: dict[str, object]) -> None:
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    def start(self, timeout: float = 15.0) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mailwarden", "run", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "started" in self.log():
+                return
+            if self.process.poll() is not None:
+                raise AssertionError(f"mailwarden exited at start:\n{self.log()}")
+            time.sleep(0.05)
+        raise AssertionError(f"mailwarden did not start:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 10.0, count: int = 1) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = self.log()
+            if log.count(text) >= count:
+                return log
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} (x{count}) not in the daemon log:\n{self.log()}")
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        os.kill(self.process.pid, signum)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"mailwarden did not stop in {timeout} s:\n{self.log()}")
+
+    def __enter__(self) -> Daemon:
+        self.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
