@@ -72,7 +72,8 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-            raise AssertionError(f"mailwarden did not stop in {timeout} s:\n{self.log()}")
+            raise AssertionError(
+                f"mailwarden did not stop in {timeout} s:\n{self.log()}") from None
 
     def __enter__(self) -> Daemon:
         self.start()

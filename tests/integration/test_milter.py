@@ -304,7 +304,7 @@ def test_non_ascii_envelope(daemon: Daemon) -> None:
 
 
 def test_a_thousand_headers(daemon: Daemon) -> None:
-    headers = [("X-Filler-%d" % i, "value %d" % i) for i in range(1000)]
+    headers = [(f"X-Filler-{i}", f"value {i}") for i in range(1000)]
     seen = run(daemon, Message(headers=[("From", "a@pass.example"), *headers]))
     assert seen.replies["eom"] == "SMFIR_CONTINUE", seen.stdout
     _still_serving(daemon)
