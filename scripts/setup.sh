@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Installs what mailwarden needs on a fresh Debian machine (run as root): Debian packages, then a
-# virtualenv in .venv with the package and its development tools. Safe to run again.
+# Installs what mailwarden needs on a fresh Debian machine (run as root): Debian packages, the
+# `mailwarden` system user the example config drops to, and a virtualenv in .venv with the
+# package and its development tools. `--test` also installs what the test suite drives: Postfix
+# (configured by nothing: the tests run private instances) and miltertest. Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(gcc python3-dev python3-venv libmilter-dev)
+APT_PACKAGES=(gcc python3 python3-dev python3-venv libmilter-dev)
+if [ "${1:-}" = "--test" ]; then
+    APT_PACKAGES+=(postfix miltertest)
+fi
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -13,14 +18,26 @@ done
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
+    # Postfix asks how to configure the system's own instance: leave it unconfigured.
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-PYTHON=${PYTHON:-python3}
+if ! getent passwd mailwarden >/dev/null; then
+    useradd --system --user-group --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin mailwarden
+fi
+
+# Debian's own Python: world-readable, so the daemon still finds its modules after it drops
+# privileges (a Python under /root would not be readable by the `mailwarden` user).
+PYTHON=${PYTHON:-/usr/bin/python3}
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "setup: $PYTHON is older than Python 3.11" >&2
     exit 1
+fi
+if [ -x .venv/bin/python ] && [ "$(.venv/bin/python -c 'import sys; print(sys._base_executable)')" != "$("$PYTHON" -c 'import sys; print(sys.executable)')" ]; then
+    rm -rf .venv  # made from another Python
 fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv

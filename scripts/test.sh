@@ -2,7 +2,7 @@
 # Sets up (scripts/setup.sh) and runs every check: ruff, mypy --strict, the whole pytest suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+bash scripts/setup.sh --test
 echo "== ruff"
 .venv/bin/ruff check src tests benchmarks
 echo "== mypy --strict src"

@@ -65,6 +65,10 @@ class Section:
         return ConfigError(self.file, _line(self.node), self.key(name) if name else self.path,
                            message)
 
+    def key_error(self, name: str, message: str) -> ConfigError:
+        """An error located at the key itself (for keys that should not be there)."""
+        return ConfigError(self.file, _line(self._items[name][0]), self.key(name), message)
+
     def has(self, name: str) -> bool:
         return name in self._items
 
@@ -85,7 +89,14 @@ class Section:
         node = self.node_of(name)
         if not isinstance(node, yaml.ScalarNode):
             raise self.error(name, "expected a single value")
-        return yaml.safe_load(yaml.serialize(node))
+        return _construct(node)
+
+    def raw(self, name: str) -> str:
+        """A scalar exactly as written (`0660` stays `0660`, not YAML's octal 432)."""
+        node = self.node_of(name)
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.error(name, "expected a single value")
+        return str(node.value)
 
     def string(self, name: str, default: str | None = None, *, choices: tuple[str, ...] = (),
             required: bool = False) -> str:
@@ -147,7 +158,10 @@ class Section:
             if not isinstance(item, yaml.ScalarNode):
                 raise ConfigError(self.file, _line(item), f"{self.key(name)}[{index}]",
                                   "expected a string")
-            value = yaml.safe_load(yaml.serialize(item))
+            value = _construct(item)
+            if value is None:
+                raise ConfigError(self.file, _line(item), f"{self.key(name)}[{index}]",
+                                  "empty value")
             items.append(value if isinstance(value, str) else _to_text(value))
         return tuple(items)
 
@@ -182,6 +196,10 @@ class Section:
             return parse(text)
         except ValueError as exc:
             raise self.error(name, str(exc)) from None
+
+
+def _construct(node: yaml.ScalarNode) -> Any:
+    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
 
 
 def _line(node: yaml.Node) -> int:
@@ -302,7 +320,7 @@ def parse_listen(text: str) -> str:
         host, _, port = rest.partition(":")
         rest = f"{port}@{host}"
     port, _, host = rest.partition("@")
-    if not port.isdigit() or not 0 < int(port) < 65536:
+    if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"bad port in {text!r}")
     if host:
         try:
@@ -362,7 +380,12 @@ def _build(top: Section) -> Config:
         raise top.error("authserv_id", "is required (the name in our Authentication-Results)")
     user = top.optional_str("user")
     group = top.optional_str("group")
-    socket_mode = top.parsed("socket_mode", 0o660, _octal_mode)
+    socket_mode = 0o660
+    if top.has("socket_mode"):
+        try:
+            socket_mode = _octal_mode(top.raw("socket_mode"))
+        except ValueError as exc:
+            raise top.error("socket_mode", str(exc)) from None
     log_level = top.string("log_level", "info", choices=LOG_LEVELS)
     workers = top.integer("workers", 2, minimum=1, maximum=64)
     drain_timeout = top.number("drain_timeout", 30.0, minimum=0, maximum=3600)
@@ -422,7 +445,8 @@ def _build(top: Section) -> Config:
     if rules_section is not None:
         for stage in rules_section.names():
             if stage not in STAGES:
-                raise rules_section.error(stage, f"unknown stage (stages: {', '.join(STAGES)})")
+                raise rules_section.key_error(stage,
+                                              f"unknown stage (stages: {', '.join(STAGES)})")
             parsed: list[RuleConfig] = []
             names: set[str] = set()
             for path, node in rules_section.sequence(stage):
@@ -462,7 +486,7 @@ def _rule(section: Section, stage: str, config: Config, checks: Mapping[str, Any
     if on_section is not None:
         for result in on_section.names():
             if result not in check.results:
-                raise on_section.error(result, f"{check_name} has no result {result!r} "
+                raise on_section.key_error(result, f"{check_name} has no result {result!r} "
                                                f"(results: {', '.join(check.results)})")
             on[result] = _outcome(on_section, result)
         on_section.finish()
@@ -488,6 +512,9 @@ def _outcome(parent: Section, result: str) -> Outcome:
                             "a reply code only goes with reject or tempfail")
     if code is not None and status is not None and str(code)[0] != status[0]:
         raise section.error("status", f"class of {status} does not match the code {code}")
+    if status is not None and action in ("reject", "tempfail") and \
+            status[0] != ("4" if action == "tempfail" else "5"):
+        raise section.error("status", f"{status} does not suit {action}")
     if action == "tempfail" and code is not None and code // 100 != 4:
         raise section.error("code", "a tempfail reply must be 4xx")
     if action == "reject" and code is not None and code // 100 != 5:

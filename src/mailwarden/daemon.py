@@ -70,6 +70,19 @@ def _notify(state: str) -> None:
         sock.sendto(state.encode(), address)
 
 
+def _preload() -> None:
+    """Import now what is otherwise imported on first use (the IDNA codec for non-ASCII
+    names, the lazily built check registry), while the files are surely readable."""
+    import encodings.idna  # noqa: F401
+    import stringprep  # noqa: F401
+    import unicodedata  # noqa: F401
+
+    from mailwarden.checks import CHECKS
+
+    "\u00e9xample.org".encode("idna")
+    len(CHECKS)
+
+
 def _socket_path(listen: str) -> Path | None:
     kind, _, rest = listen.partition(":")
     return Path(rest) if kind in ("unix", "local") else None
@@ -137,10 +150,16 @@ class Master:
             if uid is not None and gid is not None:
                 os.chown(path, uid, gid)
         if uid is not None and gid is not None:
+            _preload()
             os.setgroups([])
             os.setgid(gid)
             os.setuid(uid)
             log.info("running as %s:%s", self.config.user, self.config.group or gid)
+            try:
+                Path(self.config_path).read_bytes()
+            except OSError as exc:
+                log.warning("%s cannot read %s (%s): a SIGHUP reload will fail",
+                            self.config.user, self.config_path, exc.strerror)
         log.info("listening on %s", self.config.listen)
 
     def _identity(self) -> tuple[int | None, int | None]:

@@ -64,22 +64,30 @@ def authentication_results(authserv_id: str, results: Iterable[CheckResult]) -> 
 
 def authserv_id_of(value: str) -> str:
     """The authserv-id an Authentication-Results value claims (RFC 8601 §2.2): its first
-    token after optional comments and white space."""
-    text = value.strip()
+    token or quoted-string after optional comments (RFC 5322 CFWS, with quoted-pairs)."""
+    text = value.lstrip()
     while text.startswith("("):
         depth, index = 0, 0
-        for index, char in enumerate(text):  # noqa: B007
+        while index < len(text):
+            char = text[index]
+            if char == "\\":
+                index += 2
+                continue
             if char == "(":
                 depth += 1
             elif char == ")":
                 depth -= 1
                 if depth == 0:
                     break
+            index += 1
         text = text[index + 1 :].lstrip()
-    match = re.match(r'"((?:[^"\\]|\\.)*)"|[^\s;()]+', text)
-    if match is None:
-        return ""
-    return (match.group(1) if match.group(1) is not None else match.group(0)).lower()
+    if text.startswith('"'):
+        match = re.match(r'"((?:[^"\\]|\\.)*)"', text)
+        if match is None:
+            return ""
+        return re.sub(r"\\(.)", r"\1", match.group(1)).lower()
+    match = re.match(r"[^\s;()\"]+", text)
+    return match.group(0).lower() if match else ""
 
 
 def forged_indices(headers: Iterable[tuple[str, str]], authserv_id: str) -> list[int]:

@@ -41,7 +41,8 @@ class Transaction:
     helo: str | None = None
     macros: dict[str, str] = field(default_factory=dict)
     connection_results: list[CheckResult] = field(default_factory=list)
-    connection_accepted: bool = False  # an `accept` verdict at connect/helo
+    connection_accepted: bool = False  # an `accept` or `quarantine` verdict at connect/helo
+    connection_quarantine: str | None = None
     # -- the message -----------------------------------------------------------------------
     queue_id: str = ""
     mail_from: str | None = None  # None before MAIL FROM; "" is the null reverse-path
@@ -76,7 +77,7 @@ class Transaction:
         self.results = list(self.connection_results)
         self.add_headers = []
         self.accepted = self.connection_accepted
-        self.quarantine = None
+        self.quarantine = self.connection_quarantine
         self.messages += 1
 
     @property

@@ -3,7 +3,7 @@ the rest. Every one can be overridden per rule (`on: {RESULT: {action, code, sta
 
 from __future__ import annotations
 
-from mailwarden.config import Reply
+from mailwarden.config import Outcome, Reply
 
 SPF_FAIL = Reply(550, "5.7.23", "SPF validation failed")
 SPF_TEMPERROR = Reply(451, "4.7.24", "SPF validation error, try again later")
@@ -25,3 +25,18 @@ def smtp_text(text: str, limit: int = 400) -> str:
     if len(clean) > limit:
         clean = clean[: limit - 3] + "..."
     return clean.replace("%", "%%")
+
+
+def reply_for(default: Reply | None, chosen: Outcome, action: str) -> Reply:
+    """The reply for a reject or tempfail: the rule's code/status/text over the check's
+    default, with the class forced to match the action (a tempfail is never a 5xx)."""
+    if default is None:
+        default = GENERIC_REJECT if action == "reject" else GENERIC_TEMPFAIL
+    code = chosen.code or default.code
+    status = chosen.status or default.status
+    klass = 4 if action == "tempfail" else 5
+    if code // 100 != klass:
+        code = 451 if klass == 4 else 550
+    if status[0] != str(klass):
+        status = f"{klass}{status[1:]}"
+    return Reply(code, status, chosen.text or default.text)

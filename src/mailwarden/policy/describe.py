@@ -7,17 +7,8 @@ import dataclasses
 from typing import Any
 
 from mailwarden.checks import CHECKS
-from mailwarden.config import STAGES, Config, Outcome, Reply
+from mailwarden.config import STAGES, Config, Outcome
 from mailwarden.policy import codes
-
-
-def _reply_for(default: Reply | None, outcome: Outcome) -> str:
-    base = default or (codes.GENERIC_REJECT if outcome.action == "reject"
-                       else codes.GENERIC_TEMPFAIL)
-    code, status = base.code, base.status
-    if outcome.action == "tempfail" and code // 100 == 5:
-        code, status = 451, "4" + status[1:]
-    return f"{outcome.code or code} {outcome.status or status} {outcome.text or base.text}"
 
 
 def effective_policy(config: Config) -> dict[str, Any]:
@@ -35,7 +26,7 @@ def effective_policy(config: Config) -> dict[str, Any]:
                     outcome = dataclasses.replace(outcome, action=action)
                 text = action
                 if action in ("reject", "tempfail"):
-                    text += " " + _reply_for(spec.replies.get(result), outcome)
+                    text += " " + str(codes.reply_for(spec.replies.get(result), outcome, action))
                 results[result] = text
             entry: dict[str, Any] = {"name": rule.name, "check": rule.check,
                                      "line": rule.line}

@@ -90,10 +90,11 @@ class Engine:
                 continue
             if verdict.action in ("accept", "quarantine"):
                 txn.accepted = True
-                if stage in ("connect", "helo"):
-                    txn.connection_accepted = True
                 if verdict.action == "quarantine":
                     txn.quarantine = verdict.reason
+                if stage in ("connect", "helo"):
+                    txn.connection_accepted = True
+                    txn.connection_quarantine = txn.quarantine
             return verdict
         return CONTINUE
 
@@ -141,13 +142,8 @@ class Engine:
         """True, False, or None when a host group could not be resolved just now."""
         if when is None:
             return True
-        if when.client_in:
-            if txn.client_ip is None:
-                return False
-            members = [self.ctx.groups[name].membership(txn.client_ip, self.dns)
-                       for name in when.client_in]
-            if Membership.IN not in members:
-                return None if Membership.UNKNOWN in members else False
+        # The tests that need no DNS first: a group lookup failing must not matter when
+        # the rule cannot apply anyway.
         if when.authenticated is not None and txn.authenticated != when.authenticated:
             return False
         if when.sender_domain_in and not self._domain_in(txn.sender_domain,
@@ -157,6 +153,13 @@ class Engine:
             domains = txn.rcpt_domains[-1:] if stage == "rcpt" else txn.rcpt_domains
             if not any(self._domain_in(d, when.rcpt_domain_in) for d in domains):
                 return False
+        if when.client_in:
+            if txn.client_ip is None:
+                return False
+            members = [self.ctx.groups[name].membership(txn.client_ip, self.dns)
+                       for name in when.client_in]
+            if Membership.IN not in members:
+                return None if Membership.UNKNOWN in members else False
         if when.negate is not None:
             inner = self._holds(when.negate, txn, stage)
             return None if inner is None else not inner
@@ -176,16 +179,9 @@ class Engine:
 
 
 def _reply(spec: CheckSpec, outcome: CheckOutcome, chosen: Outcome, action: str) -> Reply:
-    default = spec.replies.get(outcome.decisive)
-    if default is None:
-        default = codes.GENERIC_REJECT if action == "reject" else codes.GENERIC_TEMPFAIL
-    code, status = default.code, default.status
-    if action == "tempfail" and code // 100 == 5:
-        code, status = 451, "4" + status[1:]
-    elif action == "reject" and code // 100 == 4:
-        code, status = 550, "5" + status[1:]
-    return Reply(chosen.code or code, chosen.status or status,
-                 codes.smtp_text(chosen.text or outcome.text or default.text))
+    reply = codes.reply_for(spec.replies.get(outcome.decisive), chosen, action)
+    return Reply(reply.code, reply.status,
+                 codes.smtp_text(chosen.text or outcome.text or reply.text))
 
 
 def describe(txn: Transaction, stage: str, verdict: Verdict) -> str:

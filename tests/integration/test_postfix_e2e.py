@@ -1,0 +1,213 @@
+"""End to end: SMTP clients on 127.0.0.0/8 -> a real Postfix on loopback with mailwarden as its
+milter -> a sink. DNS answers come from the loopback test server."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import shutil
+import smtplib
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from daemon import Daemon
+from postfix import PostfixInstance
+
+from mailwarden.devdns import DevDNSServer
+
+pytestmark = pytest.mark.skipif(shutil.which("postfix") is None and
+                                not Path("/usr/sbin/postfix").exists(),
+                                reason="Postfix is not installed (scripts/setup.sh --test)")
+
+ZONE = {
+    "pass.example": [{"TXT": "v=spf1 ip4:127.0.0.0/24 -all"}],
+    "fail.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all exp=why.fail.example"}],
+    "why.fail.example": [{"TXT": "%{i} is not a mail server of %{d}"}],
+    "soft.example": [{"TXT": "v=spf1 ~all"}],
+    "slow.example": ["TIMEOUT"],
+    "client.pass.example": [{"A": "127.0.0.2"}],
+}
+AUTHSERV_ID = "mx.test.example"
+
+
+@dataclass
+class Stack:
+    daemon: Daemon
+    postfix: PostfixInstance
+
+
+@pytest.fixture(scope="module")
+def stack(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    dns_server.load(ZONE)
+    workdir = tmp_path_factory.mktemp("e2e")
+    config = {
+        "listen": f"unix:{workdir}/milter/milter.sock",
+        "authserv_id": AUTHSERV_ID,
+        "workers": 2,
+        "drain_timeout": 5,
+        "dns": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": 0.5,
+                "lifetime": 1.0},
+        "domains": ["ours.example"],
+        "hosts": {"internal": ["127.0.0.10/32"]},
+        "rules": {
+            "mail": [{"name": "spf", "check": "spf", "header": "both", "policy": "soft"}],
+            "rcpt": [{"name": "no open relay", "check": "rcpt_relay",
+                      "allowed_hosts": "internal"}],
+        },
+    }
+    daemon = Daemon(workdir / "milter", config)
+    daemon.start()
+    postfix = PostfixInstance(workdir / "postfix", milter=f"unix:{workdir}/milter/milter.sock",
+                              extra_main_cf={"default_process_limit": "250"})
+    try:
+        postfix.start()
+        yield Stack(daemon, postfix)
+    finally:
+        postfix.stop()
+        daemon.stop()
+
+
+def message(sender: str, rcpt: str, subject: str, extra: str = "") -> bytes:
+    return (f"From: <{sender}>\r\nTo: <{rcpt}>\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@test>\r\n{extra}\r\nbody of {subject}\r\n").encode()
+
+
+def send(stack: Stack, source: str, sender: str, rcpts: list[str], subject: str,
+         extra: str = "", helo: str | None = "client.pass.example") -> dict[str, tuple[int, bytes]]:
+    """Send one message; returns the refused recipients as smtplib reports them."""
+    with smtplib.SMTP("127.0.0.1", stack.postfix.smtp_port, source_address=(source, 0),
+                      timeout=60) as smtp:
+        if helo is not None:
+            smtp.ehlo(helo)
+        return smtp.sendmail(sender, rcpts, message(sender, rcpts[0], subject, extra))
+
+
+def delivered(stack: Stack, subject: str) -> email.message.Message:
+    for raw in stack.postfix.wait_for_messages(1, timeout=1):
+        parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+        if parsed["Subject"] == subject:
+            return parsed
+    for raw in stack.postfix.wait_for_messages(len(stack.postfix.messages()) + 1, timeout=30):
+        parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
+        if parsed["Subject"] == subject:
+            return parsed
+    raise AssertionError(f"{subject!r} was not delivered")
+
+
+def test_spf_pass_is_delivered_with_our_headers(stack: Stack) -> None:
+    forged = f"Authentication-Results: {AUTHSERV_ID}; spf=pass smtp.mailfrom=forged\r\n" \
+             "Authentication-Results: other.example; dkim=pass\r\n"
+    refused = send(stack, "127.0.0.2", "alice@pass.example", ["bob@ours.example"], "e2e-pass",
+                   forged)
+    assert refused == {}
+    got = delivered(stack, "e2e-pass")
+    results = got.get_all("Authentication-Results")
+    assert results is not None
+    ours = [r for r in results if r.strip().lower().startswith(AUTHSERV_ID)]
+    assert len(ours) == 1, results  # the forged one is gone, ours is there
+    assert "spf=pass smtp.mailfrom=alice@pass.example" in ours[0]
+    assert "spf=none smtp.helo=client.pass.example" in ours[0] or \
+        "smtp.helo=client.pass.example" in ours[0]
+    assert any("other.example" in r for r in results)  # other servers' results stay
+    received_spf = got.get_all("Received-SPF")
+    assert received_spf and received_spf[0].startswith("pass (mx.test.example:")
+    names = [name.lower() for name in got.keys()]
+    assert names.index("authentication-results") < names.index("subject")
+
+
+def test_spf_fail_is_rejected_550_5_7_23(stack: Stack) -> None:
+    with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        send(stack, "127.0.0.3", "mallory@fail.example", ["bob@ours.example"], "e2e-fail")
+    assert refused.value.smtp_code == 550
+    text = refused.value.smtp_error.decode()
+    assert text.startswith("5.7.23 "), text
+    assert "127.0.0.3 is not a mail server of fail.example" in text
+
+
+def test_spf_softfail_is_accepted_under_the_soft_policy(stack: Stack) -> None:
+    assert send(stack, "127.0.0.4", "x@soft.example", ["bob@ours.example"], "e2e-soft") == {}
+    got = delivered(stack, "e2e-soft")
+    assert "spf=softfail smtp.mailfrom=x@soft.example" in str(got["Authentication-Results"])
+
+
+def test_spf_temperror_is_tempfailed_451_4_7_24(stack: Stack) -> None:
+    with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        send(stack, "127.0.0.5", "x@slow.example", ["bob@ours.example"], "e2e-temp")
+    assert refused.value.smtp_code == 451
+    assert refused.value.smtp_error.decode().startswith("4.7.24 ")
+
+
+def test_relay_denied_for_outsiders_and_allowed_for_internal_hosts(stack: Stack) -> None:
+    refused = send(stack, "127.0.0.6", "alice@pass.example",
+                   ["far@elsewhere.example", "bob@ours.example"], "e2e-relay-denied")
+    assert set(refused) == {"far@elsewhere.example"}
+    code, text = refused["far@elsewhere.example"]
+    assert code == 554 and text.decode().startswith("5.7.1 "), text
+    got = delivered(stack, "e2e-relay-denied")
+    assert got["Subject"] == "e2e-relay-denied"
+    assert send(stack, "127.0.0.10", "alice@pass.example", ["far@elsewhere.example"],
+                "e2e-relay-allowed") == {}
+    delivered(stack, "e2e-relay-allowed")
+
+
+def test_missing_helo(stack: Stack) -> None:
+    with smtplib.SMTP("127.0.0.1", stack.postfix.smtp_port, source_address=("127.0.0.7", 0),
+                      timeout=60) as smtp:
+        code, _ = smtp.docmd("MAIL FROM:<alice@pass.example>")
+        assert code == 250
+        code, _ = smtp.docmd("RCPT TO:<bob@ours.example>")
+        assert code == 250
+        code, _ = smtp.docmd("DATA")
+        assert code == 354
+        smtp.send(message("alice@pass.example", "bob@ours.example", "e2e-nohelo") + b".\r\n")
+        code, _ = smtp.getreply()
+        assert code == 250
+    got = delivered(stack, "e2e-nohelo")
+    results = str(got["Authentication-Results"])
+    assert "spf=pass smtp.mailfrom=alice@pass.example" in results
+    assert "smtp.helo" not in results
+
+
+def test_200_simultaneous_sessions(stack: Stack) -> None:
+    before = len(stack.postfix.messages())
+    outcomes: dict[int, str] = {}
+    start = threading.Barrier(200, timeout=60)
+
+    def session(index: int) -> None:
+        kind = ("pass", "fail", "relay")[index % 3]
+        try:
+            start.wait()
+            if kind == "pass":
+                refused = send(stack, f"127.0.1.{index % 250 + 1}", f"u{index}@pass.example",
+                               ["bob@ours.example"], f"load-{index}")
+                outcomes[index] = "delivered" if refused == {} else f"refused {refused}"
+            elif kind == "fail":
+                send(stack, f"127.0.1.{index % 250 + 1}", f"u{index}@fail.example",
+                     ["bob@ours.example"], f"load-{index}")
+                outcomes[index] = "not rejected"
+            else:
+                refused = send(stack, f"127.0.1.{index % 250 + 1}", f"u{index}@pass.example",
+                               ["x@elsewhere.example", "bob@ours.example"], f"load-{index}")
+                outcomes[index] = "relay denied" if set(refused) == {"x@elsewhere.example"} \
+                    else f"relay outcome {refused}"
+        except smtplib.SMTPSenderRefused as exc:
+            outcomes[index] = f"sender refused {exc.smtp_code}"
+        except Exception as exc:  # recorded and asserted below
+            outcomes[index] = f"error {type(exc).__name__}: {exc}"
+
+    threads = [threading.Thread(target=session, args=(i,)) for i in range(200)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    expected = {i: ("delivered", "sender refused 550", "relay denied")[i % 3] for i in range(200)}
+    wrong = {i: outcomes.get(i) for i in range(200) if outcomes.get(i) != expected[i]}
+    assert not wrong, wrong
+    deliveries = sum(1 for i in range(200) if i % 3 != 1)
+    stack.postfix.wait_for_messages(before + deliveries, timeout=120)
+    log = stack.daemon.log()
+    assert "ERROR" not in log and "Traceback" not in log, log[-3000:]
+    assert log.count("verdict=reject by rule 'spf'") >= 66
