@@ -110,7 +110,10 @@ def guarded(refusable: bool) -> Callable[[F], F]:
                 log.exception("internal error in %s (client %s)", func.__name__,
                               self.txn.client)
                 if refusable and not self._no_reply(func.__name__):
-                    self._reply(451, "4.3.0", "Internal error, try again later")
+                    try:
+                        self._reply(451, "4.3.0", "Internal error, try again later")
+                    except Exception:  # the MTA may be gone already
+                        log.debug("could not set the reply", exc_info=True)
                     return Milter.TEMPFAIL
                 return Milter.CONTINUE
         return run  # type: ignore[return-value]

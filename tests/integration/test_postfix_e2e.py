@@ -7,6 +7,7 @@ import email
 import email.policy
 import shutil
 import smtplib
+import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,8 +44,12 @@ class Stack:
 def stack(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     dns_server.load(ZONE)
     workdir = tmp_path_factory.mktemp("e2e")
+    # Postfix's smtpd runs as the postfix user: the socket must be reachable by it.
+    sockets = Path(tempfile.mkdtemp(prefix="mailwarden-e2e-"))
+    sockets.chmod(0o755)
     config = {
-        "listen": f"unix:{workdir}/milter/milter.sock",
+        "listen": f"unix:{sockets}/milter.sock",
+        "socket_mode": "0666",
         "authserv_id": AUTHSERV_ID,
         "workers": 2,
         "drain_timeout": 5,
@@ -60,7 +65,7 @@ def stack(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory) ->
     }
     daemon = Daemon(workdir / "milter", config)
     daemon.start()
-    postfix = PostfixInstance(workdir / "postfix", milter=f"unix:{workdir}/milter/milter.sock",
+    postfix = PostfixInstance(workdir / "postfix", milter=f"unix:{sockets}/milter.sock",
                               extra_main_cf={"default_process_limit": "250"})
     try:
         postfix.start()
@@ -68,6 +73,7 @@ def stack(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory) ->
     finally:
         postfix.stop()
         daemon.stop()
+        shutil.rmtree(sockets, ignore_errors=True)
 
 
 def message(sender: str, rcpt: str, subject: str, extra: str = "") -> bytes:
@@ -114,7 +120,7 @@ def test_spf_pass_is_delivered_with_our_headers(stack: Stack) -> None:
     assert any("other.example" in r for r in results)  # other servers' results stay
     received_spf = got.get_all("Received-SPF")
     assert received_spf and received_spf[0].startswith("pass (mx.test.example:")
-    names = [name.lower() for name in got.keys()]
+    names = [name.lower() for name, _ in got.items()]
     assert names.index("authentication-results") < names.index("subject")
 
 
