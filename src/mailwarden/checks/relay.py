@@ -65,20 +65,27 @@ def _outcome(method: str, result: str, reason: str, prop: tuple[str, str], text:
     return CheckOutcome(result, (record,), text=text)
 
 
+def _judge(method: str, ctx: Context, txn: Transaction, args: RelayArgs,
+           prop: tuple[str, str], fail_reason: str, fail_text: str) -> CheckOutcome:
+    """pass when the client is allowed (a host group, or authenticated), else fail; temperror
+    when a host group could not be resolved."""
+    allowed = _client_allowed(ctx, txn, args)
+    if allowed is Membership.IN:
+        return _outcome(method, "pass", "client is allowed", prop, "")
+    if allowed is Membership.UNKNOWN:
+        return _outcome(method, "temperror", "host group lookup failed", prop,
+                        "Cannot verify the client just now, try again later")
+    return _outcome(method, "fail", fail_reason, prop, fail_text)
+
+
 def run_mail(ctx: Context, txn: Transaction, args: RelayArgs) -> CheckOutcome:
     sender = txn.mail_from or ""
     prop = ("smtp.mailfrom", sender or "<>")
     domain = txn.sender_domain
     if not domain or not ctx.config.is_our_domain(domain):
         return _outcome("mail_relay", "pass", "sender domain is not ours", prop, "")
-    allowed = _client_allowed(ctx, txn, args)
-    if allowed is Membership.IN:
-        return _outcome("mail_relay", "pass", "client may use our domains", prop, "")
-    if allowed is Membership.UNKNOWN:
-        return _outcome("mail_relay", "temperror", "host group lookup failed", prop,
-                        "Cannot verify the client just now, try again later")
-    return _outcome("mail_relay", "fail", f"{txn.client} may not send as {domain}", prop,
-                    f"Sender address <{sender}> is not allowed from {txn.client}")
+    return _judge("mail_relay", ctx, txn, args, prop, f"{txn.client} may not send as {domain}",
+                  f"Sender address <{sender}> is not allowed from {txn.client}")
 
 
 def run_rcpt(ctx: Context, txn: Transaction, args: RelayArgs) -> CheckOutcome:
@@ -87,14 +94,9 @@ def run_rcpt(ctx: Context, txn: Transaction, args: RelayArgs) -> CheckOutcome:
     domain = rcpt.rpartition("@")[2].lower().rstrip(".")
     if domain and ctx.config.is_our_domain(domain):
         return _outcome("rcpt_relay", "pass", "recipient domain is ours", prop, "")
-    allowed = _client_allowed(ctx, txn, args)
-    if allowed is Membership.IN:
-        return _outcome("rcpt_relay", "pass", "client may relay", prop, "")
-    if allowed is Membership.UNKNOWN:
-        return _outcome("rcpt_relay", "temperror", "host group lookup failed", prop,
-                        "Cannot verify the client just now, try again later")
-    return _outcome("rcpt_relay", "fail", f"relay to {domain or rcpt} denied for {txn.client}",
-                    prop, f"<{rcpt}>: Relay access denied")
+    return _judge("rcpt_relay", ctx, txn, args, prop,
+                  f"relay to {domain or rcpt} denied for {txn.client}",
+                  f"<{rcpt}>: Relay access denied")
 
 
 MAIL_RELAY = CheckSpec(
