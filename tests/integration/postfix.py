@@ -18,14 +18,22 @@ sink/ (NNNNNNNN.eml and its envelope NNNNNNNN.json), sink.log and postfix-comman
 Permissions: Postfix's master opens data_directory/master.lock as the `postfix` user, so that
 user must be able to search every directory above data_directory. pytest's tmp_path is not
 (/tmp/pytest-of-root is 0700); then data_directory (and `socket_dir`) go to a private directory
-made under /tmp, linked from WORKDIR/data and WORKDIR/sockets, and removed by stop(). Everything
-else Postfix opens by absolute path as root, so it stays under WORKDIR. A milter listening on a
-UNIX socket must put it where the `postfix` user can reach and write it: `socket_dir` is such a
-directory, and the socket itself must be writable by `postfix` (chmod 0666 or chown postfix).
+made under /tmp, linked from WORKDIR/data and WORKDIR/sockets, and removed when the instance is
+garbage-collected or at exit. Everything else Postfix opens by absolute path as root, or after
+a chdir to queue_directory made as root, so it stays under WORKDIR. A milter listening on a UNIX
+socket must put it where the `postfix` user can reach and write it: `socket_dir` is such a
+directory (known before start(); `milter` is read at start()), and the socket itself must be
+writable by `postfix` (chmod 0666 or chown postfix). An inet: milter needs none of this.
+
+start() makes sure smtpd greets: it connects once from 127.0.0.254 (PROBE_ADDR), for which
+smtpd_milter_maps turns the milters off, so the milter never sees that probe; the maillog shows
+its connect/disconnect lines. XCLIENT is allowed from 127.0.0.0/8, so a test can present any
+client address (e.g. 192.0.2.1) to Postfix and the milter.
 
 Requires root (postfix(1) is "reserved for the superuser") and Debian's `postfix` package, which
 may be installed unconfigured ("No configuration": no /etc/postfix/main.cf); the system's
-/etc/postfix and /var/spool/postfix are only read (postfix-files, master.cf.dist), never written.
+/etc/postfix and /usr/share/postfix are only read (postfix-files, master.cf.dist), and
+/var/spool/postfix and /var/lib/postfix are not touched.
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -65,6 +74,7 @@ MILTER_MACRO_PARAMETERS = (
 START_TIMEOUT = 20.0
 MYHOSTNAME = "mx.test.example"
 QUEUE_ID = r"[0-9A-Za-z]{6,}"
+PROBE_ADDR = "127.0.0.254"  # start() checks smtpd from here; smtpd_milter_maps disables milters
 
 
 def _which(name: str) -> str | None:
@@ -242,13 +252,23 @@ class PostfixInstance:
         self.maillog_path = self.workdir / "maillog"
         self.commands_log = self.workdir / "postfix-commands.log"
         self.sink_log = self.workdir / "sink.log"
-        self.data_dir = self.workdir / "data"
-        self.socket_dir = self.workdir / "sockets"
         self.sink_port: int | None = None
         self.master_pid: int | None = None
         self._sink: subprocess.Popen[bytes] | None = None
-        self._private_dir: Path | None = None  # made under /tmp when workdir is unreachable
+        self._layout: tuple[Path, Path] | None = None  # data_dir, socket_dir
         self._postfix_started = False
+
+    @property
+    def data_dir(self) -> Path:
+        """Postfix's data_directory: WORKDIR/data, or in a private dir under /tmp (see the
+        module docstring) that lives as long as this object."""
+        return self._ensure_layout()[0]
+
+    @property
+    def socket_dir(self) -> Path:
+        """A directory the `postfix` user can reach, for a milter's UNIX socket (known before
+        start(), so that `milter="unix:" + str(mx.socket_dir / "x.sock")` can be built)."""
+        return self._ensure_layout()[1]
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -286,17 +306,18 @@ class PostfixInstance:
 
     def stop(self) -> None:
         """Stop Postfix (`postfix stop`, then make sure the master and its group are gone) and
-        the sink; remove the private /tmp directory if one was made. Safe to call again."""
+        the sink. Safe to call again; start() may follow."""
         try:
             if self._postfix_started:
                 self._stop_postfix()
         finally:
             self._postfix_started = False
             self._stop_sink()
-            if self._private_dir is not None:
-                shutil.rmtree(self._private_dir, ignore_errors=True)
-                self._private_dir = None
             atexit.unregister(self.stop)
+
+    def is_running(self) -> bool:
+        """Whether this instance's master(8) process is alive."""
+        return self.master_pid is not None and _alive(self.master_pid)
 
     def __enter__(self) -> PostfixInstance:
         self.start()
@@ -341,7 +362,7 @@ class PostfixInstance:
             if time.monotonic() >= deadline:
                 raise AssertionError(
                     f"{len(messages)} of {count} messages reached the sink in {timeout} s\n"
-                    f"{self._diagnostics()}"
+                    f"--- mail queue:\n{self.mailq()}\n{self._diagnostics()}"
                 )
             time.sleep(0.05)
 
@@ -429,6 +450,10 @@ class PostfixInstance:
             "alias_maps": "",
             "alias_database": "",
             "relayhost": f"[127.0.0.1]:{self.sink_port}",
+            # every client is "remote", as on an inbound MX: Postfix adds no Message-ID, Date
+            # or From header and rewrites none, even for 127.0.0.1 (the inet_interfaces
+            # address, which the default permit_inet_interfaces would treat as local)
+            "local_header_rewrite_clients": "",
             "notify_classes": "",
             "biff": "no",
             # no DNS anywhere: clients stay "unknown[127.x.y.z]", the relay is an IP literal
@@ -443,7 +468,12 @@ class PostfixInstance:
             "smtpd_client_restrictions": "",
             "smtpd_helo_restrictions": "",
             "smtpd_sender_restrictions": "",
-            "smtpd_relay_restrictions": "permit",
+            # smtpd refuses to start unless a relay restriction like reject_unauth_destination
+            # is reachable (not after a plain "permit"); static:OK permits every client,
+            # including an address set with XCLIENT
+            "smtpd_relay_restrictions": (
+                "permit_mynetworks, check_client_access static:OK, reject_unauth_destination"
+            ),
             "smtpd_recipient_restrictions": "permit",
             "smtpd_data_restrictions": "",
             "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
@@ -467,6 +497,7 @@ class PostfixInstance:
             # the milter
             "smtpd_milters": self.milter or "",
             "non_smtpd_milters": self.milter or "",
+            "smtpd_milter_maps": f"cidr:{self.config_dir / 'probe_milter_map.cidr'}",
             "milter_default_action": "tempfail",
             "milter_protocol": "6",
             "milter_connect_timeout": "10s",
@@ -516,54 +547,65 @@ class PostfixInstance:
     # ---- internals -------------------------------------------------------------------------
 
     def _prepare_directories(self) -> None:
-        try:
-            owner = pwd.getpwnam("postfix")
-        except KeyError:
-            raise RuntimeError("there is no 'postfix' user: is the postfix package "
-                               "installed?") from None
-        gids = set(os.getgrouplist(owner.pw_name, owner.pw_gid))
-        try:
-            grp.getgrnam("postdrop")
-        except KeyError:
-            raise RuntimeError("there is no 'postdrop' group: is the postfix package "
-                               "installed?") from None
         for directory in (self.workdir, self.config_dir, self.queue_dir, self.sink_dir):
             directory.mkdir(parents=True, exist_ok=True)
         # queue_directory must be root-owned and not group/other writable (postfix check)
         os.chown(self.queue_dir, 0, 0)
         self.queue_dir.chmod(0o755)
         self.config_dir.chmod(0o755)
+        self._layout = None  # make data_dir and socket_dir again if they were removed
+        self._ensure_layout()
+
+    def _ensure_layout(self) -> tuple[Path, Path]:
+        """Make data_dir and socket_dir where the `postfix` user can reach them."""
+        if self._layout is not None and all(path.is_dir() for path in self._layout):
+            return self._layout
+        try:
+            owner = pwd.getpwnam("postfix")
+            grp.getgrnam("postdrop")
+        except KeyError as exc:
+            raise RuntimeError(f"no 'postfix' user or 'postdrop' group ({exc}): is Debian's "
+                               "postfix package installed?") from None
+        gids = set(os.getgrouplist(owner.pw_name, owner.pw_gid))
+        self.workdir.mkdir(parents=True, exist_ok=True)
         if _reachable_by(self.workdir, owner.pw_uid, gids):
             base = self.workdir
+        elif self._layout is not None and _reachable_by(self._layout[0].parent, owner.pw_uid,
+                                                        gids):
+            base = self._layout[0].parent  # the private directory made before
         else:
             candidates = [Path(tempfile.gettempdir()), Path("/tmp"), Path("/var/tmp")]
             parent = next((c for c in candidates if _reachable_by(c, owner.pw_uid, gids)), None)
             if parent is None:
                 raise RuntimeError("found no directory the postfix user can reach for "
                                    "data_directory")
-            base = self._private_dir = Path(tempfile.mkdtemp(prefix="postfix-harness-",
-                                                             dir=parent))
+            base = Path(tempfile.mkdtemp(prefix="postfix-harness-", dir=parent))
             base.chmod(0o711)
-        self.data_dir, self.socket_dir = base / "data", base / "sockets"
-        self.data_dir.mkdir(exist_ok=True)
-        os.chown(self.data_dir, owner.pw_uid, 0)
-        self.data_dir.chmod(0o700)
-        self.socket_dir.mkdir(exist_ok=True)
-        self.socket_dir.chmod(0o755)
+            weakref.finalize(self, shutil.rmtree, str(base), True)
+        data_dir, socket_dir = base / "data", base / "sockets"
+        data_dir.mkdir(exist_ok=True)
+        os.chown(data_dir, owner.pw_uid, 0)
+        data_dir.chmod(0o700)
+        socket_dir.mkdir(exist_ok=True)
+        socket_dir.chmod(0o755)
         if base != self.workdir:
-            for link, target in ((self.workdir / "data", self.data_dir),
-                                 (self.workdir / "sockets", self.socket_dir)):
-                if link.is_symlink() or link.exists():
-                    with contextlib.suppress(OSError):
-                        link.unlink()
+            for link, target in ((self.workdir / "data", data_dir),
+                                 (self.workdir / "sockets", socket_dir)):
                 with contextlib.suppress(OSError):
+                    if link.is_symlink():
+                        link.unlink()
                     link.symlink_to(target)
+        self._layout = (data_dir, socket_dir)
+        return self._layout
 
     def _write_config(self) -> None:
         lines = [f"# Made by tests/integration/postfix.py for {self.workdir}"]
         lines += [f"{key} = {value}" for key, value in self.main_cf().items()]
         (self.config_dir / "main.cf").write_text("\n".join(lines) + "\n")
         (self.config_dir / "master.cf").write_text(self.master_cf())
+        (self.config_dir / "probe_milter_map.cidr").write_text(
+            f"# start()'s probe connects from here: no milter for it\n{PROBE_ADDR}/32 DISABLE\n"
+        )
 
     def _postfix(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         postfix = _which("postfix") or "postfix"
@@ -603,7 +645,7 @@ class PostfixInstance:
             with contextlib.suppress(OSError, ValueError):
                 self.master_pid = int(pid_file.read_text().split()[0])
             if self.master_pid is not None and _listening("127.0.0.1", self.smtp_port):
-                return
+                break
             if time.monotonic() > deadline or (
                 self.master_pid is not None and not _alive(self.master_pid)
             ):
@@ -612,6 +654,30 @@ class PostfixInstance:
                     f"{START_TIMEOUT} s (master pid {self.master_pid})\n{self._diagnostics()}"
                 )
             time.sleep(0.05)
+        # smtpd is spawned on demand and dies at once on a bad configuration: make sure it
+        # greets, from PROBE_ADDR, for which smtpd_milter_maps turns the milters off
+        while True:
+            banner = ""
+            try:
+                with socket.create_connection(
+                    ("127.0.0.1", self.smtp_port),
+                    timeout=max(0.5, deadline - time.monotonic()),
+                    source_address=(PROBE_ADDR, 0),
+                ) as probe:
+                    banner = probe.makefile("rb").readline().decode(errors="replace")
+                    with contextlib.suppress(OSError):
+                        probe.sendall(b"QUIT\r\n")
+                        probe.recv(1024)
+            except OSError:
+                pass
+            if banner.startswith("220"):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"Postfix's smtpd on 127.0.0.1:{self.smtp_port} did not greet within "
+                    f"{START_TIMEOUT} s (got {banner!r})\n{self._diagnostics()}"
+                )
+            time.sleep(0.1)
 
     def _stop_postfix(self) -> None:
         daemon_directory = postfix_defaults("daemon_directory")["daemon_directory"]

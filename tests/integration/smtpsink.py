@@ -33,7 +33,9 @@ PATH_RE = re.compile(rb"^\s*<([^>]*)>(.*)$")
 class Sink:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.counter = itertools.count(1)
+        # go on after messages a previous sink left in the same directory
+        done = [int(path.stem) for path in directory.glob("*.eml") if path.stem.isdigit()]
+        self.counter = itertools.count(max(done, default=0) + 1)
 
     def store(self, envelope: dict[str, object], data: bytes) -> str:
         number = next(self.counter)

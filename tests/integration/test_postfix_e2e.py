@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(shutil.which("postfix") is None and
                                 reason="Postfix is not installed (scripts/setup.sh --test)")
 
 ZONE = {
-    "pass.example": [{"TXT": "v=spf1 ip4:127.0.0.0/24 -all"}],
+    "pass.example": [{"TXT": "v=spf1 ip4:127.0.0.0/16 -all"}],
     "fail.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all exp=why.fail.example"}],
     "why.fail.example": [{"TXT": "%{i} is not a mail server of %{d}"}],
     "soft.example": [{"TXT": "v=spf1 ~all"}],
