@@ -36,7 +36,8 @@ if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "setup: $PYTHON is older than Python 3.11" >&2
     exit 1
 fi
-if [ -x .venv/bin/python ] && [ "$(.venv/bin/python -c 'import sys; print(sys._base_executable)')" != "$("$PYTHON" -c 'import sys; print(sys.executable)')" ]; then
+base_of() { "$1" -c 'import os, sys; print(os.path.realpath(getattr(sys, "_base_executable", sys.executable)))'; }
+if [ -x .venv/bin/python ] && [ "$(base_of .venv/bin/python)" != "$(base_of "$PYTHON")" ]; then
     rm -rf .venv  # made from another Python
 fi
 if [ ! -x .venv/bin/python ]; then
