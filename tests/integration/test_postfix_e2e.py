@@ -28,6 +28,8 @@ ZONE = {
     "fail.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all exp=why.fail.example"}],
     "why.fail.example": [{"TXT": "%{i} is not a mail server of %{d}"}],
     "soft.example": [{"TXT": "v=spf1 ~all"}],
+    "pct.example": [{"TXT": "v=spf1 -all exp=why.pct.example"}],
+    "why.pct.example": [{"TXT": "100%% refused, see https://pct.example/?s=%{S}"}],
     "slow.example": ["TIMEOUT"],
     "client.pass.example": [{"A": "127.0.0.2"}],
 }
@@ -131,6 +133,14 @@ def test_spf_fail_is_rejected_550_5_7_23(stack: Stack) -> None:
     text = refused.value.smtp_error.decode()
     assert text.startswith("5.7.23 "), text
     assert "127.0.0.3 is not a mail server of fail.example" in text
+
+
+def test_reply_text_with_percent_signs_reaches_the_client_intact(stack: Stack) -> None:
+    """libmilter treats reply text as a format string: '%' must arrive as one '%'."""
+    with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+        send(stack, "127.0.0.3", "a.b@pct.example", ["bob@ours.example"], "e2e-pct")
+    text = refused.value.smtp_error.decode()
+    assert "100% refused, see https://pct.example/?s=a.b%40pct.example" in text, text
 
 
 def test_spf_softfail_is_accepted_under_the_soft_policy(stack: Stack) -> None:
