@@ -273,6 +273,25 @@ class DNSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningConfig:
+    keys: tuple[Any, ...] = ()  # mailwarden.dkim.keys.SigningKey
+    headers: tuple[str, ...] = ()
+    oversign: tuple[str, ...] = ()
+    canonicalization: tuple[str, str] = ("relaxed", "relaxed")
+    parent_domains: bool = True
+
+    def keys_for(self, domain: str) -> tuple[Any, ...]:
+        """The keys of `domain`, or (parent_domains) of its closest parent that has keys."""
+        domain = domain.lower().rstrip(".")
+        while domain:
+            found = tuple(k for k in self.keys if k.domain == domain)
+            if found or not self.parent_domains:
+                return found
+            _, _, domain = domain.partition(".")
+        return ()
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     listen: str
@@ -288,6 +307,8 @@ class Config:
     domains: frozenset[str] = frozenset()
     hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     rules: Mapping[str, tuple[RuleConfig, ...]] = field(default_factory=dict)
+    signing: SigningConfig = SigningConfig()
+    spool_threshold: int = 1024 * 1024
 
     def stage_rules(self, stage: str) -> tuple[RuleConfig, ...]:
         return self.rules.get(stage, ())
@@ -438,8 +459,12 @@ def _build(top: Section) -> Config:
             hosts[name] = entries
         hosts_section.finish()
 
+    signing = _signing(top)
+    spool_threshold = top.integer("spool_threshold", 1024 * 1024, minimum=0,
+                                  maximum=1024 * 1024 * 1024)
     partial = Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
-                     drain_timeout, dns, spf_budget, frozenset(domains), hosts, {})
+                     drain_timeout, dns, spf_budget, frozenset(domains), hosts, {}, signing,
+                     spool_threshold)
     rules: dict[str, tuple[RuleConfig, ...]] = {}
     rules_section = top.section("rules")
     if rules_section is not None:
@@ -460,7 +485,50 @@ def _build(top: Section) -> Config:
         rules_section.finish()
     top.finish()
     return Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
-                  drain_timeout, dns, spf_budget, frozenset(domains), hosts, rules)
+                  drain_timeout, dns, spf_budget, frozenset(domains), hosts, rules, signing,
+                  spool_threshold)
+
+
+def _signing(top: Section) -> SigningConfig:
+    """signing: the key table (loaded and checked now, never at the first message)."""
+    from mailwarden.dkim.keys import ALGORITHMS, KeyError_, load_key
+    from mailwarden.dkim.sign import DEFAULT_HEADERS, DEFAULT_OVERSIGN
+
+    section = top.section("signing")
+    if section is None:
+        return SigningConfig((), DEFAULT_HEADERS, DEFAULT_OVERSIGN)
+    allow_readable = section.boolean("allow_group_readable_keys", False)
+    keys = []
+    for path, node in section.sequence("keys"):
+        entry = as_section(node, top.file, path)
+        domain = entry.parsed("domain", "", _domain) if entry.has("domain") else ""
+        if not domain:
+            raise entry.error("domain", "is required")
+        selector = entry.string("selector", required=True)
+        if not re.fullmatch(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", selector):
+            raise entry.error("selector", f"not a valid selector: {selector!r}")
+        key_path = entry.string("key", required=True)
+        algorithm = entry.optional_str("algorithm")
+        if algorithm is not None and algorithm not in ALGORITHMS:
+            raise entry.error("algorithm", f"must be one of {', '.join(ALGORITHMS)}")
+        try:
+            keys.append(load_key(domain, selector, key_path, algorithm,
+                                 allow_group_readable=allow_readable))
+        except KeyError_ as exc:
+            raise entry.error("key", str(exc)) from None
+        entry.finish()
+    headers = tuple(h.lower() for h in section.str_list("headers", DEFAULT_HEADERS))
+    if "from" not in headers:
+        raise section.error("headers", "From must be signed (RFC 6376 §5.4)")
+    oversign = tuple(h.lower() for h in section.str_list("oversign", DEFAULT_OVERSIGN))
+    canon = section.string("canonicalization", "relaxed/relaxed",
+                           choices=("relaxed/relaxed", "relaxed/simple", "simple/relaxed",
+                                    "simple/simple"))
+    header_canon, _, body_canon = canon.partition("/")
+    parent_domains = section.boolean("parent_domains", True)
+    section.finish()
+    return SigningConfig(tuple(keys), headers, oversign, (header_canon, body_canon),
+                         parent_domains)
 
 
 def _octal_mode(text: str) -> int:

@@ -52,8 +52,13 @@ class Plan:
         # connect: replies cannot be set there (smfi_setreply is not allowed in xxfi_connect),
         # so a refusal decided at connect is given at HELO, or at MAIL FROM.
         answers_helo = bool(stages_with_rules & {"connect", "helo"})
-        off = Milter.P_NR_CONN | Milter.P_NR_HDR | Milter.P_NOEOH | Milter.P_NOBODY
-        off |= Milter.P_NOUNKNOWN | Milter.P_NODATA
+        needs_body = any(CHECKS[rule.check].needs_body for rule in config.all_rules())
+        # Header values with their leading white space, exactly as received (DKIM "simple"
+        # canonicalization needs them), and ours sent back the same way.
+        off = Milter.P_NR_CONN | Milter.P_NR_HDR | Milter.P_NOEOH | Milter.P_HDR_LEADSPC
+        off |= Milter.P_NOUNKNOWN | Milter.P_NODATA | Milter.P_NR_BODY
+        if not needs_body:
+            off |= Milter.P_NOBODY
         if not answers_helo:
             off |= Milter.P_NR_HELO
         if "mail" not in stages_with_rules and not answers_helo:
@@ -122,7 +127,7 @@ def guarded(refusable: bool) -> Callable[[F], F]:
 
 
 _NR_BITS = {"connect": Milter.P_NR_CONN, "hello": Milter.P_NR_HELO, "envfrom": Milter.P_NR_MAIL,
-            "envrcpt": Milter.P_NR_RCPT, "header": Milter.P_NR_HDR}
+            "envrcpt": Milter.P_NR_RCPT, "header": Milter.P_NR_HDR, "body": Milter.P_NR_BODY}
 
 
 class Session(Milter.Base):  # type: ignore[misc]
@@ -214,6 +219,7 @@ class Session(Milter.Base):  # type: ignore[misc]
     @guarded(refusable=True)
     def envfrom(self, mailfrom: str, *params: str) -> int:
         self.txn.new_message()
+        self.txn.spool_threshold = self.runtime.config.spool_threshold
         self.in_message = True
         self._header_size = 0
         self.txn.mail_from = mailfrom.strip().removeprefix("<").removesuffix(">")
@@ -249,6 +255,11 @@ class Session(Milter.Base):  # type: ignore[misc]
             self._header_size += size
         return self._answer("header", int(Milter.CONTINUE))
 
+    @guarded(refusable=False)
+    def body(self, chunk: bytes) -> int:
+        self.txn.add_body(chunk)
+        return self._answer("body", int(Milter.CONTINUE))
+
     @guarded(refusable=True)
     def eom(self) -> int:
         self._macros("eom")
@@ -259,7 +270,12 @@ class Session(Milter.Base):  # type: ignore[misc]
             return self._refuse(verdict, "eom")
         for position in sorted(edits.delete, reverse=True):
             self.chgheader(AR, position, "")
+        leading = bool(self._protocol & Milter.P_HDR_LEADSPC)
         for name, value in reversed(edits.insert):
+            if leading and not value.startswith((" ", "\t")):
+                value = " " + value
+            elif not leading:
+                value = value.lstrip(" \t")
             self.addheader(name, value, 0)
         if self.txn.quarantine:
             self.quarantine(self.txn.quarantine)

@@ -7,7 +7,9 @@ read it and append their results; the engine knows nothing else about the MTA.
 from __future__ import annotations
 
 import ipaddress
+import tempfile
 from dataclasses import dataclass, field
+from typing import IO, Any
 
 from mailwarden.dns import IPAddress
 
@@ -50,11 +52,45 @@ class Transaction:
     rcpts: list[str] = field(default_factory=list)
     headers: list[tuple[str, str]] = field(default_factory=list)
     body_size: int = 0
+    body: IO[bytes] | None = None  # spooled to a temporary file past the threshold
+    spool_threshold: int = 1024 * 1024
+    authentication_results: str = ""  # our header's value, once written (for ARC sealing)
+    dkim: list[Any] = field(default_factory=list)  # DKIM SignatureResults, for DMARC
+    arc: tuple[str, tuple[str, ...]] | None = None  # ARC chain result and sealers
     results: list[CheckResult] = field(default_factory=list)
     add_headers: list[tuple[str, str]] = field(default_factory=list)  # in order, top first
     accepted: bool = False  # an `accept` verdict for this message: no further rules
     quarantine: str | None = None
     messages: int = 0  # messages begun on this connection
+    _message: bytes | None = None
+
+    def add_body(self, chunk: bytes) -> None:
+        if self.body is None:
+            self.body = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in new_message)
+                max_size=self.spool_threshold)
+        self.body.write(chunk)
+        self.body_size += len(chunk)
+        self._message = None
+
+    def message(self) -> bytes:
+        """The message as received: header fields (exactly as the MTA passed them, with CRLF
+        line ends) and the body."""
+        if self._message is None:
+            lines = []
+            for name, value in self.headers:
+                value = value.replace("\r\n", "\n").replace("\n", "\r\n")
+                lines.append(f"{name}:{value}\r\n".encode("utf-8", "surrogateescape"))
+            body = b""
+            if self.body is not None:
+                self.body.seek(0)
+                body = self.body.read()
+                self.body.seek(0, 2)
+            self._message = b"".join(lines) + b"\r\n" + body
+        return self._message
+
+    def header_values(self, name: str) -> list[str]:
+        return [value.strip() for field_name, value in self.headers
+                if field_name.lower() == name.lower()]
 
     @classmethod
     def for_client(cls, ip: str | None, name: str = "", port: int = 0) -> Transaction:
@@ -74,6 +110,13 @@ class Transaction:
         self.rcpts = []
         self.headers = []
         self.body_size = 0
+        if self.body is not None:
+            self.body.close()
+        self.body = None
+        self._message = None
+        self.authentication_results = ""
+        self.dkim = []
+        self.arc = None
         self.results = list(self.connection_results)
         self.add_headers = []
         self.accepted = self.connection_accepted

@@ -150,7 +150,8 @@ def run(daemon: Daemon, message: Message) -> Seen:
         if reply:
             replies[reply.group(1)] = reply.group(2)
         elif line.startswith("HEADER "):
-            headers.append(line[7:])
+            # values carry their leading space (SMFIP_HDR_LEADSPC is negotiated)
+            headers.append(re.sub(r"^([^:]+): +", r"\1: ", line[7:]))
         elif line.startswith("DELETED "):
             deleted.append(int(line[8:]))
     return Seen(replies, headers, deleted, "QUARANTINED" in done.stdout, done.stdout)

@@ -157,8 +157,8 @@ def test_membership_passes_the_deadline_to_dns() -> None:
 
 
 # -- Plan.for_config -----------------------------------------------------------------------
-ALWAYS = (Milter.P_NR_CONN | Milter.P_NR_HDR | Milter.P_NOEOH | Milter.P_NOBODY
-          | Milter.P_NOUNKNOWN | Milter.P_NODATA)
+ALWAYS = (Milter.P_NR_CONN | Milter.P_NR_HDR | Milter.P_NOEOH | Milter.P_NR_BODY
+          | Milter.P_NOUNKNOWN | Milter.P_NODATA | Milter.P_HDR_LEADSPC)
 RULES = {
     "connect": "  connect:\n    - name: c\n      check: iprev\n",
     "helo": "  helo:\n    - name: h\n      check: iprev\n",
@@ -211,7 +211,16 @@ def test_plan_no_reply_flags_follow_the_stages_with_rules(stages: tuple[str, ...
     optional = {"P_NR_HELO", "P_NR_MAIL", "P_NR_RCPT"}
     assert flags(p) & optional == expected
     assert flags(p) - optional == {"P_NR_CONN", "P_NR_HDR", "P_NOEOH", "P_NOBODY",
-                                   "P_NOUNKNOWN", "P_NODATA"}
+                                   "P_NOUNKNOWN", "P_NODATA", "P_NR_BODY", "P_HDR_LEADSPC"}
+
+
+def test_plan_asks_for_the_body_only_when_a_rule_needs_it() -> None:
+    """Without DKIM or ARC rules the body is not sent at all (SMFIP_NOBODY)."""
+    assert "P_NOBODY" in flags(plan("mail"))
+    with_dkim = Plan.for_config(parse(BASE + "rules:\n  eom:\n    - name: d\n"
+                                      "      check: dkim_verify\n"))
+    assert "P_NOBODY" not in flags(with_dkim)
+    assert "P_NR_BODY" in flags(with_dkim)
 
 
 def test_plan_macros_per_stage() -> None:

@@ -50,12 +50,15 @@ class CheckSpec:
     replies: Mapping[str, Reply] = field(default_factory=dict)
     # macros the check reads, by stage, so that negotiation can ask the MTA for them
     macros: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    needs_body: bool = False  # the MTA must send the body (DKIM, ARC)
+    after_headers: bool = False  # runs after our Authentication-Results is written (ARC seal)
 
 
 def _registry() -> dict[str, CheckSpec]:
-    from mailwarden.checks import iprev, relay, spf
+    from mailwarden.checks import arc, dkim, iprev, relay, spf
 
-    specs = [spf.SPEC, relay.MAIL_RELAY, relay.RCPT_RELAY, iprev.SPEC]
+    specs = [spf.SPEC, relay.MAIL_RELAY, relay.RCPT_RELAY, iprev.SPEC, dkim.VERIFY, dkim.SIGN,
+             arc.VERIFY, arc.SEAL]
     return {spec.name: spec for spec in specs}
 
 

@@ -73,11 +73,14 @@ class Engine:
         self.ctx = Context(self.config, self.dns, groups, self.clock)
 
     # -- stages ------------------------------------------------------------------------------
-    def run_stage(self, stage: str, txn: Transaction) -> Verdict:
-        """Run the rules of `stage`; a refusal or an accept ends the stage."""
-        if txn.accepted:
+    def run_stage(self, stage: str, txn: Transaction, *, sealing: bool = False) -> Verdict:
+        """Run the rules of `stage`; a refusal or an accept ends the stage. At eom the rules
+        that must see our Authentication-Results (ARC sealing) run in a second pass."""
+        if txn.accepted and not sealing:
             return CONTINUE
         for rule in self.config.stage_rules(stage):
+            if CHECKS[rule.check].after_headers != sealing:
+                continue
             holds = self._holds(rule.when, txn, stage)
             if holds is None:
                 reply = codes.DNS_TEMPERROR
@@ -104,7 +107,11 @@ class Engine:
         if verdict.refuses:
             return verdict, HeaderEdits()
         value = authentication_results(self.config.authserv_id, txn.results)
-        insert = ((AR, value), *txn.add_headers)
+        txn.authentication_results = value
+        signatures = list(txn.add_headers)
+        txn.add_headers.clear()
+        self.run_stage("eom", txn, sealing=True)
+        insert = (*txn.add_headers, (AR, value), *signatures)
         delete = tuple(forged_indices(txn.headers, self.config.authserv_id))
         return verdict, HeaderEdits(delete, insert)
 

@@ -1,0 +1,106 @@
+"""ARC (RFC 8617), both optional: `arc_verify` validates the chain (none/pass/fail, with
+`arc.chain` naming the sealers, oldest first, for DMARC's trusted-sealer override) and
+`arc_seal` adds ARC-Authentication-Results, ARC-Message-Signature and ARC-Seal with the next
+instance number, after our Authentication-Results is written."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import dkim as dkimpy
+
+from mailwarden.checks import CheckOutcome, CheckSpec, Context
+from mailwarden.config import Outcome
+from mailwarden.dns import DNSClient, Status
+from mailwarden.transaction import CheckResult, Transaction
+
+if TYPE_CHECKING:
+    from mailwarden.config import Config, Section
+
+
+class _Temporary(dkimpy.DKIMException):  # type: ignore[misc]
+    pass
+
+
+def dnsfunc(dns: DNSClient) -> Callable[..., bytes | None]:
+    """dkimpy's DNS hook over our resolver: a temporary error raises, never "no key"."""
+
+    def txt(name: bytes, timeout: float = 5) -> bytes | None:
+        answer = dns.txt(name.decode("ascii", "replace").rstrip("."))
+        if answer.status is Status.TEMPERROR:
+            raise _Temporary(f"DNS error for {name!r}: {answer.error}")
+        return answer.records[0].encode("latin-1") if answer.ok else None
+
+    return txt
+
+
+@dataclass(frozen=True, slots=True)
+class NoArgs:
+    pass
+
+
+def parse_none(section: Section, config: Config) -> NoArgs:
+    return NoArgs()
+
+
+def no_outcomes(args: object) -> Mapping[str, Outcome]:
+    return {}
+
+
+def run_verify(ctx: Context, txn: Transaction, args: NoArgs) -> CheckOutcome:
+    message = txn.message()
+    try:
+        cv, results, comment = dkimpy.arc_verify(message, dnsfunc=dnsfunc(ctx.dns))
+    except _Temporary as exc:
+        return CheckOutcome("temperror", (CheckResult("", "arc", "temperror", str(exc)),),
+                            text="ARC validation failed temporarily")
+    except dkimpy.DKIMException as exc:
+        cv, results, comment = b"fail", [], str(exc)
+    result = cv.decode("ascii", "replace").lower()
+    sealers = [r.get("as-domain", b"").decode("ascii", "replace") for r in
+               sorted(results, key=lambda r: int(r.get("instance", 0)))]
+    props = (("arc.chain", ":".join(s for s in sealers if s)),) if sealers else ()
+    reason = comment.decode("ascii", "replace") if isinstance(comment, bytes) else str(comment)
+    txn.arc = (result, tuple(s for s in sealers if s))
+    return CheckOutcome(result, (CheckResult("", "arc", result, reason, props),),
+                        text=f"ARC {result}")
+
+
+@dataclass(frozen=True, slots=True)
+class SealArgs:
+    domain: str
+
+
+def parse_seal(section: Section, config: Config) -> SealArgs:
+    domain = section.string("domain", required=True).lower()
+    if not any(k.domain == domain and k.algorithm == "rsa-sha256"
+               for k in config.signing.keys):
+        raise section.error("domain", f"no rsa-sha256 key for {domain} in signing.keys "
+                                      "(ARC seals with RSA, RFC 8617 §4.1.3)")
+    return SealArgs(domain)
+
+
+def run_seal(ctx: Context, txn: Transaction, args: SealArgs) -> CheckOutcome:
+    key = next(k for k in ctx.config.signing.keys
+               if k.domain == args.domain and k.algorithm == "rsa-sha256")
+    ar = f"Authentication-Results: {txn.authentication_results}\r\n".encode()
+    try:
+        lines = dkimpy.arc_sign(ar + txn.message(), key.selector.encode(), key.domain.encode(),
+                                key.private, ctx.config.authserv_id.encode())
+    except dkimpy.DKIMException as exc:
+        return CheckOutcome("error", text=f"cannot seal: {exc}")
+    fields = []
+    for line in lines:
+        name, _, value = line.decode("ascii").partition(":")
+        fields.append((name, value.rstrip("\r\n").replace("\r\n", "\n")))
+    return CheckOutcome("sealed", headers=tuple(fields), text="sealed")
+
+
+VERIFY = CheckSpec(name="arc_verify", stages=("eom",),
+                   results=("none", "pass", "fail", "temperror"), parse_args=parse_none,
+                   run=run_verify, outcomes=no_outcomes, needs_body=True)
+SEAL = CheckSpec(name="arc_seal", stages=("eom",), results=("sealed", "error"),
+                 parse_args=parse_seal, run=run_seal, outcomes=no_outcomes, needs_body=True,
+                 after_headers=True)

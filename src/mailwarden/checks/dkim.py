@@ -1,0 +1,149 @@
+"""`dkim_verify` (check) and `dkim_sign` (action), both at end of message.
+
+dkim_verify: every DKIM-Signature gets its own Authentication-Results entry (RFC 8601
+`dkim=RESULT header.d header.s header.a header.b`); the rule acts on the best one: pass if any
+passes, else temperror if a key lookup failed temporarily, else the first other result, or
+none when unsigned. Refusals: 550 5.7.20 (no passing signature), 5.7.21 (none acceptable),
+451 4.7.20 for temperror (RFC 7372).
+
+dkim_sign: signs with every key of the From domain (or its closest parent with keys, when
+`signing.parent_domains`), so RSA and Ed25519 keys give two signatures (RFC 8463).
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import dkim as dkimpy
+
+from mailwarden.checks import CheckOutcome, CheckSpec, Context
+from mailwarden.config import Outcome, Reply
+from mailwarden.dkim.sign import SignOptions, sign_message
+from mailwarden.dkim.verify import SignatureResult, verify_message
+from mailwarden.transaction import CheckResult, Transaction
+
+if TYPE_CHECKING:
+    from mailwarden.config import Config, Section
+
+VERIFY_RESULTS = ("pass", "fail", "policy", "neutral", "none", "temperror", "permerror")
+_ORDER = ("pass", "temperror", "fail", "policy", "permerror", "neutral")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyArgs:
+    max_signatures: int = 8
+    accept_body_length: bool = True
+
+
+def parse_verify(section: Section, config: Config) -> VerifyArgs:
+    return VerifyArgs(section.integer("max_signatures", 8, minimum=1, maximum=64),
+                      section.boolean("accept_body_length", True))
+
+
+def _record(sig: SignatureResult) -> CheckResult:
+    props = [("header.d", sig.domain), ("header.s", sig.selector)]
+    if sig.algorithm:
+        props.append(("header.a", sig.algorithm))
+    if sig.b:
+        props.append(("header.b", sig.b))
+    comment = f"{sig.key_bits}-bit key" if sig.result == "pass" and sig.key_bits else sig.reason
+    if sig.body_length is not None:
+        comment += f"; l={sig.body_length}"
+    return CheckResult("", "dkim", sig.result, sig.reason,
+                       tuple((k, v) for k, v in props if v), comment=comment)
+
+
+def run_verify(ctx: Context, txn: Transaction, args: VerifyArgs) -> CheckOutcome:
+    signatures = verify_message(txn.message(), ctx.dns, max_signatures=args.max_signatures,
+                                accept_body_length=args.accept_body_length)
+    txn.dkim = signatures
+    if not signatures:
+        return CheckOutcome("none", (CheckResult("", "dkim", "none", "no signature"),),
+                            text="No DKIM signature")
+    records = tuple(_record(sig) for sig in signatures)
+    found = {sig.result for sig in signatures}
+    decisive = next(word for word in _ORDER if word in found)
+    first = next(sig for sig in signatures if sig.result == decisive)
+    text = f"DKIM {decisive}: {first.domain or 'unknown domain'}: {first.reason}"
+    return CheckOutcome(decisive, records, text=text)
+
+
+def verify_outcomes(args: VerifyArgs) -> Mapping[str, Outcome]:
+    return {}
+
+
+@dataclass(frozen=True, slots=True)
+class SignArgs:
+    allowed_hosts: tuple[str, ...] = ()
+    authenticated: bool = True
+
+
+def parse_sign(section: Section, config: Config) -> SignArgs:
+    if not config.signing.keys:
+        raise section.error("check", "dkim_sign needs keys in signing.keys")
+    groups = section.str_list("allowed_hosts")
+    for group in groups:
+        if group not in config.hosts:
+            raise section.error("allowed_hosts", f"no host group named {group!r} in hosts:")
+    return SignArgs(groups, section.boolean("authenticated", True))
+
+
+def author_domain(txn: Transaction) -> str:
+    """The domain of the (first) From address (RFC 5322 §3.6.2)."""
+    values = txn.header_values("From")
+    if not values:
+        return ""
+    addresses = email.utils.getaddresses(values)
+    for _, address in addresses:
+        if "@" in address:
+            return address.rpartition("@")[2].lower().rstrip(".>")
+    return ""
+
+
+def run_sign(ctx: Context, txn: Transaction, args: SignArgs) -> CheckOutcome:
+    from mailwarden.relay import Membership
+
+    allowed = not args.allowed_hosts and not args.authenticated
+    if args.authenticated and txn.authenticated:
+        allowed = True
+    if not allowed and txn.client_ip is not None:
+        allowed = any(ctx.groups[g].membership(txn.client_ip, ctx.dns) is Membership.IN
+                      for g in args.allowed_hosts)
+    if not allowed:
+        return CheckOutcome("none", text="sender not allowed to sign")
+    domain = author_domain(txn)
+    keys = ctx.config.signing.keys_for(domain) if domain else ()
+    if not keys:
+        return CheckOutcome("none", text=f"no signing key for {domain or 'the From domain'}")
+    signing = ctx.config.signing
+    options = SignOptions(signing.headers, signing.oversign, signing.canonicalization)
+    try:
+        fields = sign_message(txn.message(), keys, options)
+    except dkimpy.DKIMException as exc:
+        return CheckOutcome("error", text=f"cannot sign: {exc}")
+    return CheckOutcome("signed", headers=tuple(fields),
+                        text=f"signed for {keys[0].domain} with {len(keys)} key(s)")
+
+
+def sign_outcomes(args: SignArgs) -> Mapping[str, Outcome]:
+    return {}
+
+
+VERIFY = CheckSpec(
+    name="dkim_verify", stages=("eom",), results=VERIFY_RESULTS,
+    parse_args=parse_verify, run=run_verify, outcomes=verify_outcomes,
+    replies={"fail": Reply(550, "5.7.20", "No passing DKIM signature found"),
+             "none": Reply(550, "5.7.20", "No passing DKIM signature found"),
+             "neutral": Reply(550, "5.7.20", "No passing DKIM signature found"),
+             "permerror": Reply(550, "5.7.20", "No passing DKIM signature found"),
+             "policy": Reply(550, "5.7.21", "No acceptable DKIM signature found"),
+             "temperror": Reply(451, "4.7.20", "DKIM key lookup failed, try again later")},
+    needs_body=True,
+)
+SIGN = CheckSpec(
+    name="dkim_sign", stages=("eom",), results=("signed", "none", "error"),
+    parse_args=parse_sign, run=run_sign, outcomes=sign_outcomes, needs_body=True,
+)

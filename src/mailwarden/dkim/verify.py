@@ -1,0 +1,163 @@
+"""DKIM verification (RFC 6376 §6), one result per DKIM-Signature, keys through our resolver.
+
+Results are RFC 8601 §2.7.1 words:
+  pass       the signature verifies
+  fail       it does not (body hash or signature mismatch), or it expired (x=) or is dated in
+             the future (t=) (RFC 6376 §6.1.1 PERMFAIL on the signature)
+  policy     it verifies technically but we do not accept it: rsa-sha1 and RSA keys under 1024
+             bits never pass (RFC 8301 §3.1, §3.2); l= signatures when refused by the rule
+  neutral    the signature is malformed (missing or invalid tags, RFC 8601 "syntax errors")
+  permerror  the key is missing (NXDOMAIN/NODATA), revoked (empty p=), malformed, or its
+             constraints (h=, k=, s=, t=s) exclude this signature (RFC 6376 §6.1.2)
+  temperror  the key lookup failed temporarily: never a failure
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+
+import dkim
+import dkim.util
+
+from mailwarden.dns import DNSClient, Status
+
+MANDATORY = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureResult:
+    result: str
+    reason: str
+    domain: str = ""  # d=
+    selector: str = ""  # s=
+    algorithm: str = ""  # a=
+    b: str = ""  # the first 8 characters of b= (RFC 6008 header.b)
+    identity: str = ""  # i=
+    body_length: int | None = None  # l=
+    key_bits: int = 0
+    authentic: bool = False  # the key record was DNSSEC-authenticated
+
+
+def _text(value: bytes) -> str:
+    return value.decode("ascii", "replace")
+
+
+def verify_message(message: bytes, dns: DNSClient, *, max_signatures: int = 8,
+                   accept_body_length: bool = True, now: float | None = None,
+                   deadline: float | None = None) -> list[SignatureResult]:
+    """Every DKIM-Signature of `message` (CRLF or LF line ends), top first."""
+    try:
+        signer = dkim.DKIM(message, minkey=1024)
+    except dkim.MessageFormatError as exc:
+        return [SignatureResult("permerror", f"unparseable message: {exc}")]
+    headers = [(name, value) for name, value in signer.headers
+               if name.lower() == b"dkim-signature"]
+    results = []
+    for index, header in enumerate(headers):
+        if index >= max_signatures:
+            results.append(SignatureResult("neutral", f"not evaluated: more than "
+                                                      f"{max_signatures} signatures"))
+            continue
+        results.append(_verify_one(signer, header, dns, accept_body_length,
+                                   time.time() if now is None else now, deadline))
+    return results
+
+
+def _verify_one(signer: dkim.DKIM, header: tuple[bytes, bytes], dns: DNSClient,
+                accept_body_length: bool, now: float, deadline: float | None
+                ) -> SignatureResult:
+    try:
+        sig = dkim.util.parse_tag_value(header[1])
+    except dkim.util.InvalidTagValueList as exc:
+        return SignatureResult("neutral", f"malformed tag list: {exc}")
+    info = {
+        "domain": _text(sig.get(b"d", b"")).lower(),
+        "selector": _text(sig.get(b"s", b"")),
+        "algorithm": _text(sig.get(b"a", b"")).lower(),
+        "b": _text(re.sub(rb"\s+", b"", sig.get(b"b", b""))[:8]),
+        "identity": _text(sig.get(b"i", b"")),
+    }
+    if sig.get(b"l", b"").isdigit():
+        info["body_length"] = int(sig[b"l"])  # type: ignore[assignment]
+
+    def result(word: str, reason: str, **more: object) -> SignatureResult:
+        return SignatureResult(word, reason, **{**info, **more})  # type: ignore[arg-type]
+
+    try:
+        dkim.validate_signature_fields(sig, list(MANDATORY))
+    except dkim.ValidationError as exc:
+        return result("neutral", f"invalid signature: {exc}")
+    if sig[b"v"] != b"1":
+        return result("neutral", f"unknown version v={_text(sig[b'v'])}")
+    if b"x" in sig and sig[b"x"].isdigit():
+        expires = int(sig[b"x"])
+        if b"t" in sig and sig[b"t"].isdigit() and expires < int(sig[b"t"]):
+            return result("neutral", "x= is earlier than t= (RFC 6376 §3.5)")
+        if expires < now:
+            return result("fail", f"signature expired at {expires} (x=)")
+    if b"t" in sig and sig[b"t"].isdigit() and int(sig[b"t"]) > now + 300:
+        return result("fail", f"signature dated in the future (t={int(sig[b't'])})")
+    if sig[b"a"].lower() == b"rsa-sha1":
+        return result("policy", "rsa-sha1 is not accepted (RFC 8301 §3.1)")
+    if b"l" in sig and not accept_body_length:
+        return result("policy", "l= (body length) signatures are not accepted here")
+
+    name = f"{info['selector']}._domainkey.{info['domain']}"
+    answer = dns.txt(name, deadline)
+    if answer.status is Status.TEMPERROR:
+        return result("temperror", f"key lookup {name}: {answer.error}")
+    if not answer.ok or not answer.records:
+        return result("permerror", f"no key at {name} ({answer.status})")
+    record = answer.records[0].encode("latin-1")
+    try:
+        key_tags = dkim.util.parse_tag_value(record)
+    except dkim.util.InvalidTagValueList as exc:
+        return result("permerror", f"malformed key record at {name}: {exc}")
+    if not key_tags.get(b"p", b"").strip():
+        return result("permerror", f"key revoked (empty p=) at {name}")
+    problem = _key_constraints(sig, key_tags)
+    if problem:
+        return result("permerror", problem)
+    try:
+        pk, bits, ktag, tlsrpt = dkim.evaluate_pk(name.encode(), record)
+    except dkim.DKIMException as exc:
+        return result("permerror", f"unusable key at {name}: {exc}")
+    if ktag == b"rsa" and bits < 1024:
+        return result("policy", f"RSA key of {bits} bits (RFC 8301 §3.2 requires 1024+)",
+                      key_bits=bits)
+    signer.pk, signer.keysize, signer.ktag, signer.seqtlsrpt = pk, bits, ktag, tlsrpt
+    include = [h.lower() for h in re.split(rb"\s*:\s*", sig[b"h"].strip())]
+    try:
+        ok = signer.verify_sig_process(sig, include, header, None)
+    except dkim.ValidationError as exc:
+        reason = str(exc)
+        if "body hash mismatch" in reason:
+            reason = "body hash mismatch"
+        return result("fail", reason, key_bits=bits, authentic=answer.authentic)
+    except dkim.DKIMException as exc:
+        return result("permerror", str(exc), key_bits=bits, authentic=answer.authentic)
+    if not ok:
+        return result("fail", "signature does not verify", key_bits=bits,
+                      authentic=answer.authentic)
+    return result("pass", "signature verified", key_bits=bits, authentic=answer.authentic)
+
+
+def _key_constraints(sig: dict[bytes, bytes], key: dict[bytes, bytes]) -> str:
+    """RFC 6376 §3.6.1: a key's h=, k= and t=s restrict the signatures it can verify."""
+    algorithm = sig[b"a"].lower()
+    kind, _, digest = algorithm.partition(b"-")
+    if key.get(b"k", b"rsa").lower() != kind:
+        return f"key type k={key.get(b'k', b'rsa').decode('ascii', 'replace')} does not " \
+               f"match a={algorithm.decode('ascii', 'replace')}"
+    if b"h" in key:
+        allowed = [h.strip().lower() for h in key[b"h"].split(b":")]
+        if digest not in allowed:
+            return f"key allows h={key[b'h'].decode('ascii', 'replace')} only"
+    flags = [f.strip() for f in key.get(b"t", b"").split(b":")]
+    if b"s" in flags and b"i" in sig:
+        identity_domain = sig[b"i"].rpartition(b"@")[2].lower()
+        if identity_domain != sig[b"d"].lower():
+            return "key has t=s: i= must be in exactly d=, not a subdomain"
+    return ""
