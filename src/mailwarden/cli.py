@@ -7,6 +7,7 @@ import ipaddress
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mailwarden import __version__
 from mailwarden.dns import Nameserver, Resolver, parse_nameserver, system_nameservers
@@ -81,7 +82,129 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", nargs="?", default=DEFAULT_CONFIG, metavar="PATH")
     check.add_argument("--json", action="store_true", help="print the policy as JSON")
     check.set_defaults(handler=_cmd_check_config)
+
+    dkim_cmd = commands.add_parser("dkim", help="DKIM keys, signing and verification")
+    dkim_sub = dkim_cmd.add_subparsers(dest="dkim_command", required=True, metavar="COMMAND")
+    genkey = dkim_sub.add_parser("genkey", help="write a new private key (mode 0600) and print "
+                                 "its DNS record")
+    genkey.add_argument("--domain", required=True)
+    genkey.add_argument("--selector", required=True)
+    genkey.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
+    genkey.add_argument("--bits", type=int, default=2048)
+    genkey.add_argument("--out", metavar="PATH",
+                        help="key file (default: DOMAIN.SELECTOR.TYPE.pem here)")
+    genkey.set_defaults(handler=_cmd_dkim_genkey)
+    checkdns = dkim_sub.add_parser("check-dns", help="does the published record match the key?")
+    checkdns.add_argument("--domain", required=True)
+    checkdns.add_argument("--selector", required=True)
+    checkdns.add_argument("--key", required=True, metavar="PATH")
+    _dns_options(checkdns)
+    checkdns.set_defaults(handler=_cmd_dkim_check_dns)
+    verify = dkim_sub.add_parser("verify", help="verify the DKIM signatures of a message file")
+    verify.add_argument("file", metavar="FILE.eml")
+    _dns_options(verify)
+    verify.set_defaults(handler=_cmd_dkim_verify)
+    sign = dkim_sub.add_parser("sign", help="sign a message file; prints the signed message")
+    sign.add_argument("file", metavar="FILE.eml")
+    sign.add_argument("--domain", required=True)
+    sign.add_argument("--selector", required=True)
+    sign.add_argument("--key", required=True, metavar="PATH")
+    sign.add_argument("--canonicalization", default="relaxed/relaxed",
+                      choices=("relaxed/relaxed", "relaxed/simple", "simple/relaxed",
+                               "simple/simple"))
+    sign.add_argument("--json", action="store_true", help="print the header as JSON")
+    sign.set_defaults(handler=_cmd_dkim_sign)
     return parser
+
+
+def _dns_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nameserver", action="append", type=_nameserver, default=None,
+                        metavar="HOST[:PORT]", help="DNS server (default: /etc/resolv.conf)")
+    parser.add_argument("--timeout", type=_positive_float, default=2.0, metavar="S")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _resolver(args: argparse.Namespace) -> Resolver:
+    servers: list[Nameserver] = args.nameserver or system_nameservers()
+    return Resolver(nameservers=servers, timeout=args.timeout, lifetime=2 * args.timeout)
+
+
+def _read_message(path: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"mailwarden: cannot read {path}: {exc.strerror}") from None
+
+
+def _cmd_dkim_genkey(args: argparse.Namespace) -> int:
+    from mailwarden.dkim.keys import generate, public_record, write_private, zone_record
+
+    path = args.out or f"{args.domain}.{args.selector}.{args.type}.pem"
+    try:
+        key = generate(args.type, args.bits)
+        write_private(key, path)
+    except (ValueError, OSError) as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return 2
+    print(f"; private key written to {path} (mode 0600)")
+    print(zone_record(f"{args.selector}._domainkey.{args.domain}", public_record(key)))
+    return 0
+
+
+def _cmd_dkim_check_dns(args: argparse.Namespace) -> int:
+    from mailwarden.dkim.keys import KeyError_, check_dns, load_key
+
+    try:
+        key = load_key(args.domain, args.selector, args.key, allow_group_readable=True)
+    except KeyError_ as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return 2
+    found = check_dns(_resolver(args), key)
+    if args.json:
+        print(json.dumps({"ok": found.ok, "message": found.message, "name": key.dns_name}))
+    else:
+        print(("OK: " if found.ok else "MISMATCH: ") + found.message)
+    return 0 if found.ok else 1
+
+
+def _cmd_dkim_verify(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mailwarden.dkim.verify import verify_message
+
+    results = verify_message(_read_message(args.file), _resolver(args))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    elif not results:
+        print("dkim=none (no DKIM-Signature)")
+    else:
+        for r in results:
+            print(f"dkim={r.result} header.d={r.domain} header.s={r.selector} "
+                  f"header.a={r.algorithm} header.b={r.b}: {r.reason}")
+    return 0
+
+
+def _cmd_dkim_sign(args: argparse.Namespace) -> int:
+    import dkim as dkimpy
+
+    from mailwarden.dkim.keys import KeyError_, load_key
+    from mailwarden.dkim.sign import SignOptions, sign_message
+
+    message = _read_message(args.file)
+    try:
+        key = load_key(args.domain, args.selector, args.key)
+        header, _, body = args.canonicalization.partition("/")
+        fields = sign_message(message, [key], SignOptions(canonicalization=(header, body)))
+    except (KeyError_, dkimpy.DKIMException) as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return 2
+    lines = "".join(f"{name}:{value.replace(chr(10), chr(13) + chr(10))}\r\n"
+                    for name, value in fields)
+    if args.json:
+        print(json.dumps({"headers": [{"name": n, "value": v} for n, v in fields]}))
+    else:
+        sys.stdout.buffer.write(lines.encode() + message)
+    return 0
 
 
 DEFAULT_CONFIG = "conf/mailwarden.yaml"
