@@ -9,6 +9,7 @@ import shutil
 import smtplib
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,12 @@ import pytest
 from daemon import Daemon
 from postfix import PostfixInstance
 
+from helpers import make_resolver
 from mailwarden.devdns import DevDNSServer
+from mailwarden.dkim.keys import SigningKey, generate, load_key, write_private
+from mailwarden.dkim.sign import SignOptions, sign_message
+from mailwarden.dkim.verify import verify_message
+from mailwarden.dns import Resolver
 
 pytestmark = pytest.mark.skipif(shutil.which("postfix") is None and
                                 not Path("/usr/sbin/postfix").exists(),
@@ -40,12 +46,26 @@ AUTHSERV_ID = "mx.test.example"
 class Stack:
     daemon: Daemon
     postfix: PostfixInstance
+    resolver: Resolver
+    outside_key: SigningKey
+
+
+def _key(workdir: Path, domain: str, selector: str, kind: str) -> SigningKey:
+    path = workdir / f"{domain}.{selector}.pem"
+    write_private(generate(kind), str(path))
+    return load_key(domain, selector, str(path))
 
 
 @pytest.fixture(scope="module")
 def stack(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    dns_server.load(ZONE)
     workdir = tmp_path_factory.mktemp("e2e")
+    ours_rsa = _key(workdir, "ours.example", "rsa2026", "rsa")
+    ours_ed = _key(workdir, "ours.example", "ed2026", "ed25519")
+    outside = _key(workdir, "pass.example", "sel", "rsa")
+    zone = dict(ZONE)
+    for key in (ours_rsa, ours_ed, outside):
+        zone[key.dns_name] = [{"TXT": key.public_record}]
+    dns_server.load(zone)
     # Postfix's smtpd runs as the postfix user: the socket must be reachable by it.
     sockets = Path(tempfile.mkdtemp(prefix="mailwarden-e2e-"))
     sockets.chmod(0o755)
@@ -59,10 +79,17 @@ def stack(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory) ->
                 "lifetime": 1.0},
         "domains": ["ours.example"],
         "hosts": {"internal": ["127.0.0.10/32"]},
+        "signing": {"keys": [
+            {"domain": "ours.example", "selector": "rsa2026", "key": ours_rsa.path},
+            {"domain": "ours.example", "selector": "ed2026", "key": ours_ed.path},
+        ]},
         "rules": {
             "mail": [{"name": "spf", "check": "spf", "header": "both", "policy": "soft"}],
             "rcpt": [{"name": "no open relay", "check": "rcpt_relay",
                       "allowed_hosts": "internal"}],
+            "eom": [{"name": "dkim", "check": "dkim_verify"},
+                    {"name": "sign outgoing", "check": "dkim_sign",
+                     "allowed_hosts": "internal"}],
         },
     }
     daemon = Daemon(workdir / "milter", config)
@@ -71,7 +98,8 @@ def stack(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory) ->
                               extra_main_cf={"default_process_limit": "250"})
     try:
         postfix.start()
-        yield Stack(daemon, postfix)
+        yield Stack(daemon, postfix, make_resolver(dns_server, timeout=1.0, lifetime=2.0),
+                    outside)
     finally:
         postfix.stop()
         daemon.stop()
@@ -93,16 +121,20 @@ def send(stack: Stack, source: str, sender: str, rcpts: list[str], subject: str,
         return smtp.sendmail(sender, rcpts, message(sender, rcpts[0], subject, extra))
 
 
-def delivered(stack: Stack, subject: str) -> email.message.Message:
-    for raw in stack.postfix.wait_for_messages(1, timeout=1):
-        parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
-        if parsed["Subject"] == subject:
-            return parsed
-    for raw in stack.postfix.wait_for_messages(len(stack.postfix.messages()) + 1, timeout=30):
-        parsed = email.message_from_bytes(raw, policy=email.policy.compat32)
-        if parsed["Subject"] == subject:
-            return parsed
+def delivered_raw(stack: Stack, subject: str, timeout: float = 30.0) -> bytes:
+    """The delivered message with this Subject, as the sink received it."""
+    deadline = time.monotonic() + timeout
+    wanted = f"Subject: {subject}\r\n".encode()
+    while time.monotonic() < deadline:
+        for raw in stack.postfix.messages():
+            if wanted in raw:
+                return raw
+        time.sleep(0.05)
     raise AssertionError(f"{subject!r} was not delivered")
+
+
+def delivered(stack: Stack, subject: str) -> email.message.Message:
+    return email.message_from_bytes(delivered_raw(stack, subject), policy=email.policy.compat32)
 
 
 def test_spf_pass_is_delivered_with_our_headers(stack: Stack) -> None:
@@ -185,6 +217,42 @@ def test_missing_helo(stack: Stack) -> None:
     results = str(got["Authentication-Results"])
     assert "spf=pass smtp.mailfrom=alice@pass.example" in results
     assert "smtp.helo" not in results
+
+
+def test_outbound_mail_from_an_internal_host_leaves_signed_with_both_keys(stack: Stack) -> None:
+    assert send(stack, "127.0.0.10", "alice@ours.example", ["far@elsewhere.example"],
+                "e2e-signed") == {}
+    raw = delivered_raw(stack, "e2e-signed")
+    results = verify_message(raw, stack.resolver)
+    assert sorted((r.result, r.algorithm, r.selector) for r in results) == [
+        ("pass", "ed25519-sha256", "ed2026"), ("pass", "rsa-sha256", "rsa2026")], results
+    signed = email.message_from_bytes(raw, policy=email.policy.compat32)
+    h_tag = " ".join(str(signed["DKIM-Signature"]).split())
+    assert "h=from : from :" in h_tag or "h=from:from" in h_tag.replace(" ", "")
+
+
+def test_inbound_dkim_results(stack: Stack) -> None:
+    body = message("alice@pass.example", "bob@ours.example", "e2e-dkim-in")
+    fields = sign_message(body.replace(b"From: <alice@pass.example>",
+                                       b"From: Alice <alice@pass.example>"),
+                          [stack.outside_key], SignOptions())
+    signature = "".join(f"{n}:{v}".replace("\n", "\r\n") + "\r\n" for n, v in fields)
+    with smtplib.SMTP("127.0.0.1", stack.postfix.smtp_port, source_address=("127.0.0.2", 0),
+                      timeout=60) as smtp:
+        smtp.ehlo("client.pass.example")
+        smtp.sendmail("alice@pass.example", ["bob@ours.example"],
+                      signature.encode() + body.replace(b"From: <alice@pass.example>",
+                                                        b"From: Alice <alice@pass.example>"))
+        tampered = signature.encode() + body.replace(b"From: <alice@pass.example>",
+                                                     b"From: Alice <alice@pass.example>")
+        tampered = tampered.replace(b"body of e2e-dkim-in", b"body of e2e-dkim-in!")
+        tampered = tampered.replace(b"Subject: e2e-dkim-in", b"Subject: e2e-dkim-tampered")
+        smtp.sendmail("alice@pass.example", ["bob@ours.example"], tampered)
+    good = str(delivered(stack, "e2e-dkim-in")["Authentication-Results"])
+    assert "dkim=pass" in good and "header.d=pass.example" in good, good
+    assert "header.s=sel" in good and "header.a=rsa-sha256" in good
+    bad = str(delivered(stack, "e2e-dkim-tampered")["Authentication-Results"])
+    assert "dkim=fail" in bad and "header.d=pass.example" in bad, bad
 
 
 def test_200_simultaneous_sessions(stack: Stack) -> None:
