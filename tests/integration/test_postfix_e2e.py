@@ -18,12 +18,13 @@ import pytest
 from daemon import Daemon
 from postfix import PostfixInstance
 
-from helpers import make_resolver
 from mailwarden.devdns import DevDNSServer
 from mailwarden.dkim.keys import SigningKey, generate, load_key, write_private
 from mailwarden.dkim.sign import SignOptions, sign_message
 from mailwarden.dkim.verify import verify_message
 from mailwarden.dns import Resolver
+
+from helpers import make_resolver
 
 pytestmark = pytest.mark.skipif(shutil.which("postfix") is None and
                                 not Path("/usr/sbin/postfix").exists(),
