@@ -504,7 +504,9 @@ def _signing(top: Section) -> SigningConfig:
         domain = entry.parsed("domain", "", _domain) if entry.has("domain") else ""
         if not domain:
             raise entry.error("domain", "is required")
-        selector = entry.string("selector", required=True)
+        if not entry.has("selector"):
+            raise entry.error("selector", "is required")
+        selector = entry.raw("selector")  # as written: 2024.10 is not the number 2024.1
         if not re.fullmatch(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", selector):
             raise entry.error("selector", f"not a valid selector: {selector!r}")
         key_path = entry.string("key", required=True)

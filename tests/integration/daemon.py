@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -40,12 +41,27 @@ class Daemon:
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if "started" in self.log():
+            if "started" in self.log() or self._accepting():
                 return
             if self.process.poll() is not None:
                 raise AssertionError(f"mailwarden exited at start:\n{self.log()}")
             time.sleep(0.05)
         raise AssertionError(f"mailwarden did not start:\n{self.log()}")
+
+    def _accepting(self) -> bool:
+        """The milter socket takes connections (for configs that log only warnings)."""
+        kind, _, rest = self.socket.partition(":")
+        try:
+            if kind in ("unix", "local"):
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.settimeout(0.2)
+                    probe.connect(rest)
+                return True
+            port, _, host = rest.partition("@")
+            with socket.create_connection((host or "127.0.0.1", int(port)), timeout=0.2):
+                return True
+        except OSError:
+            return False
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -24,13 +24,15 @@ class _Temporary(dkimpy.DKIMException):  # type: ignore[misc]
     pass
 
 
-def dnsfunc(dns: DNSClient) -> Callable[..., bytes | None]:
-    """dkimpy's DNS hook over our resolver: a temporary error raises, never "no key"."""
+def dnsfunc(dns: DNSClient, failures: list[str]) -> Callable[..., bytes | None]:
+    """dkimpy's DNS hook over our resolver. A temporary error raises and is also noted in
+    `failures`, because dkimpy's ARC code swallows exceptions from key lookups."""
 
     def txt(name: bytes, timeout: float = 5) -> bytes | None:
         answer = dns.txt(name.decode("ascii", "replace").rstrip("."))
         if answer.status is Status.TEMPERROR:
-            raise _Temporary(f"DNS error for {name!r}: {answer.error}")
+            failures.append(f"DNS error for {name.decode('ascii', 'replace')}: {answer.error}")
+            raise _Temporary(failures[-1])
         return answer.records[0].encode("latin-1") if answer.ok else None
 
     return txt
@@ -51,14 +53,17 @@ def no_outcomes(args: object) -> Mapping[str, Outcome]:
 
 def run_verify(ctx: Context, txn: Transaction, args: NoArgs) -> CheckOutcome:
     message = txn.message()
+    failures: list[str] = []
     try:
-        cv, results, comment = dkimpy.arc_verify(message, dnsfunc=dnsfunc(ctx.dns))
-    except _Temporary as exc:
-        return CheckOutcome("temperror", (CheckResult("", "arc", "temperror", str(exc)),),
-                            text="ARC validation failed temporarily")
+        cv, results, comment = dkimpy.arc_verify(message, dnsfunc=dnsfunc(ctx.dns, failures))
     except dkimpy.DKIMException as exc:
         cv, results, comment = b"fail", [], str(exc)
-    result = cv.decode("ascii", "replace").lower()
+    if failures:  # a key could not be fetched just now: no verdict (RFC 8601 §2.7.1)
+        return CheckOutcome("temperror", (CheckResult("", "arc", "temperror", failures[0]),),
+                            text="ARC validation failed temporarily")
+    # dkimpy reports a chain whose latest seal says cv=fail as None: that chain fails
+    # (RFC 8617 §5.2 step 2).
+    result = (cv or b"fail").decode("ascii", "replace").lower()
     sealers = [r.get("as-domain", b"").decode("ascii", "replace") for r in
                sorted(results, key=lambda r: int(r.get("instance", 0)))]
     props = (("arc.chain", ":".join(s for s in sealers if s)),) if sealers else ()

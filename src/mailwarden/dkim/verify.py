@@ -4,8 +4,9 @@ Results are RFC 8601 §2.7.1 words:
   pass       the signature verifies
   fail       it does not (body hash or signature mismatch), or it expired (x=) or is dated in
              the future (t=) (RFC 6376 §6.1.1 PERMFAIL on the signature)
-  policy     it verifies technically but we do not accept it: rsa-sha1 and RSA keys under 1024
-             bits never pass (RFC 8301 §3.1, §3.2); l= signatures when refused by the rule
+  policy     a signature we do not accept whatever its cryptographic validity (so it is not
+             checked): rsa-sha1 and RSA keys under 1024 bits never pass (RFC 8301 §3.1,
+             §3.2); l= signatures when refused by the rule
   neutral    the signature is malformed (missing or invalid tags, RFC 8601 "syntax errors")
   permerror  the key is missing (NXDOMAIN/NODATA), revoked (empty p=), malformed, or its
              constraints (h=, k=, s=, t=s) exclude this signature (RFC 6376 §6.1.2)
@@ -85,10 +86,16 @@ def _verify_one(signer: dkim.DKIM, header: tuple[bytes, bytes], dns: DNSClient,
     def result(word: str, reason: str, **more: object) -> SignatureResult:
         return SignatureResult(word, reason, **{**info, **more})  # type: ignore[arg-type]
 
+    # x= and t= are judged below against our clock; dkimpy's own check uses the wall clock
+    # with a 10-hour allowance, which would turn an expired signature into a syntax error.
+    untimed = {k: v for k, v in sig.items() if k not in (b"x", b"t")}
     try:
-        dkim.validate_signature_fields(sig, list(MANDATORY))
+        dkim.validate_signature_fields(untimed, list(MANDATORY))
     except dkim.ValidationError as exc:
         return result("neutral", f"invalid signature: {exc}")
+    for tag in (b"x", b"t"):
+        if tag in sig and not sig[tag].strip().isdigit():
+            return result("neutral", f"{tag.decode()}= is not a number")
     if sig[b"v"] != b"1":
         return result("neutral", f"unknown version v={_text(sig[b'v'])}")
     if b"x" in sig and sig[b"x"].isdigit():

@@ -1,0 +1,202 @@
+"""DKIM sign and verify through the milter protocol: mailwarden against OpenDKIM, in one run.
+
+Both milters listen on unix sockets, resolve keys from the same loopback DNS server (its own
+process), and get the same messages from benchmarks/milterload.py (the MTA side of the milter
+protocol, spoken directly). For each case it prints messages/s, p50 and p99 latency for both and
+the ratio mailwarden/OpenDKIM; then the peak RSS (VmHWM) of each milter while it handles one
+20 MiB message.
+
+  sign    4 KiB and 100 KiB, with RSA-2048, and with Ed25519
+  verify  4 KiB and 100 KiB, signed with RSA-2048, and with Ed25519
+(OpenDKIM 2.11 signs with one algorithm per process, so dual signing is not compared.)
+
+Run:  .venv/bin/python benchmarks/dkim_bench.py [--seconds 3] [--connections 1 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from daemon import Daemon  # noqa: E402
+from milterload import Message, MilterClient, make_message, run_load  # noqa: E402
+from opendkim import OpenDKIM, opendkim_available  # noqa: E402
+
+from mailwarden.dkim.keys import SigningKey, generate, load_key, write_private  # noqa: E402
+from mailwarden.dkim.sign import sign_message  # noqa: E402
+
+DOMAIN = "bench.example"
+
+
+def start_dns(zone: dict[str, Any], workdir: Path) -> tuple[subprocess.Popen[str], int]:
+    path = workdir / "zone.yaml"
+    path.write_text(yaml.safe_dump(zone))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mailwarden.devdns", str(path), "--host", "127.0.0.1",
+         "--port", "0"], stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if "listening on" not in line:
+        process.kill()
+        raise SystemExit(f"devdns did not start: {line!r}")
+    return process, int(line.rsplit(":", 1)[1])
+
+
+def key(workdir: Path, selector: str, kind: str) -> SigningKey:
+    path = workdir / f"{selector}.pem"
+    write_private(generate(kind), str(path))
+    return load_key(DOMAIN, selector, str(path))
+
+
+def peak_rss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total = max(total, int(line.split()[1]))
+        except OSError:
+            continue
+    return total
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().split(")")[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+def mailwarden(workdir: Path, dns_port: int, keys: list[SigningKey], mode: str) -> Daemon:
+    rule = {"name": "sign", "check": "dkim_sign", "allowed_hosts": "all"} if mode == "sign" \
+        else {"name": "verify", "check": "dkim_verify"}
+    config = {
+        "listen": f"unix:{workdir}/mailwarden.sock", "authserv_id": "mx.bench.example",
+        "workers": 2, "log_level": "warning", "drain_timeout": 2,
+        "dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2.0},
+        "hosts": {"all": ["0.0.0.0/0", "::/0"]},
+        "signing": {"keys": [{"domain": k.domain, "selector": k.selector, "key": k.path}
+                             for k in keys]},
+        "rules": {"eom": [rule]},
+    }
+    daemon = Daemon(workdir, config)
+    daemon.start()
+    return daemon
+
+
+def measure(socket: str, messages: list[Message], connections: int, seconds: float
+            ) -> tuple[float, float, float, int]:
+    report = run_load(socket, messages, connections=connections, duration=seconds,
+                      warmup=min(1.0, seconds / 3))
+    return (report.messages_per_second, report.latency_p50 * 1000, report.latency_p99 * 1000,
+            report.errors)
+
+
+def rss_for_big_message(socket: str, pids: list[int], message: bytes) -> int:
+    before = peak_rss_kib(pids)
+    with MilterClient(socket, timeout=120) as client:
+        client.send_message(client_ip="127.0.0.1", helo="client.bench.example",
+                            mail_from=f"alice@{DOMAIN}", rcpts=["bob@example.net"],
+                            message=message)
+    return max(0, peak_rss_kib(pids) - before)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--connections", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--skip-big", action="store_true", help="skip the 20 MiB message")
+    args = parser.parse_args()
+    if not opendkim_available():
+        raise SystemExit("OpenDKIM is not installed (apt-get install opendkim opendkim-tools)")
+    workdir = Path(tempfile.mkdtemp(prefix="dkim-bench-"))
+    os.chmod(workdir, 0o755)
+    rsa, ed = key(workdir, "rsa", "rsa"), key(workdir, "ed", "ed25519")
+    zone = {k.dns_name: [{"TXT": k.public_record}] for k in (rsa, ed)}
+    dns, port = start_dns(zone, workdir)
+    rows: list[str] = []
+    try:
+        bodies = {"4KiB": make_message(4096, from_addr=f"alice@{DOMAIN}"),
+                  "100KiB": make_message(100 * 1024, from_addr=f"alice@{DOMAIN}")}
+        # OpenDKIM 2.11 signs with one algorithm per process, so each key type is its own case.
+        for mode, keysets in (("sign", (("rsa-2048", [rsa]), ("ed25519", [ed]))),
+                              ("verify", (("rsa-2048", [rsa]), ("ed25519", [ed])))):
+            for label, keys in keysets:
+                for size, body in bodies.items():
+                    if mode == "verify":
+                        fields = sign_message(body, keys)
+                        body = b"".join(f"{n}:{v}".replace("\n", "\r\n").encode() + b"\r\n"
+                                        for n, v in fields) + body
+                    messages = [Message(body, mail_from=f"alice@{DOMAIN}")]
+                    odk_dir = workdir / f"odk-{mode}-{label}-{size}"
+                    mw_dir = workdir / f"mw-{mode}-{label}-{size}"
+                    odk = OpenDKIM(odk_dir, mode="s" if mode == "sign" else "v",
+                                   keys=[(k.domain, k.selector, Path(k.path)) for k in keys],
+                                   dns=("127.0.0.1", port), log=False)
+                    odk.start()
+                    daemon = mailwarden(mw_dir, port, keys, mode)
+                    try:
+                        for connections in args.connections:
+                            ours = measure(daemon.socket, messages, connections, args.seconds)
+                            theirs = measure(odk.socket, messages, connections, args.seconds)
+                            rows.append(
+                                f"{mode:<7}{label:<13}{size:<8}{connections:>5} "
+                                f"{ours[0]:>9,.0f} {theirs[0]:>9,.0f} {ours[0] / theirs[0]:>6.2f}x"
+                                f" {ours[1]:>7.1f}/{ours[2]:<7.1f} {theirs[1]:>7.1f}/"
+                                f"{theirs[2]:<7.1f} {ours[3] + theirs[3]:>4}")
+                            print(rows[-1], flush=True)
+                    finally:
+                        daemon.stop()
+                        odk.stop()
+        big = ""
+        if not args.skip_big:
+            message = make_message(20 * 1024 * 1024, from_addr=f"alice@{DOMAIN}")
+            odk = OpenDKIM(workdir / "odk-big", mode="s",
+                           keys=[(rsa.domain, rsa.selector, Path(rsa.path))],
+                           dns=("127.0.0.1", port), log=False)
+            odk.start()
+            daemon = mailwarden(workdir / "mw-big", port, [rsa], "sign")
+            try:
+                time.sleep(0.5)
+                assert daemon.process is not None and odk.pid is not None
+                ours_rss = rss_for_big_message(daemon.socket, children(daemon.process.pid),
+                                               message)
+                theirs_rss = rss_for_big_message(odk.socket, [odk.pid], message)
+                big = (f"20 MiB message, sign RSA-2048: peak RSS growth mailwarden "
+                       f"{ours_rss / 1024:.1f} MiB, OpenDKIM {theirs_rss / 1024:.1f} MiB")
+            finally:
+                daemon.stop()
+                odk.stop()
+    finally:
+        dns.terminate()
+        dns.wait(10)
+    print()
+    print(f"{'mode':<7}{'keys':<13}{'size':<8}{'conns':>5} {'mw msg/s':>9} {'odk msg/s':>9}"
+          f" {'ratio':>7} {'mw p50/p99 ms':>15} {'odk p50/p99 ms':>15} {'errs':>4}")
+    for row in rows:
+        print(row)
+    if big:
+        print(big)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
