@@ -826,7 +826,7 @@ class LoadReport:
     """The outcome of run_load."""
 
     messages: int  # completed within the measured window
-    errors: int  # failed exchanges (connection, protocol, timeout), each one message
+    errors: int  # failed connection attempts and failed exchanges (protocol error, timeout)
     elapsed: float  # seconds of the measured window
     messages_per_second: float
     latency_p50: float  # seconds

@@ -45,8 +45,9 @@ handles both algorithms in any instance.
 
 Results
 =======
-Signing adds ``DKIM-Signature`` with SMFIR_INSHEADER at index 0 (value folded with "\\n\\t",
-no leading space). Verification inserts, also at index 0::
+Signing adds ``DKIM-Signature`` with SMFIR_INSHEADER at index 0 (value folded with "\\n\\t";
+OpenDKIM negotiates SMFIP_HDR_LEADSPC, so header values travel with their leading space, both
+ways: MilterResult.apply() knows). Verification inserts, also at index 0::
 
     Authentication-Results: mx.test.example;
         dkim=pass (2048-bit key; unprotected) header.d=example.org header.i=@example.org
@@ -75,8 +76,8 @@ WORKDIR/run, removed by stop()): the key files (copied, owned by the user, 0600;
 The default socket is ``unix:RUNDIR/opendkim.sock``, created with ``UMask 0111`` (mode 0666) so
 Postfix's smtpd (user postfix) can reach it; `socket` may instead be ``inet:PORT@127.0.0.1``
 (or "inet" for a free port). `socket` is libmilter syntax, `postfix_socket` Postfix syntax.
-OpenDKIM logs only through syslog(3) (/dev/log); there is no log-file option and none exists in
-this container. When running as root with util-linux `unshare`, the harness starts OpenDKIM in a
+OpenDKIM logs only through syslog(3) (/dev/log); it has no log-file option, and this container
+has no /dev/log. When running as root with util-linux `unshare`, the harness starts OpenDKIM in a
 private mount namespace whose /dev is a small tmpfs (null, zero, full, random, urandom bound from
 the real /dev) with /dev/log -> RUNDIR/log.sock, where a thread of this process receives the
 datagrams and appends them to WORKDIR/opendkim.log (``Syslog yes``, ``SyslogSuccess``,
@@ -180,16 +181,37 @@ def dkim_txt_record(private_pem: bytes) -> str:
     raise ValueError(f"unsupported DKIM key type {type(key).__name__}")
 
 
+def _namespace_argv(run_dir: Path, argv: list[str]) -> list[str]:
+    """`argv` in a private mount namespace whose /dev is a small tmpfs with the usual character
+    devices bound from the real /dev and /dev/log -> RUN_DIR/log.sock."""
+    newdev = run_dir / "dev"
+    newdev.mkdir(exist_ok=True)
+    q = shlex.quote
+    script = [f"mount -t tmpfs -o mode=755,size=64k opendkim-dev {q(str(newdev))}"]
+    for node in DEV_NODES:
+        target = q(str(newdev / node))
+        script.append(f"touch {target} && mount --bind /dev/{node} {target}")
+    script += [
+        f"ln -s /proc/self/fd {q(str(newdev / 'fd'))}",
+        f"ln -s {q(str(run_dir / 'log.sock'))} {q(str(newdev / 'log'))}",
+        f"mount --move {q(str(newdev))} /dev",
+        "exec " + " ".join(q(a) for a in argv),
+    ]
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", "\n".join(script)]
+
+
 @cache
-def _can_unshare() -> bool:
-    """Whether we may start a process in a private mount namespace (root + util-linux)."""
+def _can_capture_syslog() -> bool:
+    """Whether _namespace_argv works here (root, util-linux unshare, mounts allowed): tried once
+    with `true` in a scratch directory."""
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("mount") is None:
         return False
-    try:
-        done = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
-                              capture_output=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return False
+    with tempfile.TemporaryDirectory(prefix="opendkim-probe-") as tmp:
+        try:
+            done = subprocess.run(_namespace_argv(Path(tmp), ["true"]), capture_output=True,
+                                  timeout=10, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return False
     return done.returncode == 0
 
 
@@ -367,13 +389,13 @@ class OpenDKIM:
         atexit.register(self.stop)
         try:
             self._prepare()
-            capture = self.log and _can_unshare()
+            capture = self.log and _can_capture_syslog()
             self._write_conf(syslog=capture)
             argv = [OPENDKIM, "-f", "-x", str(self.conf_path)]
             if capture:
                 assert self.run_dir is not None
                 self._syslog = _SyslogReceiver(self.run_dir / "log.sock", self.log_path)
-                argv = self._namespace_argv(argv)
+                argv = _namespace_argv(self.run_dir, argv)
             with self.stderr_path.open("ab") as err:
                 self._proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err,
                                               stderr=err, start_new_session=True)
@@ -427,7 +449,7 @@ class OpenDKIM:
         """Run ``opendkim -t`` on `message` with this configuration (no daemon needed): the
         message counts as coming from 127.0.0.1. Returns the header fields it would add."""
         own_dir = self.run_dir is None
-        self._prepare()
+        self._prepare(choose_socket=False)
         assert self.run_dir is not None
         try:
             conf = self.workdir / "opendkim-test.conf"
@@ -456,7 +478,7 @@ class OpenDKIM:
             )
         return algorithms.pop() if algorithms else None
 
-    def _prepare(self) -> None:
+    def _prepare(self, choose_socket: bool = True) -> None:
         """Make WORKDIR and the private runtime dir; copy the keys; choose the socket."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.run_dir is None or not self.run_dir.is_dir():
@@ -480,7 +502,9 @@ class OpenDKIM:
             copy.chmod(0o600)
             os.chown(copy, uid, gid)
         request = self._socket_request
-        if request is None:
+        if not choose_socket:
+            pass
+        elif request is None:
             self.socket = f"unix:{self.run_dir / 'opendkim.sock'}"
         elif request == "inet":
             self.socket = f"inet:{_free_port()}@127.0.0.1"
@@ -537,25 +561,6 @@ class OpenDKIM:
         conf.update(self.extra_conf)
         text = "".join(f"{key} {value}\n" for key, value in conf.items() if value != "")
         (path or self.conf_path).write_text(text)
-
-    def _namespace_argv(self, argv: list[str]) -> list[str]:
-        """Run `argv` in a private mount namespace whose /dev/log is our syslog socket."""
-        assert self.run_dir is not None
-        newdev = self.run_dir / "dev"
-        newdev.mkdir(exist_ok=True)
-        q = shlex.quote
-        script = [f"mount -t tmpfs -o mode=755,size=64k opendkim-dev {q(str(newdev))}"]
-        for node in DEV_NODES:
-            target = q(str(newdev / node))
-            script.append(f"touch {target} && mount --bind /dev/{node} {target}")
-        script += [
-            f"ln -s /proc/self/fd {q(str(newdev / 'fd'))}",
-            f"ln -s {q(str(self.run_dir / 'log.sock'))} {q(str(newdev / 'log'))}",
-            f"mount --move {q(str(newdev))} /dev",
-            "exec " + " ".join(q(a) for a in argv),
-        ]
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-ec",
-                "\n".join(script)]
 
     def _poke(self) -> None:
         """Connect to the milter socket and hang up at once (wakes libmilter's listener)."""

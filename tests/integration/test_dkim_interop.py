@@ -78,6 +78,15 @@ def test_opendkim_signs_mailwarden_verifies(dns: DevDNSServer, keys: dict[str, S
         signed, added = _through(odk, MESSAGE)
     assert any(name.lower() == "dkim-signature" for name, _ in added), added
     results = verify_message(signed, make_resolver(dns))
+    if kind == "ed25519" and canon.startswith("simple/"):
+        # OpenDKIM 2.11.0~beta2 cannot verify its own Ed25519 signatures made with simple
+        # header canonicalization: the interop requirement is then to agree with it.
+        with OpenDKIM(tmp_path / "odk-v", mode="v", dns=("127.0.0.1", dns.port)) as odk:
+            _, verdict = _through(odk, signed)
+        theirs = " ".join(v for n, v in verdict if n.lower() == "authentication-results")
+        assert "dkim=fail" in theirs, theirs
+        assert [r.result for r in results] == ["fail"], results
+        return
     assert [(r.result, r.algorithm, r.domain) for r in results] == [
         ("pass", f"{kind}-sha256", DOMAIN)], results
 
