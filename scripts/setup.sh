@@ -20,8 +20,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     # Postfix asks how to configure the system's own instance: leave it unconfigured.
     echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    # Install daemons (postfix, opendkim) without starting the system's own instances: the
+    # tests run private ones.
+    policy=/usr/sbin/policy-rc.d
+    made_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made_policy=1
+    fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    [ "$made_policy" = 1 ] && rm -f "$policy"
 fi
 
 if ! getent passwd mailwarden >/dev/null; then
