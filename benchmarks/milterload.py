@@ -168,6 +168,7 @@ STAGES = {
 _CONNECT_MACROS = frozenset({"j", "v", "_", "{daemon_name}", "{daemon_addr}", "{daemon_port}"})
 
 Packet = tuple[bytes, bytes]  # (command byte, data)
+_Socket = socket.socket  # MilterClient's parameter `socket` shadows the module
 MacroSpec = Mapping[str, Any]
 
 
@@ -452,8 +453,8 @@ def _macro_stages(spec: MacroSpec | None) -> dict[bytes, dict[str, str | None]]:
             stages = [b"M", b"T", b"E"]
         else:
             stages = [b"M"]
-        for stage in stages:
-            out.setdefault(stage, {})[name] = value
+        for code in stages:
+            out.setdefault(code, {})[name] = value
     return out
 
 
@@ -690,9 +691,9 @@ class MilterSession:
                 else:
                     result.modifications.append(("m", index, name, value))
             elif cmd in (b"+", b"2", b"e"):
-                parts = [_decode(p) for p in _split_cstrs(data)]
-                result.modifications.append((cmd.decode(), parts[0] if parts else "",
-                                             " ".join(parts[1:])))
+                args = [_decode(p) for p in _split_cstrs(data)]
+                result.modifications.append((cmd.decode(), args[0] if args else "",
+                                             " ".join(args[1:])))
             elif cmd == b"-":
                 result.modifications.append(("-", _decode(data.rstrip(b"\0"))))
             elif cmd == b"b":
@@ -726,7 +727,7 @@ class MilterClient:
         self.timeout = timeout
         self.session = MilterSession(mta_name=mta_name, daemon_name=daemon_name,
                                      actions=actions, protocol=protocol)
-        self._sock: socket.socket | None = None
+        self._sock: _Socket | None = None
         self._reader = _PacketReader()
         self._buf = bytearray(65536)
 

@@ -303,7 +303,16 @@ class TestModeResult:
 
 
 class OpenDKIM:
-    """A private OpenDKIM milter process; see the module docstring."""
+    """A private OpenDKIM milter process; see the module docstring.
+
+    mode: "s", "v" or "sv". keys: (domain, selector, private key PEM path), all RSA or all
+    Ed25519. dns: (host, port) of the DNS server for key lookups (``Nameservers host@port``).
+    socket: None (a UNIX socket in the runtime dir), "inet" (a free port on 127.0.0.1), or a
+    libmilter spec ("unix:/p", "inet:PORT@127.0.0.1"). extra_conf: opendkim.conf lines that
+    override or add to the generated ones (a value of "" drops a generated line). user: run as
+    that user (``UserID``). log: capture OpenDKIM's syslog into WORKDIR/opendkim.log if possible
+    (turn it off for benchmarks).
+    """
 
     def __init__(
         self,
@@ -489,10 +498,10 @@ class OpenDKIM:
                 if link.is_symlink():
                     link.unlink()
                 link.symlink_to(self.run_dir)
-        uid = gid = 0
+        owner: tuple[int, int] | None = None  # None: keep ours (root, or a non-root caller)
         if self.user is not None:
             entry = pwd.getpwnam(self.user.partition(":")[0])
-            uid, gid = entry.pw_uid, entry.pw_gid
+            owner = (entry.pw_uid, entry.pw_gid)
         keydir = self.run_dir / "keys"
         keydir.mkdir(exist_ok=True)
         keydir.chmod(0o755)
@@ -500,7 +509,8 @@ class OpenDKIM:
             copy = keydir / f"key{index}.pem"
             shutil.copyfile(path, copy)
             copy.chmod(0o600)
-            os.chown(copy, uid, gid)
+            if owner is not None:
+                os.chown(copy, *owner)
         request = self._socket_request
         if not choose_socket:
             pass

@@ -78,6 +78,7 @@ def test_shipped_config_loads() -> None:
         ("mail", "no spoofing of our domains", "mail_relay"),
         ("mail", "spf", "spf"),
         ("rcpt", "no open relay", "rcpt_relay"),
+        ("eom", "dkim", "dkim_verify"),
     ]
     spf = config.stage_rules("mail")[1]
     assert spf.when is not None and spf.when.negate is not None
