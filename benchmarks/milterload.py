@@ -85,11 +85,15 @@ worker processes (``processes``). Packets that need no reply are coalesced into 
 The driver's cost is dominated by system calls: each step the milter must answer is one send()
 and one recv() (with the wake-up of the milter's thread charged to the sender). Measured on 2
 vCPUs against a no-op libmilter milter in C that answers all 14 steps of a 4 KiB message:
-about 200 us of driver CPU per message (about 100 us of it Python), 2,300 msg/s on one
-connection and 3,000-3,600 msg/s on 16, with the driver at 50-75 % of one core; against
-OpenDKIM (12 answered steps) 300-500 us/msg, 20-40 % of a core. ``LoadReport.driver_cpu``
-reports it for every run. Use a warm-up (``warmup``/``--warmup``): the first messages on fresh
-libmilter connections can take up to 1-2 s.
+about 200 us of driver CPU per message (about 100 us of it Python); 1,200-2,300 msg/s on one
+connection; 3,400-3,600 msg/s on 16-32 connections with the driver at 45-80 % of one core and
+the CPUs saturated; 4,300 msg/s on 16 connections split over 2 processes. Against OpenDKIM
+(12 answered steps) 300-500 us/msg, 20-35 % of a core: far from the bottleneck. A thread per
+connection with MilterClient is much slower (about 1,900 msg/s on 32 threads). Every run
+reports its own cost (``LoadReport.driver_cpu``). Use a warm-up (``warmup``/``--warmup``), and
+read p50/p99 rather than max: with the CPUs saturated, libmilter milters (the C no-op and
+OpenDKIM alike) now and then stall all connections at once for 0.5-2 s, with the threaded
+client as well, so it is not this event loop.
 """
 
 from __future__ import annotations

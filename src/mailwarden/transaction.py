@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -72,20 +73,30 @@ class Transaction:
         self.body_size += len(chunk)
         self._message = None
 
+    def header_block(self) -> bytes:
+        """The header fields exactly as the MTA passed them (CRLF line ends), and the empty
+        line that ends them."""
+        lines = []
+        for name, value in self.headers:
+            value = value.replace("\r\n", "\n").replace("\n", "\r\n")
+            lines.append(f"{name}:{value}\r\n".encode("utf-8", "surrogateescape"))
+        return b"".join(lines) + b"\r\n"
+
+    def body_chunks(self, size: int = 1024 * 1024) -> Iterator[bytes]:
+        """The body, read back from the spool a chunk at a time."""
+        if self.body is None:
+            return
+        self.body.seek(0)
+        try:
+            while chunk := self.body.read(size):
+                yield chunk
+        finally:
+            self.body.seek(0, 2)
+
     def message(self) -> bytes:
-        """The message as received: header fields (exactly as the MTA passed them, with CRLF
-        line ends) and the body."""
+        """The whole message in memory (for ARC, which dkimpy needs whole)."""
         if self._message is None:
-            lines = []
-            for name, value in self.headers:
-                value = value.replace("\r\n", "\n").replace("\n", "\r\n")
-                lines.append(f"{name}:{value}\r\n".encode("utf-8", "surrogateescape"))
-            body = b""
-            if self.body is not None:
-                self.body.seek(0)
-                body = self.body.read()
-                self.body.seek(0, 2)
-            self._message = b"".join(lines) + b"\r\n" + body
+            self._message = self.header_block() + b"".join(self.body_chunks())
         return self._message
 
     def header_values(self, name: str) -> list[str]:

@@ -4,12 +4,21 @@ signing (RFC 8463), oversigning so that signed header fields cannot be added aft
 
 from __future__ import annotations
 
+import base64
+import functools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import dkim
+import dkim.crypto
+import nacl.encoding
+import nacl.signing
 
+from mailwarden.dkim.canon import body_hash
 from mailwarden.dkim.keys import SigningKey
+from mailwarden.dkim.verify import BodySource, split_message
 
 # RFC 6376 §5.4.1 recommends these; From is required.
 DEFAULT_HEADERS = (
@@ -45,19 +54,49 @@ def header_list(present: Sequence[str], options: SignOptions) -> list[bytes]:
     return names
 
 
-def sign_message(message: bytes, keys: Sequence[SigningKey], options: SignOptions = SignOptions()
+@functools.lru_cache(maxsize=64)
+def _private_key(algorithm: str, private: bytes) -> Any:
+    """dkimpy's form of the key, parsed once (dkimpy would parse the PEM on every message)."""
+    if algorithm == "ed25519-sha256":
+        return nacl.signing.SigningKey(private, encoder=nacl.encoding.Base64Encoder)
+    return dkim.crypto.parse_pem_private_key(private)
+
+
+def sign_message(message: bytes, keys: Sequence[SigningKey], options: SignOptions = SignOptions(),
+                 *, body: BodySource | None = None, now: float | None = None
                  ) -> list[tuple[str, str]]:
-    """DKIM-Signature fields (name, value without the CRLF) for `message`, one per key, in the
-    order to insert them at the top. Raises dkim.DKIMException for an unsignable message."""
+    """DKIM-Signature fields (name, value without the CRLF, folded with LF) for the message,
+    one per key, in the order to insert them at the top. `message` is the whole message, or
+    only its header block when `body` streams the body. dkimpy hashes and signs the header
+    fields; the body hash is ours, streamed (one per canonicalization, shared by every key).
+    Raises dkim.DKIMException for an unsignable message."""
+    if body is None:
+        message, body = split_message(message)
     signer = dkim.DKIM(message)
     present = [name.decode("ascii", "replace") for name, _ in signer.headers]
     include = header_list(present, options)
-    canon = (options.canonicalization[0].encode(), options.canonicalization[1].encode())
+    if b"from" not in include:
+        raise dkim.ParameterError("the From header field must be signed (RFC 6376 §5.4)")
+    header_canon, body_canon = options.canonicalization
+    policy = dkim.CanonicalizationPolicy.from_c_value(
+        f"{header_canon}/{body_canon}".encode())
+    body_digest = base64.b64encode(body_hash(body(), body_canon))
+    timestamp = str(int(time.time() if now is None else now)).encode()
     fields = []
     for key in keys:
-        line = signer.sign(key.selector.encode(), key.domain.encode(), key.private,
-                           signature_algorithm=key.algorithm.encode(), canonicalize=canon,
-                           include_headers=include)
-        name, _, value = line.decode("ascii").partition(":")
-        fields.append((name, value.rstrip("\r\n").replace("\r\n", "\n")))
+        algorithm = key.algorithm.encode()
+        signer.signature_algorithm = algorithm
+        signer.hasher = dkim.HASH_ALGORITHMS[algorithm]
+        tags = [
+            (b"v", b"1"), (b"a", algorithm), (b"c", policy.to_c_value()),
+            (b"d", key.domain.encode()), (b"i", b"@" + key.domain.encode()),
+            (b"q", b"dns/txt"), (b"s", key.selector.encode()), (b"t", timestamp),
+            (b"h", b" : ".join(include)), (b"bh", body_digest),
+            (b"b", b"0" * 60),  # folds b= onto its own line, as dkimpy does
+        ]
+        value = signer.gen_header(tags, include, policy, b"DKIM-Signature",
+                                  _private_key(key.algorithm, key.private))
+        # The hashed field was "DKIM-Signature: v=1...": the value keeps that one space.
+        fields.append(("DKIM-Signature",
+                       " " + value.decode("ascii").rstrip("\r\n").replace("\r\n", "\n")))
     return fields

@@ -15,13 +15,16 @@ Results are RFC 8601 §2.7.1 words:
 
 from __future__ import annotations
 
+import base64
 import re
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import dkim
 import dkim.util
 
+from mailwarden.dkim.canon import body_hash
 from mailwarden.dns import DNSClient, Status
 
 MANDATORY = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
@@ -45,14 +48,47 @@ def _text(value: bytes) -> str:
     return value.decode("ascii", "replace")
 
 
-def verify_message(message: bytes, dns: DNSClient, *, max_signatures: int = 8,
-                   accept_body_length: bool = True, now: float | None = None,
-                   deadline: float | None = None) -> list[SignatureResult]:
-    """Every DKIM-Signature of `message` (CRLF or LF line ends), top first."""
+BodySource = Callable[[], Iterable[bytes]]
+
+
+def split_message(message: bytes) -> tuple[bytes, BodySource]:
+    """A whole message as (header block, body source), for callers that hold it in memory."""
+    found = [(index, size) for index, size in ((message.find(b"\r\n\r\n"), 4),
+                                               (message.find(b"\n\n"), 2)) if index >= 0]
+    if not found:
+        return message + b"\r\n", lambda: ()
+    index, size = min(found)
+    body = message[index + size:]
+    return message[: index + size], lambda: (body,)
+
+
+class _BodyHashes:
+    """Body hashes by (canonicalization, hash, l=): computed once each, streamed."""
+
+    def __init__(self, body: BodySource) -> None:
+        self.body = body
+        self.known: dict[tuple[str, str, int | None], bytes] = {}
+
+    def get(self, canonicalization: str, hash_name: str, limit: int | None) -> bytes:
+        key = (canonicalization, hash_name, limit)
+        if key not in self.known:
+            self.known[key] = body_hash(self.body(), canonicalization, hash_name, limit)
+        return self.known[key]
+
+
+def verify_message(message: bytes, dns: DNSClient, *, body: BodySource | None = None,
+                   max_signatures: int = 8, accept_body_length: bool = True,
+                   now: float | None = None, deadline: float | None = None
+                   ) -> list[SignatureResult]:
+    """Every DKIM-Signature, top first. `message` is the whole message, or only its header
+    block when `body` streams the body (so a large body is never held whole in memory)."""
+    if body is None:
+        message, body = split_message(message)
     try:
         signer = dkim.DKIM(message, minkey=1024)
     except dkim.MessageFormatError as exc:
         return [SignatureResult("permerror", f"unparseable message: {exc}")]
+    hashes = _BodyHashes(body)
     headers = [(name, value) for name, value in signer.headers
                if name.lower() == b"dkim-signature"]
     results = []
@@ -61,13 +97,13 @@ def verify_message(message: bytes, dns: DNSClient, *, max_signatures: int = 8,
             results.append(SignatureResult("neutral", f"not evaluated: more than "
                                                       f"{max_signatures} signatures"))
             continue
-        results.append(_verify_one(signer, header, dns, accept_body_length,
+        results.append(_verify_one(signer, header, hashes, dns, accept_body_length,
                                    time.time() if now is None else now, deadline))
     return results
 
 
-def _verify_one(signer: dkim.DKIM, header: tuple[bytes, bytes], dns: DNSClient,
-                accept_body_length: bool, now: float, deadline: float | None
+def _verify_one(signer: dkim.DKIM, header: tuple[bytes, bytes], hashes: _BodyHashes,
+                dns: DNSClient, accept_body_length: bool, now: float, deadline: float | None
                 ) -> SignatureResult:
     try:
         sig = dkim.util.parse_tag_value(header[1])
@@ -134,21 +170,37 @@ def _verify_one(signer: dkim.DKIM, header: tuple[bytes, bytes], dns: DNSClient,
     if ktag == b"rsa" and bits < 1024:
         return result("policy", f"RSA key of {bits} bits (RFC 8301 §3.2 requires 1024+)",
                       key_bits=bits)
+    canon = sig.get(b"c", b"simple/simple").decode("ascii", "replace").lower()
+    body_canon = canon.partition("/")[2] or "simple"
+    if body_canon not in ("simple", "relaxed") or \
+            canon.partition("/")[0] not in ("simple", "relaxed"):
+        return result("neutral", f"unknown canonicalization c={canon}")
+    limit = int(sig[b"l"]) if b"l" in sig else None
+    digest = hashes.get(body_canon, "sha256" if algorithm_hash(sig) == b"sha256" else "sha1",
+                        limit)
+    try:
+        expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]), validate=True)
+    except ValueError:
+        return result("neutral", "bh= is not base64")
+    if digest != expected:
+        return result("fail", "body hash mismatch", key_bits=bits, authentic=answer.authentic)
     signer.pk, signer.keysize, signer.ktag, signer.seqtlsrpt = pk, bits, ktag, tlsrpt
     include = [h.lower() for h in re.split(rb"\s*:\s*", sig[b"h"].strip())]
+    headers_only = {k: v for k, v in sig.items() if k != b"bh"}  # the body is checked above
     try:
-        ok = signer.verify_sig_process(sig, include, header, None)
+        ok = signer.verify_sig_process(headers_only, include, header, None)
     except dkim.ValidationError as exc:
-        reason = str(exc)
-        if "body hash mismatch" in reason:
-            reason = "body hash mismatch"
-        return result("fail", reason, key_bits=bits, authentic=answer.authentic)
+        return result("fail", str(exc), key_bits=bits, authentic=answer.authentic)
     except dkim.DKIMException as exc:
         return result("permerror", str(exc), key_bits=bits, authentic=answer.authentic)
     if not ok:
         return result("fail", "signature does not verify", key_bits=bits,
                       authentic=answer.authentic)
     return result("pass", "signature verified", key_bits=bits, authentic=answer.authentic)
+
+
+def algorithm_hash(sig: dict[bytes, bytes]) -> bytes:
+    return sig[b"a"].lower().partition(b"-")[2]
 
 
 def _key_constraints(sig: dict[bytes, bytes], key: dict[bytes, bytes]) -> str:
