@@ -18,7 +18,7 @@ from collections.abc import Iterable
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
 _TRAILING_WSP = re.compile(rb"[ \t]+\r\n")
-_WSP = re.compile(rb"[ \t]+")
+_WSP = re.compile(rb"[ \t][ \t]+|\t")  # a single SP is already canonical
 
 
 class BodyHasher:
@@ -45,7 +45,12 @@ class BodyHasher:
     def _lines(self, block: bytes) -> None:
         """A block of complete CRLF-terminated lines."""
         if self.relaxed:
-            block = _WSP.sub(b" ", _TRAILING_WSP.sub(b"\r\n", block))
+            # Each regular expression only runs when the cheap test says it has work to do:
+            # most text has no trailing white space, no tabs and no double spaces.
+            if b" \r\n" in block or b"\t\r\n" in block:
+                block = _TRAILING_WSP.sub(b"\r\n", block)
+            if b"  " in block or b"\t" in block:
+                block = _WSP.sub(b" ", block)
         end, trailing = len(block), 0
         while block.endswith(b"\r\n", 0, end):
             end -= 2
@@ -62,7 +67,9 @@ class BodyHasher:
         self._pending_crlf = trailing - 1
 
     def update(self, chunk: bytes) -> None:
-        data = _BARE_LF.sub(b"\r\n", self._partial + chunk)
+        data = self._partial + chunk
+        if data.count(b"\n") != data.count(b"\r\n"):
+            data = _BARE_LF.sub(b"\r\n", data)
         if data.endswith(b"\r"):
             data, self._partial = data[:-1], b"\r"
         else:
