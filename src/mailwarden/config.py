@@ -292,6 +292,13 @@ class SigningConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class DmarcConfig:
+    mode: str = "rfc9989"  # or "legacy": RFC 7489's Public Suffix List
+    store: str = ""  # sqlite path/URL or postgresql://...; empty: evaluations are not stored
+    reports: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     listen: str
@@ -309,6 +316,7 @@ class Config:
     rules: Mapping[str, tuple[RuleConfig, ...]] = field(default_factory=dict)
     signing: SigningConfig = SigningConfig()
     spool_threshold: int = 1024 * 1024
+    dmarc: DmarcConfig = DmarcConfig()
 
     def stage_rules(self, stage: str) -> tuple[RuleConfig, ...]:
         return self.rules.get(stage, ())
@@ -462,9 +470,10 @@ def _build(top: Section) -> Config:
     signing = _signing(top)
     spool_threshold = top.integer("spool_threshold", 1024 * 1024, minimum=0,
                                   maximum=1024 * 1024 * 1024)
+    dmarc = _dmarc(top)
     partial = Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
                      drain_timeout, dns, spf_budget, frozenset(domains), hosts, {}, signing,
-                     spool_threshold)
+                     spool_threshold, dmarc)
     rules: dict[str, tuple[RuleConfig, ...]] = {}
     rules_section = top.section("rules")
     if rules_section is not None:
@@ -486,7 +495,33 @@ def _build(top: Section) -> Config:
     top.finish()
     return Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
                   drain_timeout, dns, spf_budget, frozenset(domains), hosts, rules, signing,
-                  spool_threshold)
+                  spool_threshold, dmarc)
+
+
+def _dmarc(top: Section) -> DmarcConfig:
+    """dmarc: the organizational-domain mode, the report store, the reporter settings."""
+    section = top.section("dmarc")
+    if section is None:
+        return DmarcConfig()
+    mode = section.string("mode", "rfc9989", choices=("rfc9989", "legacy"))
+    store = section.string("store", "")
+    if store and not (store.startswith(("sqlite:", "postgresql://", "postgres://", "/"))):
+        raise section.error("store", "expected an absolute SQLite path, sqlite:///PATH or "
+                                     "postgresql://...")
+    reports: dict[str, Any] = {}
+    reports_section = section.section("reports")
+    if reports_section is not None:
+        reports["org_name"] = reports_section.string("org_name", required=True)
+        reports["email"] = reports_section.string("email", required=True)
+        reports["extra_contact_info"] = reports_section.string("extra_contact_info", "")
+        reports["smarthost"] = reports_section.optional_str("smarthost")
+        reports["mail_from"] = reports_section.string("mail_from", reports["email"])
+        reports["directory"] = reports_section.optional_str("directory")
+        if not reports["smarthost"] and not reports["directory"]:
+            raise reports_section.error(None, "give a smarthost (HOST:PORT) or a directory")
+        reports_section.finish()
+    section.finish()
+    return DmarcConfig(mode, store, reports)
 
 
 def _signing(top: Section) -> SigningConfig:

@@ -4,6 +4,7 @@ function that does the work (pure logic over the Transaction and the shared reso
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -26,6 +27,17 @@ class Context:
     dns: DNSClient
     groups: Mapping[str, HostGroup]
     clock: Callable[[], float] = time.monotonic
+    _store: Any = None
+    _store_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def store(self) -> Any:
+        """The DMARC report store, opened on first use in this process (never across fork)."""
+        with self._store_lock:
+            if self._store is None:
+                from mailwarden.dmarc.store import Store
+
+                self._store = Store.open(self.config.dmarc.store)
+            return self._store
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +67,10 @@ class CheckSpec:
 
 
 def _registry() -> dict[str, CheckSpec]:
-    from mailwarden.checks import arc, dkim, iprev, relay, spf
+    from mailwarden.checks import arc, dkim, dmarc, iprev, relay, spf
 
     specs = [spf.SPEC, relay.MAIL_RELAY, relay.RCPT_RELAY, iprev.SPEC, dkim.VERIFY, dkim.SIGN,
-             arc.VERIFY, arc.SEAL]
+             arc.VERIFY, arc.SEAL, dmarc.SPEC]
     return {spec.name: spec for spec in specs}
 
 

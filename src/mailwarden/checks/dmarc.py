@@ -1,0 +1,179 @@
+"""The `dmarc` check (RFC 9989), at end of message.
+
+Results the rule acts on: pass, none, temperror, permerror, `fail` (failed, but the policy asks
+for nothing: p=none, t=y softening, or a local override), `quarantine` and `reject` (failed,
+and that is what the policy asks), and `unusable_from` (no From, several From domains, or an
+unparseable From; RFC 9989 §4.4 lets a receiver reject such mail).
+
+Arguments: `enforce` (default true: reject 550 5.7.1 naming the domain, or quarantine; false:
+monitor only, the header is written and nothing else), `never_reject` (host groups whose mail
+is never refused by DMARC), `trusted_sealers` (ARC sealers whose arc=pass chain lets a failing
+message through). Overrides are recorded as `local_policy`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from mailwarden.checks import CheckOutcome, CheckSpec, Context
+from mailwarden.config import Outcome, Reply
+from mailwarden.dmarc.evaluate import DkimInput, DmarcResult, evaluate
+from mailwarden.relay import Membership
+from mailwarden.transaction import CheckResult, Transaction
+
+if TYPE_CHECKING:
+    from mailwarden.config import Config, Section
+
+RESULTS = ("pass", "fail", "quarantine", "reject", "none", "temperror", "permerror",
+           "unusable_from")
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcArgs:
+    enforce: bool = True
+    never_reject: tuple[str, ...] = ()
+    trusted_sealers: tuple[str, ...] = ()
+
+
+def parse_args(section: Section, config: Config) -> DmarcArgs:
+    groups = section.str_list("never_reject")
+    for group in groups:
+        if group not in config.hosts:
+            raise section.error("never_reject", f"no host group named {group!r} in hosts:")
+    sealers = tuple(s.lower().rstrip(".") for s in section.str_list("trusted_sealers"))
+    return DmarcArgs(section.boolean("enforce", True), groups, sealers)
+
+
+def outcomes(args: DmarcArgs) -> Mapping[str, Outcome]:
+    if not args.enforce:
+        return {}
+    return {"reject": Outcome("reject"), "quarantine": Outcome("quarantine"),
+            "unusable_from": Outcome("reject")}
+
+
+def author_domain(txn: Transaction) -> tuple[str, str]:
+    """(domain, problem): RFC 9989 §4.4 needs exactly one author domain."""
+    values = txn.header_values("From")
+    if not values:
+        return "", "no From header field"
+    if len(values) > 1:
+        return "", f"{len(values)} From header fields"
+    domains = set()
+    for _, address in email.utils.getaddresses(values):
+        if "@" not in address:
+            return "", f"unparseable From address {address!r}"
+        domains.add(address.rpartition("@")[2].lower().rstrip(".>"))
+    if not domains:
+        return "", "no address in From"
+    if len(domains) > 1:
+        return "", f"From names several domains ({', '.join(sorted(domains))})"
+    domain = domains.pop()
+    if not domain or "." not in domain:
+        return "", f"unusable From domain {domain!r}"
+    return domain, ""
+
+
+def _spf(txn: Transaction) -> tuple[str, str, list[tuple[str, str, str]]]:
+    """The MAIL FROM identity's domain and SPF result (RFC 9989 uses only that identity),
+    and every SPF result for the report."""
+    mail_domain, mail_result, reported = "", "none", []
+    for result in txn.results:
+        if result.method != "spf":
+            continue
+        for key, value in result.properties:
+            domain = value.rpartition("@")[2].lower()
+            scope = "mfrom" if key == "smtp.mailfrom" else "helo"
+            reported.append((domain, scope, result.result))
+            if key == "smtp.mailfrom":
+                mail_domain, mail_result = domain, result.result
+    return mail_domain, mail_result, reported
+
+
+def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
+    domain, problem = author_domain(txn)
+    if problem:
+        record = CheckResult("", "dmarc", "permerror", problem)
+        return CheckOutcome("unusable_from", (record,),
+                            text=f"Message refused: {problem} (RFC 9989 needs one author domain)")
+    if not txn.dkim and not any(r.method == "dkim" for r in txn.results):
+        from mailwarden.dkim.verify import verify_message  # no dkim_verify rule ran
+
+        txn.dkim = verify_message(txn.header_block(), ctx.dns, body=txn.body_chunks)
+    spf_domain, spf_result, spf_reported = _spf(txn)
+    dkim = [DkimInput(s.domain, s.selector, s.result) for s in txn.dkim if s.domain]
+    found = evaluate(ctx.dns, domain, spf_domain=spf_domain, spf_result=spf_result,
+                     dkim=dkim, mode=ctx.config.dmarc.mode)
+    decisive, overrides = found.result, []
+    if found.result == "fail":
+        decisive = found.disposition if found.disposition in ("reject", "quarantine") else "fail"
+        why = _override(ctx, txn, args)
+        if why and decisive != "fail":
+            overrides.append(("local_policy", why))
+            decisive = "fail"
+    _record(ctx, txn, found, spf_reported, overrides)
+    props = [("header.from", domain)]
+    if found.record is not None:
+        props += [("polrec.p", found.record.p), ("polrec.sp", found.record.sp),
+                  ("polrec.np", found.record.np), ("polrec.domain", found.policy_domain)]
+    comment = f"{found.policy_tag}={getattr(found.record, found.policy_tag, '')} " \
+              f"dis={decisive if decisive in ('reject', 'quarantine') else 'none'}" \
+        if found.record is not None else None
+    if overrides:
+        comment = (comment or "") + f" override={overrides[0][0]}"
+    result = CheckResult("", "dmarc", found.result, found.reason, tuple(props), comment=comment)
+    text = f"DMARC {found.result} for {domain}: {found.reason}"
+    if decisive == "reject":
+        text = (f"Unauthenticated mail from {domain} is refused by its DMARC policy "
+                f"({found.reason})")
+    elif decisive == "quarantine":
+        text = f"DMARC quarantine: {domain} ({found.reason})"
+    return CheckOutcome(decisive, (result,), text=text)
+
+
+def _override(ctx: Context, txn: Transaction, args: DmarcArgs) -> str:
+    if txn.client_ip is not None:
+        for group in args.never_reject:
+            if ctx.groups[group].membership(txn.client_ip, ctx.dns) is Membership.IN:
+                return f"client in never_reject group {group}"
+    if txn.arc is not None and txn.arc[0] == "pass" and txn.arc[1]:
+        latest = txn.arc[1][-1]
+        if latest in args.trusted_sealers:
+            return f"arc=pass, sealed by trusted {latest}"
+    return ""
+
+
+def _record(ctx: Context, txn: Transaction, found: DmarcResult,
+            spf_reported: list[tuple[str, str, str]], overrides: list[tuple[str, str]]) -> None:
+    """Every evaluation with a policy goes to the report store (RFC 9990)."""
+    if found.record is None or not ctx.config.dmarc.store:
+        return
+    from mailwarden.dmarc.store import Evaluation
+
+    record = found.record
+    evaluation = Evaluation(
+        time=time.time(), source_ip=str(txn.client_ip or ""), header_from=found.author_domain,
+        envelope_from=txn.sender_domain, envelope_to=(txn.rcpt_domains or [""])[0],
+        policy_domain=found.policy_domain, p=record.p, sp=record.sp, np=record.np,
+        adkim=record.adkim, aspf=record.aspf, testing=record.testing, psd=record.psd,
+        disposition=("none" if overrides else found.disposition) if found.result == "fail"
+        else "none",
+        dkim_aligned="pass" if found.dkim_aligned else "fail",
+        spf_aligned="pass" if found.spf_aligned else "fail",
+        dkim=tuple((s.domain, s.selector, s.result) for s in txn.dkim if s.domain),
+        spf=tuple(spf_reported), overrides=tuple(overrides), rua=record.rua,
+    )
+    ctx.store().record(evaluation)
+
+
+SPEC = CheckSpec(
+    name="dmarc", stages=("eom",), results=RESULTS, parse_args=parse_args, run=run,
+    outcomes=outcomes,
+    replies={"reject": Reply(550, "5.7.1", "Message refused by the sender domain's DMARC policy"),
+             "unusable_from": Reply(550, "5.7.1", "Message has no usable From header field"),
+             "temperror": Reply(451, "4.7.1", "DMARC evaluation failed, try again later")},
+    needs_body=True,
+)

@@ -1,0 +1,87 @@
+"""DMARC evaluation (RFC 9989 §4.4, §4.8, §5): identifier alignment of the SPF (MAIL FROM
+identity) and DKIM results already in the transaction, the policy that applies (p, sp for
+subdomains, np for non-existent subdomains), and t=y testing mode."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from mailwarden.dmarc.orgdomain import Discovery, TemporaryError
+from mailwarden.dmarc.record import DmarcRecord
+from mailwarden.dns import DNSClient, Status
+
+LESS_STRICT = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+
+
+@dataclass(frozen=True, slots=True)
+class DkimInput:
+    domain: str
+    selector: str
+    result: str
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcResult:
+    result: str  # pass | fail | none | temperror | permerror
+    reason: str
+    author_domain: str
+    policy_domain: str = ""
+    record: DmarcRecord | None = None
+    policy_tag: str = ""  # which tag applied: p, sp or np
+    disposition: str = "none"  # what the policy asks (after t=y): none | quarantine | reject
+    spf_aligned: bool = False
+    dkim_aligned: bool = False
+    aligned_dkim_domain: str = ""
+    queries: int = 0
+    warnings: tuple[str, ...] = field(default=())
+
+
+def non_existent(dns: DNSClient, domain: str, deadline: float | None = None) -> bool:
+    """RFC 9989 np=: no A, AAAA or MX records (NXDOMAIN or NODATA for all three)."""
+    for lookup in (dns.a, dns.aaaa, dns.mx):
+        answer = lookup(domain, deadline)
+        if answer.status is Status.TEMPERROR:
+            raise TemporaryError(f"{domain}: {answer.error}")
+        if answer.ok:
+            return False
+    return True
+
+
+def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result: str,
+             dkim: Sequence[DkimInput], mode: str = "rfc9989",
+             deadline: float | None = None) -> DmarcResult:
+    """The DMARC result for a message whose author domain is `author_domain`."""
+    author = author_domain.lower().rstrip(".")
+    discovery = Discovery(dns, mode, deadline)
+    try:
+        found = discovery.policy(author)
+        if found is None:
+            return DmarcResult("none", "no DMARC policy record", author,
+                               queries=discovery.queries)
+        record = found.record
+        spf_ok = spf_result == "pass" and discovery.aligned(spf_domain, author, record.aspf)
+        dkim_domain = next((sig.domain for sig in dkim if sig.result == "pass"
+                            and discovery.aligned(sig.domain, author, record.adkim)), "")
+        if found.domain == author:
+            tag, policy = "p", record.p
+        elif non_existent(dns, author, deadline):
+            tag, policy = "np", record.np
+        else:
+            tag, policy = "sp", record.sp
+    except TemporaryError as exc:
+        return DmarcResult("temperror", f"DNS error: {exc}", author, queries=discovery.queries)
+    base = DmarcResult(
+        "fail", "", author, policy_domain=found.domain, record=record, policy_tag=tag,
+        spf_aligned=spf_ok, dkim_aligned=bool(dkim_domain), aligned_dkim_domain=dkim_domain,
+        queries=discovery.queries, warnings=record.warnings,
+    )
+    if spf_ok or dkim_domain:
+        how = "DKIM" if dkim_domain else "SPF"
+        return dataclasses.replace(base, result="pass", reason=f"aligned {how} pass")
+    disposition = LESS_STRICT[policy] if record.testing else policy
+    reason = f"no aligned SPF or DKIM pass; {tag}={policy}"
+    if record.testing:
+        reason += " (t=y: one level less strict)"
+    return dataclasses.replace(base, reason=reason, disposition=disposition)

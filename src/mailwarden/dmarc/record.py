@@ -1,0 +1,110 @@
+"""DMARC policy records (RFC 9989 §4.7): a tag list starting with v=DMARC1.
+
+Every problem is reported as a warning; invalid values fall back to the defaults, unknown tags
+are ignored, and the tags RFC 9989 removed (pct, rf, ri) are ignored with a warning. A record
+whose p= is missing or invalid is read as p=none when it has a valid rua= (RFC 9989 §4.7),
+otherwise it is not a usable record.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+POLICIES = ("none", "quarantine", "reject")
+_TAG = re.compile(r"\s*([A-Za-z][A-Za-z0-9_]*)\s*=\s*(.*?)\s*\Z", re.DOTALL)
+_MAILTO = re.compile(r"mailto:[^@\s,;!]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}(?:![0-9]+[kmgt]?)?\Z",
+                     re.IGNORECASE)
+
+
+@dataclass(frozen=True, slots=True)
+class DmarcRecord:
+    text: str
+    p: str
+    sp: str
+    np: str
+    adkim: str = "r"
+    aspf: str = "r"
+    psd: str = "u"
+    testing: bool = False
+    rua: tuple[str, ...] = ()
+    ruf: tuple[str, ...] = ()
+    fo: str = "0"
+    p_explicit: bool = True
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NotARecord:
+    reason: str
+
+
+def is_dmarc(text: str) -> bool:
+    """§4.7: the record must begin with v=DMARC1 (the first tag)."""
+    head = text.split(";", 1)[0].strip()
+    return head.replace(" ", "") == "v=DMARC1"
+
+
+def parse(text: str) -> DmarcRecord | NotARecord:
+    if not is_dmarc(text):
+        return NotARecord("does not begin with v=DMARC1")
+    warnings: list[str] = []
+    tags: dict[str, str] = {}
+    for part in text.split(";")[1:]:
+        if not part.strip():
+            continue
+        match = _TAG.match(part)
+        if match is None:
+            warnings.append(f"malformed tag {part.strip()!r} ignored")
+            continue
+        name, value = match.group(1).lower(), match.group(2)
+        if name in tags:
+            warnings.append(f"tag {name}= repeated; the first one counts")
+            continue
+        tags[name] = value
+    for removed in ("pct", "rf", "ri"):
+        if removed in tags:
+            warnings.append(f"{removed}= was removed by RFC 9989 and is ignored")
+    known = {"v", "p", "sp", "np", "psd", "t", "adkim", "aspf", "rua", "ruf", "fo",
+             "pct", "rf", "ri"}
+    for name in tags:
+        if name not in known:
+            warnings.append(f"unknown tag {name}= ignored")
+
+    def uris(name: str) -> tuple[str, ...]:
+        found = []
+        for uri in (u.strip() for u in tags.get(name, "").split(",") if u.strip()):
+            if _MAILTO.match(uri):
+                found.append(uri)
+            else:
+                warnings.append(f"{name}= URI {uri!r} is not a valid mailto: URI; ignored")
+        return tuple(found)
+
+    rua, ruf = uris("rua"), uris("ruf")
+
+    def choice(name: str, allowed: tuple[str, ...], default: str) -> str:
+        value = tags.get(name)
+        if value is None:
+            return default
+        if value.lower() not in allowed:
+            warnings.append(f"{name}={value} is not one of {'/'.join(allowed)}; "
+                            f"using {default}")
+            return default
+        return value.lower()
+
+    p_value = tags.get("p", "").lower()
+    p_explicit = p_value in POLICIES
+    if not p_explicit:
+        if not rua:
+            return NotARecord("no valid p= and no valid rua= (RFC 9989 §4.7)")
+        warnings.append("p= missing or invalid: read as p=none because rua= is valid")
+        p_value = "none"
+    sp = choice("sp", POLICIES, p_value)
+    np = choice("np", POLICIES, sp)
+    return DmarcRecord(
+        text=text, p=p_value, sp=sp, np=np,
+        adkim=choice("adkim", ("r", "s"), "r"), aspf=choice("aspf", ("r", "s"), "r"),
+        psd=choice("psd", ("y", "n", "u"), "u"), testing=choice("t", ("y", "n"), "n") == "y",
+        rua=rua, ruf=ruf, fo=tags.get("fo", "0"), p_explicit=p_explicit,
+        warnings=tuple(warnings),
+    )
