@@ -114,7 +114,95 @@ def build_parser() -> argparse.ArgumentParser:
                                "simple/simple"))
     sign.add_argument("--json", action="store_true", help="print the header as JSON")
     sign.set_defaults(handler=_cmd_dkim_sign)
+
+    dmarc_cmd = commands.add_parser("dmarc", help="DMARC policy checks and aggregate reports")
+    dmarc_sub = dmarc_cmd.add_subparsers(dest="dmarc_command", required=True, metavar="COMMAND")
+    dcheck = dmarc_sub.add_parser("check", help="show a domain's effective DMARC policy and "
+                                  "every problem in its record")
+    dcheck.add_argument("domain")
+    dcheck.add_argument("--legacy", action="store_true",
+                        help="RFC 7489 Public Suffix List instead of the RFC 9989 tree walk")
+    _dns_options(dcheck)
+    dcheck.set_defaults(handler=_cmd_dmarc_check)
+    report = dmarc_sub.add_parser("report", help="build and send RFC 9990 aggregate reports")
+    report.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH")
+    report.add_argument("--period", default="yesterday",
+                        help='"yesterday" (default), "last-hour", or START..END (ISO 8601)')
+    report.add_argument("--dry-run", action="store_true", help="build, print, send nothing")
+    report.set_defaults(handler=_cmd_dmarc_report)
     return parser
+
+
+def _cmd_dmarc_check(args: argparse.Namespace) -> int:
+    from mailwarden.dmarc.orgdomain import Discovery, TemporaryError, fetch
+    from mailwarden.dmarc.record import NotARecord, is_dmarc, parse
+
+    dns = _resolver(args)
+    domain = args.domain.lower().rstrip(".")
+    discovery = Discovery(dns, "legacy" if args.legacy else "rfc9989")
+    problems: list[str] = []
+    try:
+        own = dns.txt(f"_dmarc.{domain}")
+        texts = [t for t in own.records if is_dmarc(t)]
+        if len(texts) > 1:
+            problems.append(f"_dmarc.{domain} has {len(texts)} DMARC records: none applies")
+        for text in texts:
+            parsed = parse(text)
+            if isinstance(parsed, NotARecord):
+                problems.append(f"_dmarc.{domain}: {parsed.reason}")
+        found = discovery.policy(domain)
+        org = discovery.organizational_domain(domain)
+        record = fetch(dns, found.domain) if found else None
+    except TemporaryError as exc:
+        print(f"mailwarden: DNS error: {exc}", file=sys.stderr)
+        return 1
+    if record is not None:
+        problems.extend(record.warnings)
+    summary = {
+        "domain": domain, "organizational_domain": org,
+        "policy_domain": found.domain if found else None,
+        "record": record.text if record else None,
+        "effective": {"p": record.p, "sp": record.sp, "np": record.np, "adkim": record.adkim,
+                      "aspf": record.aspf, "psd": record.psd, "t": "y" if record.testing
+                      else "n", "rua": list(record.rua), "ruf": list(record.ruf)}
+        if record else None,
+        "problems": problems, "queries": discovery.queries,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"domain:               {domain}")
+    print(f"organizational domain: {org}")
+    if record is None or found is None:
+        print("policy:               none (no DMARC record found)")
+    else:
+        print(f"policy found at:      _dmarc.{found.domain}")
+        print(f"record:               {record.text}")
+        effective = summary["effective"]
+        assert isinstance(effective, dict)
+        print("effective:            " + "; ".join(f"{k}={v}" for k, v in effective.items()))
+    for problem in problems:
+        print(f"problem:              {problem}")
+    return 0
+
+
+def _cmd_dmarc_report(args: argparse.Namespace) -> int:
+    from mailwarden.config import ConfigError, load
+    from mailwarden.dmarc.report import ReportSettings, run_report_command
+
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return 2
+    if not config.dmarc.store or not config.dmarc.reports:
+        print("mailwarden: dmarc.store and dmarc.reports must be configured", file=sys.stderr)
+        return 2
+    resolver = Resolver(nameservers=list(config.dns.nameservers) or system_nameservers(),
+                        timeout=config.dns.timeout, lifetime=config.dns.lifetime)
+    settings = ReportSettings(**config.dmarc.reports)
+    return run_report_command(store_url=config.dmarc.store, settings=settings, dns=resolver,
+                              period=args.period, dry_run=args.dry_run)
 
 
 def _dns_options(parser: argparse.ArgumentParser) -> None:
