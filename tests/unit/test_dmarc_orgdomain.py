@@ -29,10 +29,9 @@ def expected_walk(domain: str) -> list[str]:
     """§4.10 steps 1-7, written independently of the code under test."""
     labels = domain.split(".")
     names = [domain]
-    if len(labels) >= 8:
-        labels = labels[-7:]
-    else:
-        labels = labels[1:]
+    # step 4: x < 8 drops one label; x >= 8 drops labels until 7 remain
+    keep = 7 if len(labels) >= 8 else len(labels) - 1
+    labels = labels[len(labels) - keep:]
     while labels:
         names.append(".".join(labels))
         labels = labels[1:]

@@ -74,6 +74,11 @@ def author_domain(txn: Transaction) -> tuple[str, str]:
     domain = domains.pop()
     if not domain or "." not in domain:
         return "", f"unusable From domain {domain!r}"
+    if not domain.isascii():
+        try:  # RFC 9989 §5.3.1: the A-label form is what DNS is asked for
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "", f"unusable From domain {domain!r}"
     return domain, ""
 
 
@@ -140,7 +145,7 @@ def _override(ctx: Context, txn: Transaction, args: DmarcArgs) -> str:
             if ctx.groups[group].membership(txn.client_ip, ctx.dns) is Membership.IN:
                 return f"client in never_reject group {group}"
     if txn.arc is not None and txn.arc[0] == "pass" and txn.arc[1]:
-        latest = txn.arc[1][-1]
+        latest = txn.arc[1][-1].lower().rstrip(".")
         if latest in args.trusted_sealers:
             return f"arc=pass, sealed by trusted {latest}"
     return ""

@@ -1,6 +1,7 @@
 """DMARC evaluation (RFC 9989 §4.4, §4.8, §5): identifier alignment of the SPF (MAIL FROM
 identity) and DKIM results already in the transaction, the policy that applies (p, sp for
-subdomains, np for non-existent subdomains), and t=y testing mode."""
+subdomains, np for non-existent subdomains: NXDOMAIN, RFC 9989 §3.2.13), and t=y testing
+mode."""
 
 from __future__ import annotations
 
@@ -39,14 +40,11 @@ class DmarcResult:
 
 
 def non_existent(dns: DNSClient, domain: str, deadline: float | None = None) -> bool:
-    """RFC 9989 np=: no A, AAAA or MX records (NXDOMAIN or NODATA for all three)."""
-    for lookup in (dns.a, dns.aaaa, dns.mx):
-        answer = lookup(domain, deadline)
-        if answer.status is Status.TEMPERROR:
-            raise TemporaryError(f"{domain}: {answer.error}")
-        if answer.ok:
-            return False
-    return True
+    """RFC 9989 np=: the author domain does not exist (NXDOMAIN)."""
+    answer = dns.a(domain, deadline)
+    if answer.status is Status.TEMPERROR:
+        raise TemporaryError(f"{domain}: {answer.error}")
+    return answer.status is Status.NXDOMAIN
 
 
 def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result: str,
@@ -64,12 +62,11 @@ def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result:
         spf_ok = spf_result == "pass" and discovery.aligned(spf_domain, author, record.aspf)
         dkim_domain = next((sig.domain for sig in dkim if sig.result == "pass"
                             and discovery.aligned(sig.domain, author, record.adkim)), "")
-        if found.domain == author:
-            tag, policy = "p", record.p
-        elif non_existent(dns, author, deadline):
-            tag, policy = "np", record.np
-        else:
+        tag, policy = "p", record.p
+        if found.domain != author:
             tag, policy = "sp", record.sp
+            if not (spf_ok or dkim_domain) and non_existent(dns, author, deadline):
+                tag, policy = "np", record.np
     except TemporaryError as exc:
         return DmarcResult("temperror", f"DNS error: {exc}", author, queries=discovery.queries)
     base = DmarcResult(

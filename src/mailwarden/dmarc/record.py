@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 POLICIES = ("none", "quarantine", "reject")
 _TAG = re.compile(r"\s*([A-Za-z][A-Za-z0-9_]*)\s*=\s*(.*?)\s*\Z", re.DOTALL)
-_MAILTO = re.compile(r"mailto:[^@\s,;!]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}(?:![0-9]+[kmgt]?)?\Z",
-                     re.IGNORECASE)
+_MAILTO = re.compile(r"mailto:[^@\s,;!]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z0-9-]{2,}"
+                     r"(?:![0-9]+[kmgt]?)?\Z", re.IGNORECASE)
+_FO = re.compile(r"[01ds](?:[ \t]*:[ \t]*[01ds])*\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +40,13 @@ class NotARecord:
     reason: str
 
 
+_VERSION = re.compile(r"[ \t]*[vV][ \t]*=[ \t]*DMARC1[ \t]*(?:;|\Z)")
+
+
 def is_dmarc(text: str) -> bool:
-    """§4.7: the record must begin with v=DMARC1 (the first tag)."""
-    head = text.split(";", 1)[0].strip()
-    return head.replace(" ", "") == "v=DMARC1"
+    """§4.7/§4.8: the first tag is v=DMARC1 (tag name case-insensitive, value exact, WSP
+    around the '=' allowed)."""
+    return _VERSION.match(text) is not None
 
 
 def parse(text: str) -> DmarcRecord | NotARecord:
@@ -105,6 +109,16 @@ def parse(text: str) -> DmarcRecord | NotARecord:
         text=text, p=p_value, sp=sp, np=np,
         adkim=choice("adkim", ("r", "s"), "r"), aspf=choice("aspf", ("r", "s"), "r"),
         psd=choice("psd", ("y", "n", "u"), "u"), testing=choice("t", ("y", "n"), "n") == "y",
-        rua=rua, ruf=ruf, fo=tags.get("fo", "0"), p_explicit=p_explicit,
+        rua=rua, ruf=ruf, fo=_fo(tags.get("fo"), warnings), p_explicit=p_explicit,
         warnings=tuple(warnings),
     )
+
+
+def _fo(value: str | None, warnings: list[str]) -> str:
+    """fo=: colon-separated 0, 1, d, s; anything else falls back to 0 (§4.8)."""
+    if value is None:
+        return "0"
+    if not _FO.match(value):
+        warnings.append(f"fo={value} is not a list of 0, 1, d, s; using 0")
+        return "0"
+    return value.replace(" ", "").replace("\t", "")
