@@ -36,6 +36,8 @@ if ! getent passwd mailwarden >/dev/null; then
     useradd --system --user-group --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin mailwarden
 fi
+# The DMARC report store of the example configuration (SQLite), writable by the daemon only.
+install -d -o mailwarden -g mailwarden -m 0750 /var/lib/mailwarden
 
 # Debian's own Python: world-readable, so the daemon still finds its modules after it drops
 # privileges (a Python under /root would not be readable by the `mailwarden` user).

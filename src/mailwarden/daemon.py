@@ -160,7 +160,21 @@ class Master:
             except OSError as exc:
                 log.warning("%s cannot read %s (%s): a SIGHUP reload will fail",
                             self.config.user, self.config_path, exc.strerror)
+        self._check_store()
         log.info("listening on %s", self.config.listen)
+
+    def _check_store(self) -> None:
+        """Open the DMARC report store now, as the user the workers run as, so that a bad
+        path or permission stops the start instead of every message."""
+        if not self.config.dmarc.store:
+            return
+        from mailwarden.dmarc.store import Store
+
+        try:
+            Store.open(self.config.dmarc.store).close()
+        except Exception as exc:
+            raise SystemExit(f"mailwarden: cannot open the DMARC store "
+                             f"{self.config.dmarc.store}: {exc}") from None
 
     def _identity(self) -> tuple[int | None, int | None]:
         if not self.config.user:

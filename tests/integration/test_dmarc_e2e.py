@@ -77,7 +77,7 @@ def stack(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory) ->
         "authserv_id": "mx.test.example", "workers": 2, "drain_timeout": 5,
         "dns": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": 0.5,
                 "lifetime": 1.0},
-        "dmarc": {},  # STORE-PENDING
+        "dmarc": {"store": str(workdir / "dmarc.db")},
         "rules": {
             "mail": [{"name": "spf", "check": "spf", "header": "auth",
                       "on": {"fail": "continue"}}],
@@ -203,3 +203,22 @@ def test_forged_multi_address_from_is_refused(stack: Stack) -> None:
     code, text = refused(stack, "x@spfonly.example",
                          message("<a@spfonly.example>, <b@rejectme.example>", "dm-multi"))
     assert code == 550 and text.startswith("5.7.1 "), text
+
+
+def test_every_evaluation_is_recorded_for_reports(stack: Stack) -> None:
+    """RFC 9990: what aggregate reports are built from, written by the daemon's workers."""
+    from mailwarden.dmarc.store import Store
+
+    send(stack, "x@bounce.example", message("<a@none.example>", "dm-recorded"))
+    delivered(stack, "dm-recorded")
+    store = Store.open(str(stack.daemon.config["dmarc"]["store"]))  # type: ignore[index]
+    try:
+        rows = [e for e in store.evaluations() if e.header_from == "none.example"]
+    finally:
+        store.close()
+    assert rows, "no evaluation recorded"
+    latest = rows[-1]
+    assert (latest.policy_domain, latest.p, latest.disposition) == ("none.example", "none",
+                                                                    "none")
+    assert latest.spf_aligned == "fail" and latest.dkim_aligned == "fail"
+    assert latest.source_ip == "127.0.0.9" and latest.envelope_from == "bounce.example"

@@ -79,6 +79,7 @@ def test_shipped_config_loads() -> None:
         ("mail", "spf", "spf"),
         ("rcpt", "no open relay", "rcpt_relay"),
         ("eom", "dkim", "dkim_verify"),
+        ("eom", "dmarc", "dmarc"),
     ]
     spf = config.stage_rules("mail")[1]
     assert spf.when is not None and spf.when.negate is not None

@@ -14,6 +14,7 @@ message through). Overrides are recorded as `local_policy`.
 from __future__ import annotations
 
 import email.utils
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from mailwarden.transaction import CheckResult, Transaction
 
 if TYPE_CHECKING:
     from mailwarden.config import Config, Section
+
+log = logging.getLogger("mailwarden.dmarc")
 
 RESULTS = ("pass", "fail", "quarantine", "reject", "none", "temperror", "permerror",
            "unusable_from")
@@ -171,7 +174,11 @@ def _record(ctx: Context, txn: Transaction, found: DmarcResult,
         dkim=tuple((s.domain, s.selector, s.result) for s in txn.dkim if s.domain),
         spf=tuple(spf_reported), overrides=tuple(overrides), rua=record.rua,
     )
-    ctx.store().record(evaluation)
+    try:
+        ctx.store().record(evaluation)
+    except Exception:
+        # A report row is not worth refusing mail for: the evaluation still stands.
+        log.exception("could not record the DMARC evaluation for %s", found.author_domain)
 
 
 SPEC = CheckSpec(
