@@ -34,7 +34,7 @@ from mailwarden.dmarc.report import (
     run_report_command,
     send_reports,
 )
-from mailwarden.dmarc.store import Evaluation, Store
+from mailwarden.dmarc.store import Evaluation, LedgerEntry, Store, StoreError
 
 from helpers import make_resolver
 
@@ -46,7 +46,7 @@ RUA = ("mailto:dmarc@example.com", "mailto:ops@example.com", "mailto:agg@reports
 ZONE = {
     "_dmarc.example.com": [{"TXT": "v=DMARC1; p=reject; rua=" + ",".join(RUA)}],
     "_dmarc.other.example": [{"TXT": "v=DMARC1; p=none; rua=mailto:dmarc@other.example"}],
-    # external destinations (RFC 9990 §4)
+    # external destinations (RFC 9990, Verifying External Destinations)
     "example.com._report._dmarc.reports.example.net": [{"TXT": "v=DMARC1"}],
     "example.com._report._dmarc.override.example.net": [
         {"TXT": "v=DMARC1; rua=mailto:new@override.example.net"}],
@@ -460,6 +460,23 @@ def test_a_run_killed_between_acceptance_and_the_ledger_never_duplicates(
     # the operator checked the smarthost's log and asks for it again: sent once more
     again = send_reports(store, [report], via(sink), make_resolver(dns), resend_uncertain=True)
     assert [o.status for o in again] == ["sent", "already-sent", "already-sent"]
+
+
+def test_a_failed_ledger_write_abandons_the_message(
+        store: Store, sink: Sink, dns: DevDNSServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(entry: LedgerEntry) -> None:
+        raise StoreError("disk full")
+
+    reports = [r for r in build_reports(store, period_start=DAY, period_end=DAY + 86400,
+                                        settings=SETTINGS) if r.policy_domain == "other.example"]
+    monkeypatch.setattr(store, "ledger_put", broken)
+    start = time.monotonic()
+    outcomes = send_reports(store, reports, via(sink), make_resolver(dns))
+    assert [o.status for o in outcomes] == ["failed"]
+    assert "message not sent" in outcomes[0].detail
+    assert time.monotonic() - start < 10  # no QUIT sent as message text, no timeout
+    time.sleep(0.2)
+    assert sink.messages() == []  # the connection closed before the final "."
 
 
 def test_dry_run_sends_nothing_and_writes_no_ledger(

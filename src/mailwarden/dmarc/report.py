@@ -4,7 +4,7 @@ Building (`build_reports`): one report per policy domain and period, from the ev
 recorded with ``period_start <= time < period_end``; ``<date_range>`` is ``begin =
 floor(period_start)``, ``end = ceil(period_end) - 1`` (inclusive, as in the RFC's sample). The
 policy published and the rua= destinations are those of the domain's latest evaluation in the
-period (RFC 9990 §2.1: "note only the final configuration observed"). Evaluations that agree on
+period (RFC 9990: "note only the final configuration observed"). Evaluations that agree on
 every reported field (source IP, identifiers, disposition, aligned results, override reasons,
 DKIM and SPF results) become one ``<record>`` whose ``<count>`` is their number. Details:
 
@@ -34,8 +34,9 @@ set, the ``.xml.gz`` files are written there instead (atomically), and nothing i
 A rua= URI is used when it is ``mailto:`` (its ``!size`` limit is honoured); when its host is
 not in the policy domain's Organizational Domain (the RFC 9989 tree walk of orgdomain.py), the
 destination must first be authorised by a TXT record ``v=DMARC1...`` at
-``<policy-domain>._report._dmarc.<host>`` (RFC 9990 §4); a rua= in that record replaces the
-destination when it names the same host, and makes the destination unusable when it does not.
+``<policy-domain>._report._dmarc.<host>`` (RFC 9990, "Verifying External Destinations"); a
+rua= in that record replaces the destination when it names the same host, and makes the
+destination unusable when it does not.
 A missing record skips the destination (status ``skipped``); a temporary DNS error fails it for
 this run (``failed``: a later run tries again).
 
@@ -50,11 +51,11 @@ entry is missing or ``failed`` -- both mean the message was never accepted. An e
 and the ledger update, where the message may or may not have been accepted: it is NOT sent
 again (status ``uncertain``, exit status 1) unless `send_reports` is called with
 ``resend_uncertain=True`` after an operator has looked at the smarthost's log. That is the
-choice: at most once inside that window (one round trip), exactly once everywhere else; a
-duplicate would carry the same Report-ID and filename, which RFC 9990 §3.1.4 lets receivers
-discard, so resending is the safe direction when in doubt. Two runs never overlap: the store's
-report lock is held while sending. A dry run reads the ledger, verifies destinations, and sends
-and writes nothing.
+choice: at most once inside that window (one round trip), exactly once everywhere else -- never
+a duplicate. (Should an operator resend, the copy carries the same Report-ID, Message-ID and
+filename, by which RFC 9990 lets the receiver recognise and discard a duplicate.) Two runs never
+overlap: the store's report lock is held while sending. A dry run reads the ledger and verifies
+destinations, and sends and writes nothing.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ class Report:
 
     @property
     def filename(self) -> str:
-        """RFC 9990 §3.1.4: receiver!policy-domain!begin!end!unique-id.xml.gz"""
+        """RFC 9990's attachment name: receiver!policy-domain!begin!end!unique-id.xml.gz"""
         return (f"{self.submitter}!{self.policy_domain}!{self.begin}!{self.end}"
                 f"!{self.report_id}.xml.gz")
 
@@ -202,8 +203,8 @@ def _under(child: str, parent: str) -> bool:
 
 
 def _dkim_rank(signature: tuple[str, str, str], header_from: str) -> int:
-    """RFC 9990 §2.1.3: passing strictly aligned, passing relaxed (here: a parent or child of
-    the author domain), other passing, the rest."""
+    """RFC 9990's order of preference for DKIM signatures: passing strictly aligned, passing
+    relaxed (here: a parent or child of the author domain), other passing, the rest."""
     domain, _, result = signature
     if result != "pass":
         return 3
@@ -441,7 +442,7 @@ def _is_dmarc_tags(text: str) -> dict[str, str] | None:
 
 
 class _Verifier:
-    """RFC 9990 §4, with the answers of one run remembered."""
+    """RFC 9990's verification of external destinations; answers are kept for one run."""
 
     def __init__(self, dns: DNSClient) -> None:
         self.dns = dns
@@ -546,6 +547,7 @@ class _Sender:
                 f"<{report.report_id}@{report.submitter}>", detail))
 
         committing = False
+        in_data = False  # between DATA's 354 and the answer to the final "."
         smtp = smtplib.SMTP(timeout=SMTP_TIMEOUT, local_hostname=socket.gethostname())
         try:
             smtp.connect(self.host, self.port)
@@ -559,11 +561,13 @@ class _Sender:
             code, reply = smtp.docmd("DATA")
             if code != 354:
                 return self._refused(ledger, outcome, "DATA", code, reply)
+            in_data = True
             smtp.send(data)
             ledger("committing", f"final '.' being sent to {self.settings.smarthost}")
             committing = True
             smtp.send(b".\r\n")
             code, reply = smtp.getreply()
+            in_data = False
             if code != 250:
                 return self._refused(ledger, outcome, "end of DATA", code, reply)
             answer = reply.decode("utf-8", "replace")
@@ -581,10 +585,13 @@ class _Sender:
                 ledger("failed", f"{type(exc).__name__}: {exc}")
             return outcome("failed", f"{self.settings.smarthost}: {type(exc).__name__}: {exc}")
         finally:
-            try:
-                smtp.quit()
-            except (OSError, smtplib.SMTPException):
-                smtp.close()
+            if in_data:
+                smtp.close()  # a connection closed before the "." abandons the message
+            else:
+                try:
+                    smtp.quit()
+                except (OSError, smtplib.SMTPException):
+                    smtp.close()
 
     @staticmethod
     def _refused(ledger: Callable[[str, str], None],
