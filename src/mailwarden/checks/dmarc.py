@@ -66,7 +66,10 @@ def author_domain(txn: Transaction) -> tuple[str, str]:
     if len(values) > 1:
         return "", f"{len(values)} From header fields"
     domains = set()
-    for _, address in email.utils.getaddresses(values):
+    # Python versions differ on empty input: some give [("", "")], some nothing.
+    pairs = [(name, address) for name, address in email.utils.getaddresses(values)
+             if name or address]
+    for _, address in pairs:
         if "@" not in address:
             return "", f"unparseable From address {address!r}"
         domains.add(address.rpartition("@")[2].lower().rstrip(".>"))
