@@ -66,13 +66,19 @@ def author_domain(txn: Transaction) -> tuple[str, str]:
     if len(values) > 1:
         return "", f"{len(values)} From header fields"
     domains = set()
-    # Python versions differ on empty input: some give [("", "")], some nothing.
-    pairs = [(name, address) for name, address in email.utils.getaddresses(values)
-             if name or address]
-    for _, address in pairs:
-        if "@" not in address:
-            return "", f"unparseable From address {address!r}"
-        domains.add(address.rpartition("@")[2].lower().rstrip(".>"))
+    for value in values:
+        if not value.strip():
+            return "", "no address in From"
+        # Python releases differ on broken input (some yield ("", ""), some drop it): any
+        # empty or odd address makes the whole field unparseable.
+        pairs = email.utils.getaddresses([value])
+        if not pairs or any(not address for _, address in pairs):
+            return "", f"unparseable From {value.strip()[:100]!r}"
+        for _, address in pairs:
+            local, at, domain_part = address.rpartition("@")
+            if not at or not local or "@" in local:
+                return "", f"unparseable From address {address!r}"
+            domains.add(domain_part.lower().rstrip(".>"))
     if not domains:
         return "", "no address in From"
     if len(domains) > 1:
