@@ -361,12 +361,19 @@ class _Postgres:
         # A connection of its own: the session lock lives exactly as long as it does, and the
         # server drops it when this process dies.
         conn = self._psycopg.connect(self.url, autocommit=True)
+        held = False
         try:
             got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_PG_REPORT_LOCK,)).fetchone()
             if not got or not got[0]:
                 raise LockBusy("another report run holds the store's report lock")
+            held = True
             yield
         finally:
+            # Unlock explicitly: the server drops a closed session's locks only when its
+            # backend has finished exiting, which can be after close() returns.
+            if held:
+                with contextlib.suppress(Exception):
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (_PG_REPORT_LOCK,))
             conn.close()
 
 
