@@ -120,70 +120,44 @@ class LedgerEntry:
 
 SCHEMA_VERSION = 1
 
+def _v1(**types: str) -> tuple[str, ...]:
+    """Schema version 1, one text for both databases (only the column types differ)."""
+    return tuple(statement.format(**types) for statement in (
+            "CREATE TABLE store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+            """CREATE TABLE evaluations (
+                id {id},
+                time {real} NOT NULL,
+                source_ip TEXT NOT NULL,
+                header_from TEXT NOT NULL,
+                envelope_from TEXT NOT NULL,
+                envelope_to TEXT NOT NULL,
+                policy_domain TEXT NOT NULL,
+                p TEXT NOT NULL, sp TEXT NOT NULL, np TEXT NOT NULL,
+                adkim TEXT NOT NULL, aspf TEXT NOT NULL,
+                testing {flag} NOT NULL, psd TEXT NOT NULL,
+                disposition TEXT NOT NULL,
+                dkim_aligned TEXT NOT NULL, spf_aligned TEXT NOT NULL,
+                dkim TEXT NOT NULL, spf TEXT NOT NULL, overrides TEXT NOT NULL,
+                rua TEXT NOT NULL)""",
+            "CREATE INDEX evaluations_domain_time ON evaluations (policy_domain, time)",
+            "CREATE INDEX evaluations_time ON evaluations (time)",
+            """CREATE TABLE report_ledger (
+                report_id TEXT NOT NULL,
+                destination TEXT NOT NULL,
+                state TEXT NOT NULL,
+                policy_domain TEXT NOT NULL,
+                message_id TEXT NOT NULL,
+                detail TEXT NOT NULL,
+                updated {real} NOT NULL,
+                PRIMARY KEY (report_id, destination))""",
+    ))
+
+
 # version -> statements, per dialect; "?" is the parameter placeholder in every statement.
 MIGRATIONS: dict[str, list[tuple[int, tuple[str, ...]]]] = {
-    "sqlite": [
-        (1, (
-            "CREATE TABLE store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-            """CREATE TABLE evaluations (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                time REAL NOT NULL,
-                source_ip TEXT NOT NULL,
-                header_from TEXT NOT NULL,
-                envelope_from TEXT NOT NULL,
-                envelope_to TEXT NOT NULL,
-                policy_domain TEXT NOT NULL,
-                p TEXT NOT NULL, sp TEXT NOT NULL, np TEXT NOT NULL,
-                adkim TEXT NOT NULL, aspf TEXT NOT NULL,
-                testing INTEGER NOT NULL, psd TEXT NOT NULL,
-                disposition TEXT NOT NULL,
-                dkim_aligned TEXT NOT NULL, spf_aligned TEXT NOT NULL,
-                dkim TEXT NOT NULL, spf TEXT NOT NULL, overrides TEXT NOT NULL,
-                rua TEXT NOT NULL)""",
-            "CREATE INDEX evaluations_domain_time ON evaluations (policy_domain, time)",
-            "CREATE INDEX evaluations_time ON evaluations (time)",
-            """CREATE TABLE report_ledger (
-                report_id TEXT NOT NULL,
-                destination TEXT NOT NULL,
-                state TEXT NOT NULL,
-                policy_domain TEXT NOT NULL,
-                message_id TEXT NOT NULL,
-                detail TEXT NOT NULL,
-                updated REAL NOT NULL,
-                PRIMARY KEY (report_id, destination))""",
-        )),
-    ],
-    "postgresql": [
-        (1, (
-            "CREATE TABLE store_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
-            """CREATE TABLE evaluations (
-                id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-                time DOUBLE PRECISION NOT NULL,
-                source_ip TEXT NOT NULL,
-                header_from TEXT NOT NULL,
-                envelope_from TEXT NOT NULL,
-                envelope_to TEXT NOT NULL,
-                policy_domain TEXT NOT NULL,
-                p TEXT NOT NULL, sp TEXT NOT NULL, np TEXT NOT NULL,
-                adkim TEXT NOT NULL, aspf TEXT NOT NULL,
-                testing SMALLINT NOT NULL, psd TEXT NOT NULL,
-                disposition TEXT NOT NULL,
-                dkim_aligned TEXT NOT NULL, spf_aligned TEXT NOT NULL,
-                dkim TEXT NOT NULL, spf TEXT NOT NULL, overrides TEXT NOT NULL,
-                rua TEXT NOT NULL)""",
-            "CREATE INDEX evaluations_domain_time ON evaluations (policy_domain, time)",
-            "CREATE INDEX evaluations_time ON evaluations (time)",
-            """CREATE TABLE report_ledger (
-                report_id TEXT NOT NULL,
-                destination TEXT NOT NULL,
-                state TEXT NOT NULL,
-                policy_domain TEXT NOT NULL,
-                message_id TEXT NOT NULL,
-                detail TEXT NOT NULL,
-                updated DOUBLE PRECISION NOT NULL,
-                PRIMARY KEY (report_id, destination))""",
-        )),
-    ],
+    "sqlite": [(1, _v1(id="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL", flag="INTEGER"))],
+    "postgresql": [(1, _v1(id="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+                           real="DOUBLE PRECISION", flag="SMALLINT"))],
 }
 
 _COLUMNS = ("time", "source_ip", "header_from", "envelope_from", "envelope_to", "policy_domain",
