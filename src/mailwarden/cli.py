@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mailwarden import __version__
+from mailwarden.config import Config
 from mailwarden.dns import Nameserver, Resolver, parse_nameserver, system_nameservers
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
 
@@ -186,14 +187,22 @@ def _cmd_dmarc_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_dmarc_report(args: argparse.Namespace) -> int:
+def _load_config(path: str) -> Config | None:
+    """The configuration, or None after printing its error (file:line: key: message)."""
     from mailwarden.config import ConfigError, load
-    from mailwarden.dmarc.report import ReportSettings, run_report_command
 
     try:
-        config = load(args.config)
+        return load(path)
     except ConfigError as exc:
         print(f"mailwarden: {exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_dmarc_report(args: argparse.Namespace) -> int:
+    from mailwarden.dmarc.report import ReportSettings, run_report_command
+
+    config = _load_config(args.config)
+    if config is None:
         return 2
     if not config.dmarc.store or not config.dmarc.reports:
         print("mailwarden: dmarc.store and dmarc.reports must be configured", file=sys.stderr)
@@ -305,13 +314,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    from mailwarden.config import ConfigError, load
     from mailwarden.policy.describe import effective_policy, format_policy
 
-    try:
-        config = load(args.path)
-    except ConfigError as exc:
-        print(f"mailwarden: {exc}", file=sys.stderr)
+    config = _load_config(args.path)
+    if config is None:
         return 1
     policy = effective_policy(config)
     print(json.dumps(policy, indent=2) if args.json else format_policy(policy))
