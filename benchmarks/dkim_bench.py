@@ -90,7 +90,7 @@ def mailwarden(workdir: Path, dns_port: int, keys: list[SigningKey], mode: str) 
         else {"name": "verify", "check": "dkim_verify"}
     config = {
         "listen": f"unix:{workdir}/mailwarden.sock", "authserv_id": "mx.bench.example",
-        "workers": 2, "log_level": "warning", "drain_timeout": 2,
+        "log_level": "warning", "drain_timeout": 2,  # workers: the default, 2 per core
         "dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2.0},
         "hosts": {"all": ["0.0.0.0/0", "::/0"]},
         "signing": {"keys": [{"domain": k.domain, "selector": k.selector, "key": k.path}

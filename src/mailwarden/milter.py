@@ -171,7 +171,8 @@ class Session(Milter.Base):  # type: ignore[misc]
         self.setreply(str(code), status, text)
 
     def _refuse(self, verdict: Verdict, stage: str) -> int:
-        log.info(describe(self.txn, stage, verdict))
+        if log.isEnabledFor(logging.INFO):
+            log.info(describe(self.txn, stage, verdict))
         if verdict.action == "discard":
             return int(Milter.DISCARD)
         if verdict.reply is not None:
@@ -279,12 +280,13 @@ class Session(Milter.Base):  # type: ignore[misc]
             self.addheader(name, value, 0)
         if self.txn.quarantine:
             self.quarantine(self.txn.quarantine)
-        log.info(describe(self.txn, "eom", verdict))
+        if log.isEnabledFor(logging.INFO):  # the line is not built when nobody reads it
+            log.info(describe(self.txn, "eom", verdict))
         return int(Milter.ACCEPT if verdict.action == "accept" else Milter.CONTINUE)
 
     @guarded(refusable=False)
     def abort(self) -> int:
-        if self.in_message:
+        if self.in_message and log.isEnabledFor(logging.INFO):
             log.info(describe(self.txn, "abort", Verdict("continue", reason="aborted by MTA")))
         self.in_message = False
         return int(Milter.CONTINUE)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -90,7 +91,7 @@ def test_shipped_config_loads() -> None:
 def test_minimal_config_takes_the_defaults() -> None:
     config = parse(BASE, FILE)
     assert config.listen == "inet:8894@127.0.0.1"
-    assert config.workers == 2
+    assert config.workers == 2 * (os.cpu_count() or 1)  # two per core
     assert config.log_level == "info"
     assert config.dns.nameservers == ()
     assert config.spf_budget == 20.0
