@@ -103,6 +103,15 @@ def _listening_fd() -> int:
     raise RuntimeError("cannot find the listening socket libmilter opened")
 
 
+def _no_delay(fd: int) -> None:
+    """TCP_NODELAY on an inet listening socket; Linux gives it to every accepted connection.
+    Without it each message over inet: pays ~40 ms: libmilter writes a reply in pieces, Nagle
+    holds the second piece until the MTA acknowledges the first, and the MTA delays its ACK."""
+    with socket.socket(fileno=os.dup(fd)) as listener:
+        if listener.family in (socket.AF_INET, socket.AF_INET6):
+            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 @dataclass
 class Worker:
     pid: int
@@ -144,6 +153,7 @@ class Master:
                         negotiate=Milter.negotiate_callback)
         milter.opensocket(True)
         self.listen_fd = _listening_fd()
+        _no_delay(self.listen_fd)
         uid, gid = self._identity()
         if path is not None:
             os.chmod(path, self.config.socket_mode)
