@@ -16,3 +16,31 @@ def make_resolver(server: DevDNSServer, **kwargs: Any) -> Resolver:
     options: dict[str, Any] = {"timeout": 0.25, "lifetime": 0.6}
     options.update(kwargs)
     return Resolver(nameservers=[Nameserver(server.host, server.port)], **options)
+
+
+def open_concurrently(url: str, count: int) -> tuple[list[str], list[BaseException]]:
+    """Open the DMARC store at `url` from `count` threads at once: the instance ids they saw,
+    and any errors (a new store must be created exactly once)."""
+    import threading
+
+    from mailwarden.dmarc.store import Store
+
+    barrier = threading.Barrier(count)
+    ids: list[str] = []
+    errors: list[BaseException] = []
+
+    def opener() -> None:
+        try:
+            barrier.wait()
+            store = Store.open(url)
+            ids.append(store.instance_id)
+            store.close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return ids, errors

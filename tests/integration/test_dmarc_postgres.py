@@ -38,7 +38,7 @@ from mailwarden.dmarc.store import (
     Store,
 )
 
-from helpers import make_resolver
+from helpers import make_resolver, open_concurrently
 
 XSD = Path(__file__).parent.parent / "data" / "dmarc-schema" / "dmarc-aggregate-2.0.xsd"
 DAY = dt.datetime(2026, 5, 1, tzinfo=dt.UTC).timestamp()
@@ -137,24 +137,7 @@ def evaluation(marker: str, t: float = DAY + 60, **changes: object) -> Evaluatio
 def test_schema_is_created_once_by_concurrent_opens_and_migrates(
         pg: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     url = pg.new_database()
-    barrier = threading.Barrier(6)
-    ids: list[str] = []
-    errors: list[BaseException] = []
-
-    def opener() -> None:
-        try:
-            barrier.wait()
-            store = Store.open(url)
-            ids.append(store.instance_id)
-            store.close()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=opener) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    ids, errors = open_concurrently(url, 6)
     assert errors == []
     assert len(set(ids)) == 1
     store = Store.open(url)

@@ -23,6 +23,8 @@ from mailwarden.dmarc.store import (
     StoreError,
 )
 
+from helpers import open_concurrently
+
 
 def make_evaluation(marker: str = "m0", time: float = 1_000_000.0, **changes: object) -> Evaluation:
     fields: dict[str, object] = {
@@ -92,24 +94,7 @@ def test_a_new_migration_is_applied_once_and_a_newer_schema_is_refused(
 
 def test_concurrent_opens_of_a_new_store_create_it_once(tmp_path: Path) -> None:
     path = tmp_path / "dmarc.db"
-    barrier = threading.Barrier(8)
-    errors: list[BaseException] = []
-    ids: list[str] = []
-
-    def opener() -> None:
-        try:
-            barrier.wait()
-            store = Store.open(str(path))
-            ids.append(store.instance_id)
-            store.close()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=opener) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    ids, errors = open_concurrently(str(path), 8)
     assert errors == []
     assert len(set(ids)) == 1
     assert table_rows(path, "SELECT count(*) FROM schema_version") == [(SCHEMA_VERSION,)]
