@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import re
-import secrets
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from mailwarden.dkim.keys import public_record
 from mailwarden.dkim.verify import SignatureResult, verify_message
 from mailwarden.dns import Resolver
 
-from helpers import make_resolver
+from helpers import make_resolver, weak_rsa_key
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 DOMAIN = b"example.com"
@@ -80,40 +79,6 @@ def ed25519_test_key(selector: bytes) -> DkimKey:
     return DkimKey(selector, b"ed25519-sha256", base64.b64encode(seed), public_record(key), 256)
 
 
-def _probable_prime(n: int) -> bool:
-    for small in (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37):
-        if n % small == 0:
-            return n == small
-    d, r = n - 1, 0
-    while d % 2 == 0:
-        d, r = d // 2, r + 1
-    for _ in range(32):
-        x = pow(secrets.randbelow(n - 3) + 2, d, n)
-        if x in (1, n - 1):
-            continue
-        for _ in range(r - 1):
-            x = pow(x, 2, n)
-            if x == n - 1:
-                break
-        else:
-            return False
-    return True
-
-
-def _prime(bits: int) -> int:
-    while True:
-        candidate = secrets.randbits(bits) | (3 << (bits - 2)) | 1
-        if (candidate - 1) % 65537 and _probable_prime(candidate):
-            return candidate
-
-
-def weak_rsa_key(bits: int) -> rsa.RSAPrivateKey:
-    """An RSA key under 1024 bits, which `cryptography` refuses to generate itself."""
-    p, q = _prime(bits // 2), _prime(bits // 2)
-    d = pow(65537, -1, (p - 1) * (q - 1))
-    numbers = rsa.RSAPrivateNumbers(p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q),
-                                    rsa.rsa_crt_iqmp(p, q), rsa.RSAPublicNumbers(65537, p * q))
-    return numbers.private_key()
 
 
 @dataclass(frozen=True)

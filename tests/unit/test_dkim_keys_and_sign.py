@@ -51,6 +51,7 @@ from mailwarden.dkim.verify import verify_message
 from mailwarden.transaction import Transaction
 
 from fakedns import FakeDNS
+from helpers import weak_rsa_key
 
 MESSAGE = (
     b"From: Alice Example <alice@example.com>\r\n"
@@ -94,41 +95,6 @@ def write_pem(path: Path, data: bytes, mode: int = 0o600) -> str:
 def pem(key: Any, fmt: serialization.PrivateFormat = PKCS8) -> bytes:
     data: bytes = key.private_bytes(PEM, fmt, NO_ENCRYPTION)
     return data
-
-
-def weak_rsa_key(bits: int = 512) -> rsa.RSAPrivateKey:
-    """A small RSA key from two fixed-size primes (cryptography refuses to generate one)."""
-    import secrets
-
-    def probable_prime(n: int) -> bool:
-        if any(n % p == 0 for p in (3, 5, 7, 11, 13)):
-            return False
-        d, r = n - 1, 0
-        while d % 2 == 0:
-            d, r = d // 2, r + 1
-        for _ in range(32):
-            x = pow(secrets.randbelow(n - 3) + 2, d, n)
-            if x in (1, n - 1):
-                continue
-            for _ in range(r - 1):
-                x = pow(x, 2, n)
-                if x == n - 1:
-                    break
-            else:
-                return False
-        return True
-
-    def prime(size: int) -> int:
-        while True:
-            c = secrets.randbits(size) | (3 << (size - 2)) | 1
-            if (c - 1) % 65537 and probable_prime(c):
-                return c
-
-    p, q = prime(bits // 2), prime(bits // 2)
-    d = pow(65537, -1, (p - 1) * (q - 1))
-    return rsa.RSAPrivateNumbers(p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q),
-                                 rsa.rsa_crt_iqmp(p, q),
-                                 rsa.RSAPublicNumbers(65537, p * q)).private_key()
 
 
 def record_p(record: str) -> bytes:
