@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mailwarden.config import Outcome, Reply
 from mailwarden.dns import DNSClient
-from mailwarden.relay import HostGroup
+from mailwarden.relay import HostGroup, Membership
 from mailwarden.transaction import CheckResult, Transaction
 
 if TYPE_CHECKING:
@@ -29,6 +29,22 @@ class Context:
     clock: Callable[[], float] = time.monotonic
     _store: Any = None
     _store_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def client_in(self, txn: Transaction, groups: Sequence[str],
+                  authenticated: bool = False) -> Membership:
+        """Is the client allowed: authenticated (when that counts), or in one of the host
+        groups? UNKNOWN when a group's host names could not be resolved just now."""
+        if authenticated and txn.authenticated:
+            return Membership.IN
+        if txn.client_ip is None:
+            return Membership.OUT
+        unknown = False
+        for name in groups:
+            member = self.groups[name].membership(txn.client_ip, self.dns)
+            if member is Membership.IN:
+                return member
+            unknown = unknown or member is Membership.UNKNOWN
+        return Membership.UNKNOWN if unknown else Membership.OUT
 
     def store(self) -> Any:
         """The DMARC report store, opened on first use in this process (never across fork)."""

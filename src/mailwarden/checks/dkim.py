@@ -23,6 +23,7 @@ from mailwarden.checks import CheckOutcome, CheckSpec, Context
 from mailwarden.config import Outcome, Reply
 from mailwarden.dkim.sign import SignOptions, sign_message
 from mailwarden.dkim.verify import SignatureResult, verify_message
+from mailwarden.relay import Membership
 from mailwarden.transaction import CheckResult, Transaction
 
 if TYPE_CHECKING:
@@ -105,14 +106,8 @@ def author_domain(txn: Transaction) -> str:
 
 
 def run_sign(ctx: Context, txn: Transaction, args: SignArgs) -> CheckOutcome:
-    from mailwarden.relay import Membership
-
-    allowed = not args.allowed_hosts and not args.authenticated
-    if args.authenticated and txn.authenticated:
-        allowed = True
-    if not allowed and txn.client_ip is not None:
-        allowed = any(ctx.groups[g].membership(txn.client_ip, ctx.dns) is Membership.IN
-                      for g in args.allowed_hosts)
+    allowed = (not args.allowed_hosts and not args.authenticated) or \
+        ctx.client_in(txn, args.allowed_hosts, args.authenticated) is Membership.IN
     if not allowed:
         return CheckOutcome("none", text="sender not allowed to sign")
     domain = author_domain(txn)

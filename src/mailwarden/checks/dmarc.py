@@ -152,10 +152,9 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
 
 
 def _override(ctx: Context, txn: Transaction, args: DmarcArgs) -> str:
-    if txn.client_ip is not None:
-        for group in args.never_reject:
-            if ctx.groups[group].membership(txn.client_ip, ctx.dns) is Membership.IN:
-                return f"client in never_reject group {group}"
+    for group in args.never_reject:
+        if ctx.client_in(txn, (group,)) is Membership.IN:
+            return f"client in never_reject group {group}"
     if txn.arc is not None and txn.arc[0] == "pass" and txn.arc[1]:
         latest = txn.arc[1][-1].lower().rstrip(".")
         if latest in args.trusted_sealers:

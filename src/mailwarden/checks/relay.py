@@ -45,20 +45,6 @@ def outcomes(args: RelayArgs) -> Mapping[str, Outcome]:
     return {"fail": Outcome("reject"), "temperror": Outcome("tempfail")}
 
 
-def _client_allowed(ctx: Context, txn: Transaction, args: RelayArgs) -> Membership:
-    if args.allow_authenticated and txn.authenticated:
-        return Membership.IN
-    if txn.client_ip is None:
-        return Membership.OUT
-    unknown = False
-    for name in args.allowed_hosts:
-        member = ctx.groups[name].membership(txn.client_ip, ctx.dns)
-        if member is Membership.IN:
-            return member
-        unknown = unknown or member is Membership.UNKNOWN
-    return Membership.UNKNOWN if unknown else Membership.OUT
-
-
 def _outcome(method: str, result: str, reason: str, prop: tuple[str, str], text: str
              ) -> CheckOutcome:
     record = CheckResult("", method, result, reason, (prop,), report=False)
@@ -69,7 +55,7 @@ def _judge(method: str, ctx: Context, txn: Transaction, args: RelayArgs,
            prop: tuple[str, str], fail_reason: str, fail_text: str) -> CheckOutcome:
     """pass when the client is allowed (a host group, or authenticated), else fail; temperror
     when a host group could not be resolved."""
-    allowed = _client_allowed(ctx, txn, args)
+    allowed = ctx.client_in(txn, args.allowed_hosts, args.allow_authenticated)
     if allowed is Membership.IN:
         return _outcome(method, "pass", "client is allowed", prop, "")
     if allowed is Membership.UNKNOWN:

@@ -161,12 +161,9 @@ class Engine:
             if not any(self._domain_in(d, when.rcpt_domain_in) for d in domains):
                 return False
         if when.client_in:
-            if txn.client_ip is None:
-                return False
-            members = [self.ctx.groups[name].membership(txn.client_ip, self.dns)
-                       for name in when.client_in]
-            if Membership.IN not in members:
-                return None if Membership.UNKNOWN in members else False
+            member = self.ctx.client_in(txn, when.client_in)
+            if member is not Membership.IN:
+                return None if member is Membership.UNKNOWN else False
         if when.negate is not None:
             inner = self._holds(when.negate, txn, stage)
             return None if inner is None else not inner
