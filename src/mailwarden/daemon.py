@@ -1,22 +1,18 @@
 """The daemon: bind, drop privileges, run milter workers, reload on SIGHUP, drain on SIGTERM.
 
-A master process binds the milter socket once (libmilter's opensocket) and forks `workers`
-processes that each run libmilter's loop on it; libmilter spreads connections across them, and
-several processes get past the GIL. The master never runs libmilter itself, so it keeps Python's
-signal handling, and talks to each worker over a pipe:
+A master process binds the milter socket once and forks `workers` processes that each accept
+connections on it (`server.serve`, a thread per MTA connection), so several processes get past
+the GIL. The master serves no connection itself and talks to each worker over a pipe:
 
 - SIGHUP: the master reads and validates the configuration. A broken one is refused with its
   file, line and key, and the running one stays in force. A good one is sent to the workers as
   "reload": each builds the new policy and gives it to new connections; connections in progress
   finish under the policy they started with. Nothing is restarted, nothing is dropped.
-- SIGTERM/SIGINT: the workers stop accepting (their copy of the listening socket is swapped for
-  an idle one), finish the transactions in progress within `drain_timeout`, and exit; the
-  master closes the socket, so the MTA's new connections fail at once (and it applies its
-  milter_default_action) instead of waiting.
+- SIGTERM/SIGINT: the workers stop accepting and close their copy of the listening socket,
+  finish the transactions in progress within `drain_timeout`, and exit; the master closes the
+  socket, so the MTA's new connections fail at once (and it applies its milter_default_action)
+  instead of waiting.
 - A worker that dies unexpectedly is replaced.
-
-libmilter's own stop (smfi_stop, or its SIGTERM handling) is not used for draining: once
-smfi_main() returns, pymilter can no longer call into Python for the sessions still open.
 """
 
 from __future__ import annotations
@@ -28,25 +24,19 @@ import os
 import pwd
 import signal
 import socket
-import stat
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import Milter
-import milter
 
 from mailwarden.config import Config, ConfigError, configure_logging, load
 from mailwarden.dns import Resolver, system_nameservers
 from mailwarden.milter import ACTIVE, Runtime, Session
 from mailwarden.policy.engine import Engine
+from mailwarden.server import open_listener, serve, socket_path
 
 log = logging.getLogger("mailwarden.daemon")
 
-# libmilter gives up on an MTA that says nothing for this long (seconds).
-MILTER_TIMEOUT = 600
 RELOAD, DRAIN = b"R", b"D"
 
 
@@ -83,35 +73,6 @@ def _preload() -> None:
     len(CHECKS)
 
 
-def _socket_path(listen: str) -> Path | None:
-    kind, _, rest = listen.partition(":")
-    return Path(rest) if kind in ("unix", "local") else None
-
-
-def _listening_fd() -> int:
-    """The descriptor of the socket libmilter's opensocket() just bound."""
-    for name in sorted(os.listdir("/proc/self/fd"), key=int, reverse=True):
-        fd = int(name)
-        try:
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                continue
-            with socket.socket(fileno=os.dup(fd)) as probe:
-                if probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-                    return fd
-        except OSError:
-            continue
-    raise RuntimeError("cannot find the listening socket libmilter opened")
-
-
-def _no_delay(fd: int) -> None:
-    """TCP_NODELAY on an inet listening socket; Linux gives it to every accepted connection.
-    Without it each message over inet: pays ~40 ms: libmilter writes a reply in pieces, Nagle
-    holds the second piece until the MTA acknowledges the first, and the MTA delays its ACK."""
-    with socket.socket(fileno=os.dup(fd)) as listener:
-        if listener.family in (socket.AF_INET, socket.AF_INET6):
-            listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
 @dataclass
 class Worker:
     pid: int
@@ -124,36 +85,17 @@ class Master:
     config_path: str
     config: Config
     runtime: Runtime
-    listen_fd: int = -1
+    listener: socket.socket | None = None
     workers: dict[int, Worker] = field(default_factory=dict)
     stopping: bool = False
     reload_requested: bool = False
 
     # -- start -------------------------------------------------------------------------------
     def bind(self) -> None:
-        """Register the callbacks and open the socket (still with the privileges we started
-        with), then drop to the configured user and group."""
-        milter.set_connect_callback(Milter.connect_callback)
-        milter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
-        milter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
-        milter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
-        milter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
-        milter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
-        milter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
-        milter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
-        milter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
-        milter.set_close_callback(Milter.close_callback)
-        path = _socket_path(self.config.listen)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        milter.setconn(self.config.listen)
-        milter.settimeout(MILTER_TIMEOUT)
-        milter.register("mailwarden", data=lambda ctx: ctx.getpriv().data(),
-                        unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
-                        negotiate=Milter.negotiate_callback)
-        milter.opensocket(True)
-        self.listen_fd = _listening_fd()
-        _no_delay(self.listen_fd)
+        """Open the socket (still with the privileges we started with), then drop to the
+        configured user and group."""
+        path = socket_path(self.config.listen)
+        self.listener = open_listener(self.config.listen)
         uid, gid = self._identity()
         if path is not None:
             os.chmod(path, self.config.socket_mode)
@@ -217,7 +159,8 @@ class Master:
                 os.close(write_end)
                 for other in self.workers.values():
                     os.close(other.control)
-                code = _worker(self.config_path, self.runtime, read_end, self.listen_fd)
+                assert self.listener is not None
+                code = _worker(self.config_path, self.runtime, read_end, self.listener)
             except BaseException:
                 log.exception("worker failed")
             finally:
@@ -296,12 +239,12 @@ class Master:
         log.info("stopping: finishing the transactions in progress")
         for worker in self.workers.values():
             self.tell(worker, DRAIN)
-        path = _socket_path(self.config.listen)
+        path = socket_path(self.config.listen)
         if path is not None:
             with contextlib.suppress(OSError):
                 path.unlink()
-        with contextlib.suppress(OSError):
-            os.close(self.listen_fd)
+        if self.listener is not None:
+            self.listener.close()
         deadline = time.monotonic() + self.config.drain_timeout + 5
         while self.workers and time.monotonic() < deadline:
             self.reap()
@@ -317,49 +260,39 @@ class Master:
         return 0
 
 
-def _worker(config_path: str, runtime: Runtime, control: int, listen_fd: int) -> int:
-    """Run libmilter's loop; a control thread handles reload and drain requests."""
-    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
+def _worker(config_path: str, runtime: Runtime, control: int,
+            listener: socket.socket) -> int:
+    """Accept and serve connections; the control pipe brings reload and drain requests."""
+    # Only the master reacts to a terminal's ^C or to SIGHUP; it tells the workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     current = [runtime]
-    Milter.factory = lambda: Session(current[0])
-    threading.Thread(target=_control, args=(config_path, current, control, listen_fd),
-                     name="control", daemon=True).start()
-    milter.main()
+
+    def on_command(command: bytes) -> bool:
+        if command != RELOAD:
+            return False  # DRAIN, or the master is gone
+        try:
+            config = load(config_path)
+        except ConfigError as exc:
+            log.error("reload failed in worker, keeping the running policy: %s", exc)
+            return True
+        configure_logging(config.log_level)
+        current[0] = build_runtime(config)
+        return True
+
+    serve(listener, control, lambda: Session(current[0]), on_command)
+    _drain(current[0].config.drain_timeout)
     return 0
 
 
-def _control(config_path: str, current: list[Runtime], control: int, listen_fd: int) -> None:
-    while True:
-        try:
-            command = os.read(control, 1)
-        except OSError:
-            command = b""
-        if command == RELOAD:
-            try:
-                config = load(config_path)
-            except ConfigError as exc:
-                log.error("reload failed in worker, keeping the running policy: %s", exc)
-                continue
-            configure_logging(config.log_level)
-            current[0] = build_runtime(config)
-            continue
-        # DRAIN, or the master is gone: stop accepting, finish, exit.
-        _drain(current[0].config.drain_timeout, listen_fd)
-
-
-def _drain(timeout: float, listen_fd: int) -> None:
-    idle = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    idle.bind("")  # Linux autobinds an unguessable abstract name: nothing will arrive
-    idle.listen(1)
-    os.dup2(idle.fileno(), listen_fd)
+def _drain(timeout: float) -> None:
+    """Wait for the connections in progress (no new ones come: the listener is closed)."""
     deadline = time.monotonic() + timeout
     while ACTIVE.value > 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     if ACTIVE.value > 0:
         log.warning("drain: %d session(s) still open after %g s; exiting", ACTIVE.value, timeout)
-    logging.shutdown()
-    os._exit(0)
 
 
 def run(config_path: str) -> int:
@@ -372,7 +305,7 @@ def run(config_path: str) -> int:
     master = Master(config_path, config, build_runtime(config))
     try:
         master.bind()
-    except milter.error as exc:
+    except OSError as exc:
         print(f"mailwarden: cannot listen on {config.listen}: {exc}", file=sys.stderr)
         return 1
     return master.serve()

@@ -1,23 +1,20 @@
-"""The pymilter adapter: libmilter callbacks -> Transaction -> engine -> replies and header edits.
+"""The milter adapter: protocol commands -> Transaction -> engine -> replies and header edits.
 
-One `Session` per SMTP connection. Negotiation asks only for the stages and macros the rules
-need and marks as no-reply every stage that never answers, so a message costs the MTA as few
-round trips as possible. Every callback is guarded: an exception is logged and the message is
-tempfailed, never lost, and the process keeps serving.
+One `Session` per MTA connection, fed the decoded commands of `milterproto` by the server and
+answering with reply packets; it does no I/O itself. Negotiation asks only for the stages and
+macros the rules need and marks as no-reply every stage that never answers, so a message costs
+the MTA as few round trips as possible. Every command is guarded: an exception is logged and the
+message is tempfailed, never lost, and the process keeps serving.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
 
-import Milter
-
+from mailwarden import milterproto as mp
 from mailwarden.checks import CHECKS
 from mailwarden.config import STAGES, Config
 from mailwarden.headers import AR
@@ -26,14 +23,12 @@ from mailwarden.transaction import Transaction
 
 log = logging.getLogger("mailwarden.milter")
 
-F = TypeVar("F", bound=Callable[..., Any])
-
 # Header bytes kept per message for checks; Authentication-Results fields are always kept
 # (their positions decide which ones to delete).
 MAX_HEADER_BYTES = 4 * 1024 * 1024
 
-_MACRO_STAGE = {"connect": Milter.M_CONNECT, "helo": Milter.M_HELO, "mail": Milter.M_ENVFROM,
-                "rcpt": Milter.M_ENVRCPT, "eom": Milter.M_EOM}
+_MACRO_STAGE = {"connect": mp.M_CONNECT, "helo": mp.M_HELO, "mail": mp.M_ENVFROM,
+                "rcpt": mp.M_ENVRCPT, "eom": mp.M_EOM}
 # Macros we always want: the queue id, our host name, the client's address as the MTA saw it.
 _BASE_MACROS = {"connect": ("j", "{daemon_name}", "{client_addr}"), "mail": ("i",),
                 "eom": ("i",)}
@@ -43,7 +38,7 @@ _BASE_MACROS = {"connect": ("j", "{daemon_name}", "{client_addr}"), "mail": ("i"
 class Plan:
     """What to negotiate, derived once from the configuration."""
 
-    protocol: int  # SMFIP_* flags to ask for: P_NO* (don't send that stage), P_NR* (no reply)
+    protocol: int  # SMFIP_* flags to ask for: P_NO* (don't send that stage), P_NR_* (no reply)
     macros: dict[str, tuple[str, ...]]
 
     @classmethod
@@ -55,16 +50,16 @@ class Plan:
         needs_body = any(CHECKS[rule.check].needs_body for rule in config.all_rules())
         # Header values with their leading white space, exactly as received (DKIM "simple"
         # canonicalization needs them), and ours sent back the same way.
-        off = Milter.P_NR_CONN | Milter.P_NR_HDR | Milter.P_NOEOH | Milter.P_HDR_LEADSPC
-        off |= Milter.P_NOUNKNOWN | Milter.P_NODATA | Milter.P_NR_BODY
+        off = mp.P_NR_CONN | mp.P_NR_HDR | mp.P_NOEOH | mp.P_HDR_LEADSPC
+        off |= mp.P_NOUNKNOWN | mp.P_NODATA | mp.P_NR_BODY
         if not needs_body:
-            off |= Milter.P_NOBODY
+            off |= mp.P_NOBODY
         if not answers_helo:
-            off |= Milter.P_NR_HELO
+            off |= mp.P_NR_HELO
         if "mail" not in stages_with_rules and not answers_helo:
-            off |= Milter.P_NR_MAIL
+            off |= mp.P_NR_MAIL
         if "rcpt" not in stages_with_rules:
-            off |= Milter.P_NR_RCPT
+            off |= mp.P_NR_RCPT
         macros: dict[str, set[str]] = {stage: set(names) for stage, names in
                                        _BASE_MACROS.items()}
         macros.setdefault("mail", set()).add("{auth_authen}")
@@ -88,7 +83,7 @@ class Runtime:
 
 
 class SessionCount:
-    """Sessions in progress in this process (a drain waits for zero)."""
+    """Connections in progress in this process (a drain waits for zero)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -101,36 +96,25 @@ class SessionCount:
 
 ACTIVE = SessionCount()
 
-
-def guarded(refusable: bool) -> Callable[[F], F]:
-    """Turn an exception in a callback into a logged tempfail (or a continue where the
-    protocol allows no reply)."""
-
-    def wrap(func: F) -> F:
-        @functools.wraps(func)
-        def run(self: Session, *args: Any) -> Any:
-            try:
-                return func(self, *args)
-            except Exception:
-                log.exception("internal error in %s (client %s)", func.__name__,
-                              self.txn.client)
-                if refusable and not self._no_reply(func.__name__):
-                    try:
-                        self._reply(451, "4.3.0", "Internal error, try again later")
-                    except Exception:  # the MTA may be gone already
-                        log.debug("could not set the reply", exc_info=True)
-                    return Milter.TEMPFAIL
-                return Milter.CONTINUE
-        return run  # type: ignore[return-value]
-
-    return wrap
+# Actions we may ask for: add our header, delete forged ones, quarantine, choose the macros.
+WANTED_ACTIONS = mp.F_ADDHDRS | mp.F_CHGHDRS | mp.F_QUARANTINE | mp.F_SETSYMLIST
+_CONTINUE = mp.packet(mp.R_CONTINUE)
+_ACCEPT = mp.packet(mp.R_ACCEPT)
+_REJECT = mp.packet(mp.R_REJECT)
+_TEMPFAIL = mp.packet(mp.R_TEMPFAIL)
+_DISCARD = mp.packet(mp.R_DISCARD)
+_INTERNAL_ERROR = mp.reply_code(451, "4.3.0", "Internal error, try again later")
+# Where a macro is looked for: the newest stage first (libmilter's smfi_getsymval order).
+_LOOKUP = (mp.C_EOB, mp.C_EOH, mp.C_DATA, mp.C_RCPT, mp.C_MAIL, mp.C_HELO, mp.C_CONNECT)
+# Macros that belong to one message, forgotten when the next one starts.
+_MESSAGE_MACROS = (mp.C_MAIL, mp.C_RCPT, mp.C_DATA, mp.C_EOH, mp.C_EOB, mp.C_HEADER, mp.C_BODY)
+# Commands whose failure can be answered with a tempfail (connect can't carry a reply text).
+_REFUSABLE = frozenset({mp.C_HELO, mp.C_MAIL, mp.C_RCPT, mp.C_EOB})
 
 
-_NR_BITS = {"connect": Milter.P_NR_CONN, "hello": Milter.P_NR_HELO, "envfrom": Milter.P_NR_MAIL,
-            "envrcpt": Milter.P_NR_RCPT, "header": Milter.P_NR_HDR, "body": Milter.P_NR_BODY}
+class Session:
+    """One MTA connection: `handle()` takes each command and returns the reply bytes."""
 
-
-class Session(Milter.Base):  # type: ignore[misc]
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self.engine = runtime.engine
@@ -139,165 +123,238 @@ class Session(Milter.Base):  # type: ignore[misc]
         self.in_message = False
         self._header_size = 0
         self._protocol = 0
+        self._actions = 0
+        self._symbols: dict[int, dict[str, str]] = {}
+        self._handlers: dict[int, Callable[[bytes], bytes | None]] = {
+            mp.C_OPTNEG: self._negotiate, mp.C_MACRO: self._macro, mp.C_CONNECT: self._connect,
+            mp.C_HELO: self._helo, mp.C_MAIL: self._mail, mp.C_RCPT: self._rcpt,
+            mp.C_HEADER: self._header, mp.C_BODY: self._body, mp.C_EOB: self._eob,
+            mp.C_ABORT: self._abort,
+            # DATA, the end of the headers, an unknown SMTP command: nothing to do but answer
+            mp.C_DATA: lambda data: self._answer(mp.C_DATA),
+            mp.C_EOH: lambda data: self._answer(mp.C_EOH),
+            mp.C_UNKNOWN: lambda data: self._answer(mp.C_UNKNOWN),
+        }
+        self._closed = False
         ACTIVE.add(1)
 
-    # -- negotiation -----------------------------------------------------------------------
-    def negotiate(self, opts: list[int]) -> int:
+    # -- the server's interface --------------------------------------------------------------
+    def handle(self, command: int, data: bytes) -> bytes | None:
+        """The reply to one command (None when it gets none). Raises `ProtocolError` when the
+        MTA broke the protocol and `EOFError` when it quit."""
+        handler = self._handlers.get(command)
+        if handler is None:
+            if command == mp.C_QUIT:
+                raise EOFError
+            if command == mp.C_QUIT_NC:  # this SMTP session ends, another one follows
+                self._end_connection()
+                self.txn = Transaction()
+                self.pending = None
+                self._symbols.clear()
+                return None
+            raise mp.ProtocolError(f"unknown command {command!r}")
         try:
-            self._actions, protocol, _, _ = opts
-            for stage, names in self.runtime.plan.macros.items():
-                self._ctx.setsymlist(_MACRO_STAGE[stage], " ".join(names))
-            opts[1] = self._protocol = protocol & self.runtime.plan.protocol
-            opts[2] = opts[3] = 0
+            return handler(data)
+        except mp.ProtocolError:
+            raise
         except Exception:
-            log.exception("negotiation failed; asking for everything")
-            return int(Milter.ALL_OPTS)
-        return int(Milter.CONTINUE)
+            log.exception("internal error at command %r (client %s)", chr(command),
+                          self.txn.client)
+            if self._no_reply(command) or command in (mp.C_MACRO, mp.C_ABORT):
+                return None
+            if command in _REFUSABLE:
+                if command in (mp.C_MAIL, mp.C_EOB):
+                    self.in_message = False
+                return _INTERNAL_ERROR
+            return _CONTINUE
 
-    def _no_reply(self, callback: str) -> bool:
-        return bool(self._protocol & _NR_BITS.get(callback, 0))
+    def close(self) -> None:
+        """The connection is gone (or the MTA quit)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._end_connection()
+        finally:
+            ACTIVE.add(-1)
 
-    def _answer(self, callback: str, status: int) -> int:
-        """NOREPLY where the stage was negotiated as no-reply, else `status`."""
-        return int(Milter.NOREPLY) if self._no_reply(callback) else status
+    # -- helpers -----------------------------------------------------------------------------
+    def _end_connection(self) -> None:
+        try:
+            if self.in_message:
+                log.warning(describe(self.txn, "close", Verdict(
+                    "continue", reason="connection closed in the middle of a message")))
+        except Exception:
+            log.exception("internal error at the end of a connection")
+        self.in_message = False
+        self.txn.new_message()  # removes a spooled body now
+
+    def _no_reply(self, command: int) -> bool:
+        return bool(self._protocol & mp.NO_REPLY_BIT.get(command, 0))
+
+    def _answer(self, command: int, reply: bytes = _CONTINUE) -> bytes | None:
+        """Nothing where the stage was negotiated as no-reply, else `reply`."""
+        return None if self._no_reply(command) else reply
+
+    def _symval(self, name: str) -> str | None:
+        key = mp.macro_key(name)
+        for command in _LOOKUP:
+            values = self._symbols.get(command)
+            if values is not None and key in values:
+                return values[key]
+        return None
 
     def _macros(self, stage: str) -> None:
         for name in self.runtime.plan.macros.get(stage, ()):
-            value = self.getsymval(name)
+            value = self._symval(name)
             if value is not None:
                 self.txn.macros[name] = value
 
-    def _reply(self, code: int, status: str, text: str) -> None:
-        self.setreply(str(code), status, text)
-
-    def _refuse(self, verdict: Verdict, stage: str) -> int:
+    def _refuse(self, verdict: Verdict, stage: str) -> bytes:
         if log.isEnabledFor(logging.INFO):
             log.info(describe(self.txn, stage, verdict))
         if verdict.action == "discard":
-            return int(Milter.DISCARD)
+            return _DISCARD
         if verdict.reply is not None:
-            self._reply(verdict.reply.code, verdict.reply.status, verdict.reply.text)
-        return int(Milter.REJECT if verdict.action == "reject" else Milter.TEMPFAIL)
+            return mp.reply_code(verdict.reply.code, verdict.reply.status, verdict.reply.text)
+        return _REJECT if verdict.action == "reject" else _TEMPFAIL
 
-    def _pending(self, callback: str) -> int | None:
+    def _pending(self, command: int) -> bytes | None:
         """A refusal decided at connect, given at the first stage that can answer."""
-        if self.pending is None or self._no_reply(callback):
+        if self.pending is None or self._no_reply(command):
             return None
         verdict, self.pending = self.pending, None
         return self._refuse(verdict, "connect")
 
-    # -- callbacks ---------------------------------------------------------------------------
-    @guarded(refusable=False)
-    def connect(self, hostname: str, family: int, hostaddr: Any) -> int:
-        address = None
-        port = 0
-        if family in (socket.AF_INET, socket.AF_INET6) and hostaddr:
-            address, port = str(hostaddr[0]), int(hostaddr[1])
-        self.txn = Transaction.for_client(address, hostname or "", port)
+    # -- commands ----------------------------------------------------------------------------
+    def _negotiate(self, data: bytes) -> bytes:
+        offer = mp.parse_options(data)
+        self._actions = offer.actions & WANTED_ACTIONS
+        self._protocol = offer.protocol & self.runtime.plan.protocol
+        macros = None
+        if self._actions & mp.F_SETSYMLIST:
+            macros = {_MACRO_STAGE[stage]: " ".join(names)
+                      for stage, names in self.runtime.plan.macros.items()}
+        return mp.options_reply(min(offer.version, mp.VERSION), self._actions, self._protocol,
+                                macros)
+
+    def _macro(self, data: bytes) -> None:
+        command, values = mp.parse_macros(data)
+        if command == mp.C_MAIL:
+            for stale in _MESSAGE_MACROS:
+                self._symbols.pop(stale, None)
+        self._symbols[command] = values
+        return None
+
+    def _connect(self, data: bytes) -> bytes | None:
+        info = mp.parse_connect(data)
+        address = info.address if info.family in ("4", "6") else None
+        self.txn = Transaction.for_client(address, info.hostname, info.port)
         self._macros("connect")
         if self.txn.client_ip is None and self.txn.macros.get("{client_addr}"):
-            self.txn = Transaction.for_client(self.txn.macros["{client_addr}"], hostname or "")
+            self.txn = Transaction.for_client(self.txn.macros["{client_addr}"], info.hostname)
             self._macros("connect")
         verdict = self.engine.run_stage("connect", self.txn)
         if verdict.refuses:
             self.pending = verdict
-        return self._answer("connect", int(Milter.CONTINUE))
+        return self._answer(mp.C_CONNECT)
 
-    @guarded(refusable=True)
-    def hello(self, heloname: str) -> int:
-        self.txn.helo = heloname
+    def _helo(self, data: bytes) -> bytes | None:
+        names = mp.strings(data)
+        self.txn.helo = names[0] if names else ""
         self._macros("helo")
-        pending = self._pending("hello")
+        pending = self._pending(mp.C_HELO)
         if pending is not None:
             return pending
         verdict = self.engine.run_stage("helo", self.txn)
-        if verdict.refuses and not self._no_reply("hello"):
+        if verdict.refuses and not self._no_reply(mp.C_HELO):
             return self._refuse(verdict, "helo")
         if verdict.refuses:
             self.pending = verdict
-        return self._answer("hello", int(Milter.CONTINUE))
+        return self._answer(mp.C_HELO)
 
-    @guarded(refusable=True)
-    def envfrom(self, mailfrom: str, *params: str) -> int:
+    def _mail(self, data: bytes) -> bytes | None:
+        args = mp.strings(data) or [""]
         self.txn.new_message()
         self.txn.spool_threshold = self.runtime.config.spool_threshold
         self.in_message = True
         self._header_size = 0
-        self.txn.mail_from = mailfrom.strip().removeprefix("<").removesuffix(">")
-        self.txn.mail_params = tuple(params)
+        self.txn.mail_from = args[0].strip().removeprefix("<").removesuffix(">")
+        self.txn.mail_params = tuple(args[1:])
         self._macros("mail")
         self.txn.queue_id = self.txn.macros.get("i", "")
-        pending = self._pending("envfrom")
+        pending = self._pending(mp.C_MAIL)
         if pending is not None:
             return pending
         verdict = self.engine.run_stage("mail", self.txn)
         if verdict.refuses:
             self.in_message = False
             return self._refuse(verdict, "mail")
-        return self._answer("envfrom", int(Milter.CONTINUE))
+        return self._answer(mp.C_MAIL)
 
-    @guarded(refusable=True)
-    def envrcpt(self, to: str, *params: str) -> int:
-        self.txn.rcpts.append(to.strip().removeprefix("<").removesuffix(">"))
+    def _rcpt(self, data: bytes) -> bytes | None:
+        args = mp.strings(data) or [""]
+        self.txn.rcpts.append(args[0].strip().removeprefix("<").removesuffix(">"))
         self._macros("rcpt")
         verdict = self.engine.run_stage("rcpt", self.txn)
         if verdict.refuses:
-            code = self._refuse(verdict, "rcpt")
+            reply = self._refuse(verdict, "rcpt")
             if verdict.action != "discard":
                 self.txn.rcpts.pop()  # the MTA drops this recipient only
-            return code
-        return self._answer("envrcpt", int(Milter.CONTINUE))
+            return reply
+        return self._answer(mp.C_RCPT)
 
-    @guarded(refusable=False)
-    def header(self, name: str, value: str) -> int:
+    def _header(self, data: bytes) -> bytes | None:
+        name, value = mp.parse_header(data)
         size = len(name) + len(value)
         if name.lower() == AR.lower() or self._header_size + size <= MAX_HEADER_BYTES:
             self.txn.headers.append((name, value))
             self._header_size += size
-        return self._answer("header", int(Milter.CONTINUE))
+        return self._answer(mp.C_HEADER)
 
-    @guarded(refusable=False)
-    def body(self, chunk: bytes) -> int:
-        self.txn.add_body(chunk)
-        return self._answer("body", int(Milter.CONTINUE))
+    def _body(self, data: bytes) -> bytes | None:
+        self.txn.add_body(data)
+        return self._answer(mp.C_BODY)
 
-    @guarded(refusable=True)
-    def eom(self) -> int:
+    def _eob(self, data: bytes) -> bytes:
+        if data:
+            self.txn.add_body(data)
         self._macros("eom")
         self.txn.queue_id = self.txn.macros.get("i", self.txn.queue_id)
         self.in_message = False
         verdict, edits = self.engine.end_of_message(self.txn)
         if verdict.refuses:
             return self._refuse(verdict, "eom")
-        for position in sorted(edits.delete, reverse=True):
-            self.chgheader(AR, position, "")
-        leading = bool(self._protocol & Milter.P_HDR_LEADSPC)
-        for name, value in reversed(edits.insert):
-            if leading and not value.startswith((" ", "\t")):
-                value = " " + value
-            elif not leading:
-                value = value.lstrip(" \t")
-            self.addheader(name, value, 0)
-        if self.txn.quarantine:
-            self.quarantine(self.txn.quarantine)
+        replies: list[bytes] = []
+        if edits.delete and self._granted(mp.F_CHGHDRS, "delete forged headers"):
+            for position in sorted(edits.delete, reverse=True):
+                replies.append(mp.header_edit(mp.R_CHGHEADER, AR, "", position))
+        if edits.insert and self._granted(mp.F_ADDHDRS, "add headers"):
+            leading = bool(self._protocol & mp.P_HDR_LEADSPC)
+            for name, value in reversed(edits.insert):
+                if leading and not value.startswith((" ", "\t")):
+                    value = " " + value
+                elif not leading:
+                    value = value.lstrip(" \t")
+                replies.append(mp.header_edit(mp.R_INSHEADER, name, value, 0))
+        if self.txn.quarantine and self._granted(mp.F_QUARANTINE, "quarantine"):
+            replies.append(mp.quarantine(self.txn.quarantine))
         if log.isEnabledFor(logging.INFO):  # the line is not built when nobody reads it
             log.info(describe(self.txn, "eom", verdict))
-        return int(Milter.ACCEPT if verdict.action == "accept" else Milter.CONTINUE)
+        replies.append(_ACCEPT if verdict.action == "accept" else _CONTINUE)
+        return b"".join(replies)
 
-    @guarded(refusable=False)
-    def abort(self) -> int:
+    def _granted(self, action: int, what: str) -> bool:
+        if self._actions & action:
+            return True
+        log.warning("the MTA does not let milters %s; skipped (client %s)", what,
+                    self.txn.client)
+        return False
+
+    def _abort(self, data: bytes) -> None:
         if self.in_message and log.isEnabledFor(logging.INFO):
             log.info(describe(self.txn, "abort", Verdict("continue", reason="aborted by MTA")))
         self.in_message = False
-        return int(Milter.CONTINUE)
-
-    def close(self) -> int:
-        try:
-            if self.in_message:
-                log.warning(describe(self.txn, "close", Verdict(
-                    "continue", reason="connection closed in the middle of a message")))
-        except Exception:
-            log.exception("internal error in close")
-        finally:
-            ACTIVE.add(-1)
-        return int(Milter.CONTINUE)
+        for stale in _MESSAGE_MACROS:
+            self._symbols.pop(stale, None)
+        return None

@@ -112,6 +112,8 @@ def keys() -> Keys:
         key_name("bothhashes"): [{"TXT": f"v=DKIM1; k=rsa; h=sha1:sha256; p={rsa_key.p}"}],
         key_name("edtype"): [{"TXT": f"v=DKIM1; k=ed25519; p={rsa_key.p}"}],
         key_name("strict"): [{"TXT": f"v=DKIM1; k=rsa; t=s; p={rsa_key.p}"}],
+        key_name("tlsrpt"): [{"TXT": f"v=DKIM1; k=rsa; s=tlsrpt; p={rsa_key.p}"}],
+        key_name("services"): [{"TXT": f"v=DKIM1; k=rsa; s=tlsrpt:email; p={rsa_key.p}"}],
         key_name("secure"): [{"TXT": rsa_key.record}, "AD"],
         # a name that exists, without TXT: NODATA
         key_name("nodata"): [{"A": "192.0.2.1"}],
@@ -425,6 +427,30 @@ def test_strict_key_refuses_a_subdomain_identity(resolver: Resolver, keys: Keys)
     assert result.result == "permerror" and "t=s" in result.reason
     exact = sign(MESSAGE, keys.rsa, selector=b"strict", identity=b"alice@example.com")
     assert only(verify_message(exact, resolver)).result == "pass"
+
+
+def test_key_for_another_service_is_permerror(resolver: Resolver, keys: Keys) -> None:
+    """RFC 6376 §3.6.1 s=: a key whose service types include neither email nor * is not for
+    mail; unknown types in the list are ignored."""
+    other = only(verify_message(sign(MESSAGE, keys.rsa, selector=b"tlsrpt"), resolver))
+    assert other.result == "permerror" and "s=tlsrpt" in other.reason
+    listed = only(verify_message(sign(MESSAGE, keys.rsa, selector=b"services"), resolver))
+    assert listed.result == "pass"
+
+
+def test_signature_that_does_not_sign_from_is_neutral(resolver: Resolver, keys: Keys) -> None:
+    """RFC 6376 §6.1.1: h= must include From, or the signature is ignored."""
+    signed = replace_once(sign(MESSAGE, keys.rsa), b"h=from : to", b"h=to")
+    result = only(verify_message(signed, resolver))
+    assert result.result == "neutral" and "From" in result.reason
+
+
+def test_a_second_from_above_a_signed_message_fails(resolver: Resolver, keys: Keys) -> None:
+    """RFC 6376 §8.15: a From added on top of a message signed with one From."""
+    signed = sign(MESSAGE, keys.rsa)
+    assert only(verify_message(signed, resolver)).result == "pass"
+    forged = b"From: Mallory <ceo@example.com>\r\n" + signed
+    assert only(verify_message(forged, resolver)).result == "fail"
 
 
 # -- temperror ---------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-import Milter
 import pytest
 
+from mailwarden import milterproto as mp
 from mailwarden.config import load, parse
 from mailwarden.milter import Plan
 from mailwarden.relay import HostGroup, Membership, check_host_entry
@@ -157,8 +157,8 @@ def test_membership_passes_the_deadline_to_dns() -> None:
 
 
 # -- Plan.for_config -----------------------------------------------------------------------
-ALWAYS = (Milter.P_NR_CONN | Milter.P_NR_HDR | Milter.P_NOEOH | Milter.P_NR_BODY
-          | Milter.P_NOUNKNOWN | Milter.P_NODATA | Milter.P_HDR_LEADSPC)
+ALWAYS = (mp.P_NR_CONN | mp.P_NR_HDR | mp.P_NOEOH | mp.P_NR_BODY
+          | mp.P_NOUNKNOWN | mp.P_NODATA | mp.P_HDR_LEADSPC)
 RULES = {
     "connect": "  connect:\n    - name: c\n      check: iprev\n",
     "helo": "  helo:\n    - name: h\n      check: iprev\n",
@@ -180,7 +180,7 @@ def flags(p: Plan) -> set[str]:
              "P_NR_HELO", "P_NR_MAIL", "P_NR_RCPT", "P_NOCONNECT", "P_NOHELO", "P_NOMAIL",
              "P_NORCPT", "P_NOHDRS", "P_NR_EOH", "P_NR_BODY", "P_NR_DATA", "P_NR_UNKN",
              "P_SKIP", "P_RCPT_REJ", "P_HDR_LEADSPC")
-    return {name for name in names if p.protocol & getattr(Milter, name)}
+    return {name for name in names if p.protocol & getattr(mp, name)}
 
 
 @pytest.mark.parametrize("stages", [(), ("connect",), ("helo",), ("mail",), ("rcpt",), ("eom",),

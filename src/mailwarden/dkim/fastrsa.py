@@ -27,7 +27,7 @@ def _private(n: int, e: int, d: int, p: int, q: int, dmp1: int, dmq1: int, iqmp:
 
 
 @functools.lru_cache(maxsize=4096)
-def _public(n: int, e: int) -> rsa.RSAPublicKey:
+def public(n: int, e: int) -> rsa.RSAPublicKey:
     return rsa.RSAPublicNumbers(e, n).public_key()
 
 
@@ -49,7 +49,7 @@ def verify(digest: Any, signature: bytes, key: dict[str, int]) -> bool:
     """RSASSA-PKCS1-v1_5 verification, dkimpy's public key dict in."""
     data, algorithm = _algorithm(digest)
     try:
-        _public(key["modulus"], key["publicExponent"]).verify(
+        public(key["modulus"], key["publicExponent"]).verify(
             bytes(signature), data, padding.PKCS1v15(), algorithm)
     except (InvalidSignature, ValueError):
         return False

@@ -16,15 +16,22 @@ Results are RFC 8601 §2.7.1 words:
 from __future__ import annotations
 
 import base64
+import functools
+import hashlib
 import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-import dkim
+import dkim.crypto
 import dkim.util
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from mailwarden.dkim import fastrsa
 from mailwarden.dkim.canon import body_hash
+from mailwarden.dkim.headerhash import HeaderFormatError, parse_fields, signed_data
 from mailwarden.dns import DNSClient, Status
 
 MANDATORY = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
@@ -49,6 +56,53 @@ def _text(value: bytes) -> str:
 
 
 BodySource = Callable[[], Iterable[bytes]]
+
+
+@dataclass(frozen=True, slots=True)
+class PublicKey:
+    kind: bytes  # b"rsa" or b"ed25519"
+    bits: int
+    key: rsa.RSAPublicKey | ed25519.Ed25519PublicKey
+
+    def verifies(self, signature: bytes, data: bytes, hash_name: bytes) -> bool:
+        """RSASSA-PKCS1-v1_5 over `data` (RFC 6376 §3.3.1), or Ed25519 over its SHA-256
+        (RFC 8463 §3: PureEdDSA signs the hash, not the data)."""
+        try:
+            if isinstance(self.key, rsa.RSAPublicKey):
+                algorithm = hashes.SHA1() if hash_name == b"sha1" else hashes.SHA256()
+                self.key.verify(signature, data, padding.PKCS1v15(), algorithm)
+            else:
+                self.key.verify(signature, hashlib.sha256(data).digest())
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+# Read-only use: the parsed tags of a key record, once per distinct record.
+_key_tags = functools.lru_cache(maxsize=1024)(dkim.util.parse_tag_value)
+
+
+@functools.lru_cache(maxsize=1024)
+def public_key(record: bytes) -> PublicKey:
+    """The key of a DKIM key record (RFC 6376 §3.6.1 k= and p=; RFC 8463 §4 for Ed25519: p= is
+    the raw 32-byte key), parsed once per distinct record: a busy domain's key is seen on
+    every message. Raises ValueError for an unusable key."""
+    tags = _key_tags(record)
+    kind = tags.get(b"k", b"rsa").strip().lower()
+    try:
+        data = base64.b64decode(re.sub(rb"\s+", b"", tags.get(b"p", b"")), validate=True)
+    except ValueError:
+        raise ValueError("p= is not base64") from None
+    if kind == b"ed25519":
+        return PublicKey(kind, 256, ed25519.Ed25519PublicKey.from_public_bytes(data))
+    if kind != b"rsa":
+        raise ValueError(f"unknown key type k={kind.decode('ascii', 'replace')}")
+    try:
+        parsed = dkim.crypto.parse_public_key(data)
+    except (dkim.crypto.UnparsableKeyError, IndexError, KeyError, TypeError) as exc:
+        raise ValueError(f"unparseable RSA key: {exc}") from None
+    modulus, exponent = parsed["modulus"], parsed["publicExponent"]
+    return PublicKey(kind, modulus.bit_length(), fastrsa.public(modulus, exponent))
 
 
 def split_message(message: bytes) -> tuple[bytes, BodySource]:
@@ -85,24 +139,24 @@ def verify_message(message: bytes, dns: DNSClient, *, body: BodySource | None = 
     if body is None:
         message, body = split_message(message)
     try:
-        signer = dkim.DKIM(message, minkey=1024)
-    except dkim.MessageFormatError as exc:
+        fields = parse_fields(message)
+    except HeaderFormatError as exc:
         return [SignatureResult("permerror", f"unparseable message: {exc}")]
     hashes = _BodyHashes(body)
-    headers = [(name, value) for name, value in signer.headers
-               if name.lower() == b"dkim-signature"]
+    headers = [(name, value) for name, value in fields if name.lower() == b"dkim-signature"]
     results = []
     for index, header in enumerate(headers):
         if index >= max_signatures:
             results.append(SignatureResult("neutral", f"not evaluated: more than "
                                                       f"{max_signatures} signatures"))
             continue
-        results.append(_verify_one(signer, header, hashes, dns, accept_body_length,
+        results.append(_verify_one(fields, header, hashes, dns, accept_body_length,
                                    time.time() if now is None else now, deadline))
     return results
 
 
-def _verify_one(signer: dkim.DKIM, header: tuple[bytes, bytes], hashes: _BodyHashes,
+def _verify_one(fields: list[tuple[bytes, bytes]], header: tuple[bytes, bytes],
+                hashes: _BodyHashes,
                 dns: DNSClient, accept_body_length: bool, now: float, deadline: float | None
                 ) -> SignatureResult:
     try:
@@ -142,6 +196,9 @@ def _verify_one(signer: dkim.DKIM, header: tuple[bytes, bytes], hashes: _BodyHas
             return result("fail", f"signature expired at {expires} (x=)")
     if b"t" in sig and sig[b"t"].isdigit() and int(sig[b"t"]) > now + 300:
         return result("fail", f"signature dated in the future (t={int(sig[b't'])})")
+    include = [h.lower() for h in re.split(rb"\s*:\s*", sig[b"h"].strip())]
+    if b"from" not in include:
+        return result("neutral", "h= does not include From (RFC 6376 §6.1.1)")
     if sig[b"a"].lower() == b"rsa-sha1":
         return result("policy", "rsa-sha1 is not accepted (RFC 8301 §3.1)")
     if b"l" in sig and not accept_body_length:
@@ -155,7 +212,7 @@ def _verify_one(signer: dkim.DKIM, header: tuple[bytes, bytes], hashes: _BodyHas
         return result("permerror", f"no key at {name} ({answer.status})")
     record = answer.records[0].encode("latin-1")
     try:
-        key_tags = dkim.util.parse_tag_value(record)
+        key_tags = _key_tags(record)
     except dkim.util.InvalidTagValueList as exc:
         return result("permerror", f"malformed key record at {name}: {exc}")
     if not key_tags.get(b"p", b"").strip():
@@ -164,10 +221,11 @@ def _verify_one(signer: dkim.DKIM, header: tuple[bytes, bytes], hashes: _BodyHas
     if problem:
         return result("permerror", problem)
     try:
-        pk, bits, ktag, tlsrpt = dkim.evaluate_pk(name.encode(), record)
-    except dkim.DKIMException as exc:
+        key = public_key(record)
+    except (dkim.util.InvalidTagValueList, ValueError) as exc:
         return result("permerror", f"unusable key at {name}: {exc}")
-    if ktag == b"rsa" and bits < 1024:
+    bits = key.bits
+    if key.kind == b"rsa" and bits < 1024:
         return result("policy", f"RSA key of {bits} bits (RFC 8301 §3.2 requires 1024+)",
                       key_bits=bits)
     canon = sig.get(b"c", b"simple/simple").decode("ascii", "replace").lower()
@@ -184,16 +242,12 @@ def _verify_one(signer: dkim.DKIM, header: tuple[bytes, bytes], hashes: _BodyHas
         return result("neutral", "bh= is not base64")
     if digest != expected:
         return result("fail", "body hash mismatch", key_bits=bits, authentic=answer.authentic)
-    signer.pk, signer.keysize, signer.ktag, signer.seqtlsrpt = pk, bits, ktag, tlsrpt
-    include = [h.lower() for h in re.split(rb"\s*:\s*", sig[b"h"].strip())]
-    headers_only = {k: v for k, v in sig.items() if k != b"bh"}  # the body is checked above
     try:
-        ok = signer.verify_sig_process(headers_only, include, header, None)
-    except dkim.ValidationError as exc:
-        return result("fail", str(exc), key_bits=bits, authentic=answer.authentic)
-    except dkim.DKIMException as exc:
-        return result("permerror", str(exc), key_bits=bits, authentic=answer.authentic)
-    if not ok:
+        signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]), validate=True)
+    except ValueError:
+        return result("neutral", "b= is not base64")
+    data = signed_data(fields, include, header, relaxed=canon.partition("/")[0] == "relaxed")
+    if not key.verifies(signature, data, algorithm_hash(sig)):
         return result("fail", "signature does not verify", key_bits=bits,
                       authentic=answer.authentic)
     return result("pass", "signature verified", key_bits=bits, authentic=answer.authentic)
@@ -214,6 +268,9 @@ def _key_constraints(sig: dict[bytes, bytes], key: dict[bytes, bytes]) -> str:
         allowed = [h.strip().lower() for h in key[b"h"].split(b":")]
         if digest not in allowed:
             return f"key allows h={key[b'h'].decode('ascii', 'replace')} only"
+    services = [s.strip().lower() for s in key.get(b"s", b"*").split(b":")]
+    if b"*" not in services and b"email" not in services:
+        return f"key is for service s={key[b's'].decode('ascii', 'replace')}, not email"
     flags = [f.strip() for f in key.get(b"t", b"").split(b":")]
     if b"s" in flags and b"i" in sig:
         identity_domain = sig[b"i"].rpartition(b"@")[2].lower()
