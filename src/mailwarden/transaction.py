@@ -66,6 +66,7 @@ class Transaction:
     _message: bytes | None = None
 
     def add_body(self, chunk: bytes) -> None:
+        """A piece of the body, with CRLF line ends as the MTA sends them (DKIM relies on it)."""
         if self.body is None:
             self.body = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in new_message)
                 max_size=self.spool_threshold)

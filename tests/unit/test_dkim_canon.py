@@ -67,3 +67,15 @@ def test_unknown_canonicalization_is_refused() -> None:
         assert "nofws" in str(exc)
     else:
         raise AssertionError("nofws was accepted")
+
+
+@settings(max_examples=300, deadline=None)
+@given(BODY, st.lists(st.integers(min_value=0, max_value=200), max_size=5),
+       st.sampled_from(["simple", "relaxed"]))
+def test_mta_bodies_hash_the_same_without_the_line_end_search(body: bytes, cuts: list[int],
+                                                               canon: str) -> None:
+    """crlf=True (a body from the MTA, CRLF only) skips the bare-LF search, same hash."""
+    body = re.sub(rb"(?<!\r)\n", b"\r\n", body)
+    points = sorted({min(c, len(body)) for c in cuts})
+    chunks = [body[a:b] for a, b in zip([0, *points], [*points, len(body)], strict=True)]
+    assert body_hash(chunks, canon, crlf=True) == reference(body, canon)

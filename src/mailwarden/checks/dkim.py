@@ -58,7 +58,7 @@ def _record(sig: SignatureResult) -> CheckResult:
 
 
 def run_verify(ctx: Context, txn: Transaction, args: VerifyArgs) -> CheckOutcome:
-    signatures = verify_message(txn.header_block(), ctx.dns, body=txn.body_chunks,
+    signatures = verify_message(txn.header_block(), ctx.dns, body=txn.body_chunks, crlf=True,
                                 max_signatures=args.max_signatures,
                                 accept_body_length=args.accept_body_length)
     txn.dkim = signatures
@@ -117,7 +117,8 @@ def run_sign(ctx: Context, txn: Transaction, args: SignArgs) -> CheckOutcome:
     signing = ctx.config.signing
     options = SignOptions(signing.headers, signing.oversign, signing.canonicalization)
     try:
-        fields = sign_message(txn.header_block(), keys, options, body=txn.body_chunks)
+        fields = sign_message(txn.header_block(), keys, options, body=txn.body_chunks,
+                              crlf=True)
     except dkimpy.DKIMException as exc:
         return CheckOutcome("error", text=f"cannot sign: {exc}")
     return CheckOutcome("signed", headers=tuple(fields),

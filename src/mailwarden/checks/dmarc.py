@@ -119,7 +119,8 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
     if not txn.dkim and not any(r.method == "dkim" for r in txn.results):
         from mailwarden.dkim.verify import verify_message  # no dkim_verify rule ran
 
-        txn.dkim = verify_message(txn.header_block(), ctx.dns, body=txn.body_chunks)
+        txn.dkim = verify_message(txn.header_block(), ctx.dns, body=txn.body_chunks,
+                                  crlf=True)
     spf_domain, spf_result, spf_reported = _spf(txn)
     dkim = [DkimInput(s.domain, s.selector, s.result) for s in txn.dkim if s.domain]
     found = evaluate(ctx.dns, domain, spf_domain=spf_domain, spf_result=spf_result,

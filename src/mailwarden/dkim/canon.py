@@ -7,7 +7,9 @@ simple:  trailing empty lines are ignored; an empty body is one CRLF.
 relaxed: white space at the end of each line is removed, runs of white space become one SP,
          trailing empty lines are ignored; an empty body stays empty, and a non-empty body
          that does not end in CRLF gets one.
-Bare LF line ends are read as CRLF, as dkimpy does.
+Bare LF line ends are read as CRLF, as dkimpy does; a body from the MTA (`crlf=True`) has CRLF
+line ends by construction (the milter protocol sends every line with CRLF), so that search, a
+third of the cost of a large body, is skipped.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class BodyHasher:
     """Feed chunks, then `digest()`. `limit` is the l= tag: hash only that many octets."""
 
     def __init__(self, canonicalization: str, hash_name: str = "sha256",
-                 limit: int | None = None) -> None:
+                 limit: int | None = None, crlf: bool = False) -> None:
         if canonicalization not in ("simple", "relaxed"):
             raise ValueError(f"unknown body canonicalization {canonicalization!r}")
         self.relaxed = canonicalization == "relaxed"
@@ -35,6 +37,7 @@ class BodyHasher:
         self._partial = b""  # an incomplete last line, kept for the next chunk
         self._pending_crlf = 0  # empty lines seen but not yet known not to be trailing
         self._seen_content = False
+        self._crlf = crlf
 
     def _emit(self, data: bytes) -> None:
         if self.limit is not None:
@@ -47,9 +50,10 @@ class BodyHasher:
         if self.relaxed:
             # Each regular expression only runs when the cheap test says it has work to do:
             # most text has no trailing white space, no tabs and no double spaces.
-            if b" \r\n" in block or b"\t\r\n" in block:
+            tab = b"\t" in block  # one byte: a fast memchr, unlike the two-byte searches
+            if tab or b" \r\n" in block:
                 block = _TRAILING_WSP.sub(b"\r\n", block)
-            if b"  " in block or b"\t" in block:
+            if tab or b"  " in block:
                 block = _WSP.sub(b" ", block)
         end, trailing = len(block), 0
         while block.endswith(b"\r\n", 0, end):
@@ -68,7 +72,7 @@ class BodyHasher:
 
     def update(self, chunk: bytes) -> None:
         data = self._partial + chunk
-        if data.count(b"\n") != data.count(b"\r\n"):
+        if not self._crlf and data.count(b"\n") != data.count(b"\r\n"):
             data = _BARE_LF.sub(b"\r\n", data)
         if data.endswith(b"\r"):
             data, self._partial = data[:-1], b"\r"
@@ -96,8 +100,8 @@ class BodyHasher:
 
 
 def body_hash(chunks: Iterable[bytes], canonicalization: str, hash_name: str = "sha256",
-              limit: int | None = None) -> bytes:
-    hasher = BodyHasher(canonicalization, hash_name, limit)
+              limit: int | None = None, crlf: bool = False) -> bytes:
+    hasher = BodyHasher(canonicalization, hash_name, limit, crlf)
     for chunk in chunks:
         hasher.update(chunk)
     return hasher.digest()

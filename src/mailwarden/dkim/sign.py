@@ -63,11 +63,12 @@ def _private_key(algorithm: str, private: bytes) -> Any:
 
 
 def sign_message(message: bytes, keys: Sequence[SigningKey], options: SignOptions = SignOptions(),
-                 *, body: BodySource | None = None, now: float | None = None
-                 ) -> list[tuple[str, str]]:
+                 *, body: BodySource | None = None, crlf: bool = False,
+                 now: float | None = None) -> list[tuple[str, str]]:
     """DKIM-Signature fields (name, value without the CRLF, folded with LF) for the message,
     one per key, in the order to insert them at the top. `message` is the whole message, or
-    only its header block when `body` streams the body. dkimpy hashes and signs the header
+    only its header block when `body` streams the body (`crlf`: with CRLF line ends only,
+    as the MTA sends it). dkimpy hashes and signs the header
     fields; the body hash is ours, streamed (one per canonicalization, shared by every key).
     Raises dkim.DKIMException for an unsignable message."""
     if body is None:
@@ -80,7 +81,7 @@ def sign_message(message: bytes, keys: Sequence[SigningKey], options: SignOption
     header_canon, body_canon = options.canonicalization
     policy = dkim.CanonicalizationPolicy.from_c_value(
         f"{header_canon}/{body_canon}".encode())
-    body_digest = base64.b64encode(body_hash(body(), body_canon))
+    body_digest = base64.b64encode(body_hash(body(), body_canon, crlf=crlf))
     timestamp = str(int(time.time() if now is None else now)).encode()
     fields = []
     for key in keys:

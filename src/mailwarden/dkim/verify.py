@@ -119,30 +119,34 @@ def split_message(message: bytes) -> tuple[bytes, BodySource]:
 class _BodyHashes:
     """Body hashes by (canonicalization, hash, l=): computed once each, streamed."""
 
-    def __init__(self, body: BodySource) -> None:
+    def __init__(self, body: BodySource, crlf: bool) -> None:
         self.body = body
+        self.crlf = crlf
         self.known: dict[tuple[str, str, int | None], bytes] = {}
 
     def get(self, canonicalization: str, hash_name: str, limit: int | None) -> bytes:
         key = (canonicalization, hash_name, limit)
         if key not in self.known:
-            self.known[key] = body_hash(self.body(), canonicalization, hash_name, limit)
+            self.known[key] = body_hash(self.body(), canonicalization, hash_name, limit,
+                                        self.crlf)
         return self.known[key]
 
 
 def verify_message(message: bytes, dns: DNSClient, *, body: BodySource | None = None,
-                   max_signatures: int = 8, accept_body_length: bool = True,
+                   crlf: bool = False, max_signatures: int = 8,
+                   accept_body_length: bool = True,
                    now: float | None = None, deadline: float | None = None
                    ) -> list[SignatureResult]:
     """Every DKIM-Signature, top first. `message` is the whole message, or only its header
-    block when `body` streams the body (so a large body is never held whole in memory)."""
+    block when `body` streams the body (so a large body is never held whole in memory).
+    `crlf`: the body's line ends are all CRLF already (a body from the MTA)."""
     if body is None:
         message, body = split_message(message)
     try:
         fields = parse_fields(message)
     except HeaderFormatError as exc:
         return [SignatureResult("permerror", f"unparseable message: {exc}")]
-    hashes = _BodyHashes(body)
+    hashes = _BodyHashes(body, crlf)
     headers = [(name, value) for name, value in fields if name.lower() == b"dkim-signature"]
     results = []
     for index, header in enumerate(headers):
