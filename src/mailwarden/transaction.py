@@ -83,7 +83,7 @@ class Transaction:
             lines.append(f"{name}:{value}\r\n".encode("utf-8", "surrogateescape"))
         return b"".join(lines) + b"\r\n"
 
-    def body_chunks(self, size: int = 1024 * 1024) -> Iterator[bytes]:
+    def body_chunks(self, size: int = 256 * 1024) -> Iterator[bytes]:
         """The body, read back from the spool a chunk at a time."""
         if self.body is None:
             return
