@@ -39,6 +39,9 @@ from mailwarden.dkim.keys import SigningKey, generate, load_key, write_private  
 from mailwarden.dkim.sign import sign_message  # noqa: E402
 
 DOMAIN = "bench.example"
+# Verification is measured from an outside client: OpenDKIM treats 127.0.0.1 as an internal
+# host and passes its mail through without verifying it (no Authentication-Results at all).
+OUTSIDE = "192.0.2.10"
 
 
 def start_dns(zone: dict[str, Any], workdir: Path) -> tuple[subprocess.Popen[str], int]:
@@ -102,6 +105,18 @@ def mailwarden(workdir: Path, dns_port: int, keys: list[SigningKey], mode: str) 
     return daemon
 
 
+def preflight(socket: str, message: Message, who: str) -> None:
+    """One verification must give dkim=pass in an Authentication-Results field, or the numbers
+    would measure something else than verification."""
+    with MilterClient(socket, timeout=30) as client:
+        result = client.send_message(client_ip=message.client_ip, helo=message.helo,
+                                     mail_from=message.mail_from, rcpts=list(message.rcpts),
+                                     message=message.data)
+    fields = [v for n, v in result.headers_added if n.lower() == "authentication-results"]
+    if result.action not in ("accept", "continue") or not any("dkim=pass" in f for f in fields):
+        raise SystemExit(f"{who} did not verify the message: {result.action}, {fields}")
+
+
 def measure(socket: str, messages: list[Message], connections: int, seconds: float
             ) -> tuple[float, float, float, int]:
     report = run_load(socket, messages, connections=connections, duration=seconds,
@@ -110,10 +125,10 @@ def measure(socket: str, messages: list[Message], connections: int, seconds: flo
             report.errors)
 
 
-def rss_for_big_message(socket: str, pids: list[int], message: bytes) -> int:
+def rss_for_big_message(socket: str, pids: list[int], message: bytes, client_ip: str) -> int:
     before = peak_rss_kib(pids)
     with MilterClient(socket, timeout=120) as client:
-        client.send_message(client_ip="127.0.0.1", helo="client.bench.example",
+        client.send_message(client_ip=client_ip, helo="client.bench.example",
                             mail_from=f"alice@{DOMAIN}", rcpts=["bob@example.net"],
                             message=message)
     return max(0, peak_rss_kib(pids) - before)
@@ -147,7 +162,8 @@ def main() -> int:
                         fields = sign_message(body, keys)
                         body = b"".join(f"{n}:{v}".replace("\n", "\r\n").encode() + b"\r\n"
                                         for n, v in fields) + body
-                    messages = [Message(body, mail_from=f"alice@{DOMAIN}")]
+                    client_ip = OUTSIDE if mode == "verify" else "127.0.0.1"
+                    messages = [Message(body, mail_from=f"alice@{DOMAIN}", client_ip=client_ip)]
                     odk_dir = workdir / f"odk-{mode}-{label}-{size}"
                     mw_dir = workdir / f"mw-{mode}-{label}-{size}"
                     odk = OpenDKIM(odk_dir, mode="s" if mode == "sign" else "v",
@@ -156,6 +172,9 @@ def main() -> int:
                     odk.start()
                     daemon = mailwarden(mw_dir, port, keys, mode)
                     try:
+                        if mode == "verify":
+                            preflight(daemon.socket, messages[0], "mailwarden")
+                            preflight(odk.socket, messages[0], "OpenDKIM")
                         for connections in args.connections:
                             ours = measure(daemon.socket, messages, connections, args.seconds)
                             theirs = measure(odk.socket, messages, connections, args.seconds)
@@ -183,9 +202,10 @@ def main() -> int:
                 try:
                     time.sleep(0.5)
                     assert daemon.process is not None and odk.pid is not None
+                    client_ip = OUTSIDE if mode == "verify" else "127.0.0.1"
                     ours_rss = rss_for_big_message(daemon.socket,
-                                                   children(daemon.process.pid), data)
-                    theirs_rss = rss_for_big_message(odk.socket, [odk.pid], data)
+                                                   children(daemon.process.pid), data, client_ip)
+                    theirs_rss = rss_for_big_message(odk.socket, [odk.pid], data, client_ip)
                     big.append(f"20 MiB message, {mode} RSA-2048: peak RSS growth mailwarden "
                                f"{ours_rss / 1024:.1f} MiB ({ours_rss / 20480:.2f}x the message), "
                                f"OpenDKIM {theirs_rss / 1024:.1f} MiB")

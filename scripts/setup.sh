@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(gcc python3 python3-dev python3-venv libmilter-dev)
 if [ "${1:-}" = "--test" ]; then
-    APT_PACKAGES+=(postfix miltertest opendkim opendkim-tools libxml2-utils postgresql)
+    APT_PACKAGES+=(postfix miltertest opendkim opendkim-tools opendmarc dbconfig-no-thanks
+                   libxml2-utils postgresql)
 fi
 
 missing=()
