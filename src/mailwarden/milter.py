@@ -281,6 +281,9 @@ class Session:
         self._header_size = 0
         self.txn.mail_from = args[0].strip().removeprefix("<").removesuffix(">")
         self.txn.mail_params = tuple(args[1:])
+        for stage in ("mail", "rcpt", "eom"):  # the previous message's values
+            for name in self.runtime.plan.macros.get(stage, ()):
+                self.txn.macros.pop(name, None)
         self._macros("mail")
         self.txn.queue_id = self.txn.macros.get("i", "")
         pending = self._pending(mp.C_MAIL)
@@ -295,8 +298,12 @@ class Session:
     def _rcpt(self, data: bytes) -> bytes | None:
         args = mp.strings(data) or [""]
         self.txn.rcpts.append(args[0].strip().removeprefix("<").removesuffix(">"))
-        self._macros("rcpt")
-        verdict = self.engine.run_stage("rcpt", self.txn)
+        try:
+            self._macros("rcpt")
+            verdict = self.engine.run_stage("rcpt", self.txn)
+        except Exception:
+            self.txn.rcpts.pop()  # answered with a tempfail: the MTA drops this recipient
+            raise
         if verdict.refuses:
             reply = self._refuse(verdict, "rcpt")
             if verdict.action != "discard":
@@ -322,6 +329,7 @@ class Session:
         self._macros("eom")
         self.txn.queue_id = self.txn.macros.get("i", self.txn.queue_id)
         self.in_message = False
+        self._forget_message_macros()
         verdict, edits = self.engine.end_of_message(self.txn)
         if verdict.refuses:
             return self._refuse(verdict, "eom")
@@ -355,6 +363,11 @@ class Session:
         if self.in_message and log.isEnabledFor(logging.INFO):
             log.info(describe(self.txn, "abort", Verdict("continue", reason="aborted by MTA")))
         self.in_message = False
+        self._forget_message_macros()
+        return None
+
+    def _forget_message_macros(self) -> None:
+        """The message is over: its macros must not answer for the next one (whose MAIL may
+        come without any, as Postfix sends no queue id before the queue file exists)."""
         for stale in _MESSAGE_MACROS:
             self._symbols.pop(stale, None)
-        return None
