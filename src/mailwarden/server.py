@@ -1,10 +1,12 @@
 """Sockets for the milter protocol: the listening socket, and one worker's accept loop.
 
-Each worker process polls the shared listening socket and its control pipe; every accepted
-MTA connection gets a thread that reads whole buffers, splits them into packets, hands each to
-its `Session` and writes all replies of one read in one send. A thread per connection keeps a
-slow DNS answer for one message from holding up the others, and the pre-forked workers put every
-core to work.
+Each worker process waits on the shared listening socket (EPOLLEXCLUSIVE: a new connection
+wakes one worker, not all of them) and on its control pipe; every accepted MTA connection is
+served by a thread that reads whole buffers, splits them into packets, hands each to its
+`Session` and writes all replies of one read in one send. A thread per connection keeps a slow
+DNS answer for one message from holding up the others, and the pre-forked workers put every
+core to work. Threads are reused: Postfix opens a milter connection per SMTP session, and
+starting a thread costs about as much as handling a small message.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import contextlib
 import errno
 import logging
 import os
+import queue
 import select
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +32,9 @@ log = logging.getLogger("mailwarden.server")
 # An MTA that says nothing for this long is given up on (libmilter's default timeout).
 IDLE_TIMEOUT = 7210.0
 READ_SIZE = 256 * 1024
+# Idle threads kept for the next connections; more are started when needed, and a thread
+# with nothing to do beyond these ends.
+IDLE_THREADS = 8
 
 
 def socket_path(listen: str) -> Path | None:
@@ -75,7 +82,12 @@ def open_listener(listen: str, backlog: int = 128) -> socket.socket:
 def converse(conn: socket.socket, session: Session) -> None:
     """Serve one MTA connection until it quits, breaks the protocol, or goes silent."""
     buffer = bytearray()
-    conn.settimeout(IDLE_TIMEOUT)
+    # A kernel receive timeout rather than Python's socket timeout, which polls before every
+    # read: a blocking recv() then fails with EAGAIN when the MTA has been silent too long.
+    seconds = int(IDLE_TIMEOUT)
+    timeval = struct.pack("ll", seconds, int((IDLE_TIMEOUT - seconds) * 1e6))
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)  # an MTA that stops reading
     try:
         while True:
             chunk = conn.recv(READ_SIZE)
@@ -97,7 +109,7 @@ def converse(conn: socket.socket, session: Session) -> None:
     except mp.ProtocolError as exc:
         log.warning("closing the MTA connection (client %s): protocol error: %s",
                     session.txn.client, exc)
-    except TimeoutError:
+    except (TimeoutError, BlockingIOError):
         log.warning("closing the MTA connection (client %s): silent for %g s",
                     session.txn.client, IDLE_TIMEOUT)
     except OSError as exc:
@@ -108,17 +120,48 @@ def converse(conn: socket.socket, session: Session) -> None:
             conn.close()
 
 
+class ThreadPool:
+    """Runs `converse` for each connection on a waiting thread, or on a new one."""
+
+    def __init__(self, max_idle: int = IDLE_THREADS) -> None:
+        self.max_idle = max_idle
+        self._jobs: queue.SimpleQueue[tuple[socket.socket, Session]] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._idle = 0
+
+    def submit(self, conn: socket.socket, session: Session) -> None:
+        with self._lock:
+            waiting = self._idle > 0
+            if waiting:
+                self._idle -= 1
+        if waiting:
+            self._jobs.put((conn, session))
+        else:
+            threading.Thread(target=self._run, args=(conn, session), name="milter",
+                             daemon=True).start()
+
+    def _run(self, conn: socket.socket, session: Session) -> None:
+        while True:
+            converse(conn, session)
+            with self._lock:
+                if self._idle >= self.max_idle:
+                    return
+                self._idle += 1
+            conn, session = self._jobs.get()
+
+
 def serve(listener: socket.socket, control: int, new_session: Callable[[], Session],
           on_command: Callable[[bytes], bool]) -> None:
     """Accept connections until `on_command` (given each byte read from the control pipe, or
     b"" when the pipe closes) returns False; the listener is then closed in this process."""
     listener.setblocking(False)
-    poller = select.poll()
-    poller.register(listener.fileno(), select.POLLIN)
-    poller.register(control, select.POLLIN)
+    pool = ThreadPool()
+    events = select.epoll()
+    events.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+    events.register(control, select.EPOLLIN)
     try:
         while True:
-            for fd, _ in poller.poll():
+            for fd, _ in events.poll():
                 if fd == control:
                     try:
                         command = os.read(control, 1)
@@ -127,12 +170,14 @@ def serve(listener: socket.socket, control: int, new_session: Callable[[], Sessi
                     if not on_command(command):
                         return
                     continue
-                _accept(listener, new_session)
+                _accept(listener, new_session, pool)
     finally:
+        events.close()
         listener.close()
 
 
-def _accept(listener: socket.socket, new_session: Callable[[], Session]) -> None:
+def _accept(listener: socket.socket, new_session: Callable[[], Session],
+            pool: ThreadPool) -> None:
     try:
         conn, _ = listener.accept()
     except BlockingIOError:
@@ -149,5 +194,4 @@ def _accept(listener: socket.socket, new_session: Callable[[], Session]) -> None
         log.exception("cannot start a session")
         conn.close()
         return
-    threading.Thread(target=converse, args=(conn, session), name="milter",
-                     daemon=True).start()
+    pool.submit(conn, session)
