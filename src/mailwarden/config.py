@@ -337,9 +337,9 @@ class Config:
 
 
 def default_workers() -> int:
-    """Two milter processes per core: each spends much of its time waiting for the GIL
-    between libmilter's callbacks, so a second one per core keeps the core busy (measured:
-    verify at 16 connections on 2 cores, 2 workers ~2,200 msg/s, 4 workers ~2,400-2,700)."""
+    """Two worker processes per core: each spends part of its time waiting for its sockets and
+    for the GIL, so a second one per core keeps the core busy (measured: verify at 16
+    connections on 2 cores, 2 workers ~2,200 msg/s, 4 workers ~2,400-2,700)."""
     return 2 * (os.cpu_count() or 1)
 
 

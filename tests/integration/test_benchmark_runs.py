@@ -1,11 +1,14 @@
-"""The SPF benchmark still runs and reports its table (a smoke test; no timing is asserted)."""
+"""The benchmarks still run and report their tables (smoke tests; no timing is asserted)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -20,3 +23,69 @@ def test_spf_benchmark_prints_ratios_and_agrees_with_pyspf() -> None:
     for cache in ("cold", "warm"):
         assert re.search(rf"^{cache} +[\d,]+ +[\d,]+ +\d+\.\d\dx", done.stdout, re.MULTILINE), (
             done.stdout)
+
+
+POSTFIX_BENCH_TOOLS = ("/usr/sbin/postfix", "/usr/sbin/smtp-source", "/usr/sbin/smtp-sink",
+                       "/usr/sbin/opendkim")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not all(os.access(tool, os.X_OK)
+                                                 for tool in POSTFIX_BENCH_TOOLS),
+                    reason="needs root, Postfix (with smtp-source and smtp-sink) and OpenDKIM")
+def test_postfix_benchmark_runs_every_case_end_to_end() -> None:
+    """benchmarks/postfix_bench.py at 50 messages per case: every case is measured (the
+    OpenDMARC one may say why it was skipped), the sampled headers check out, the rates are
+    positive and the ceiling's ratio is 1.00x."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "postfix_bench.py"), "--messages", "50",
+         "--sample", "5"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    signed = "5 sampled: DKIM-Signature d=bench.example, verifies"
+    inbound = "5 sampled: Authentication-Results spf=pass dkim=pass dmarc=pass"
+    expected = {"no milter (ceiling)": "5 sampled: delivered", "OpenDKIM signing": signed,
+                "mailwarden signing": signed, "OpenDKIM verify + OpenDMARC": inbound,
+                "mailwarden SPF+DKIM+DMARC": inbound}
+    for name, check in expected.items():
+        row = re.search(rf"^{re.escape(name)} +([\d,]+) +([\d,]+) +(\d+\.\d\d)x +(.*)$",
+                        done.stdout, re.MULTILINE)
+        if row is None and "OpenDMARC" in name:
+            assert re.search(rf"^{re.escape(name)} +- +- +- +skipped: ", done.stdout,
+                             re.MULTILINE), done.stdout
+            continue
+        assert row is not None, done.stdout
+        delivered, accepted = (int(row.group(i).replace(",", "")) for i in (1, 2))
+        assert 0 < delivered <= accepted * 1.2, done.stdout
+        assert row.group(4) == check, done.stdout
+    assert re.search(r"^no milter \(ceiling\) .* 1\.00x ", done.stdout, re.MULTILINE)
+    assert re.search(r"^mailwarden / OpenDKIM, signing: +\d+\.\d\dx$", done.stdout,
+                     re.MULTILINE), done.stdout
+
+
+def _verify_bench_skip_reason() -> str | None:
+    from opendkim import opendkim_available
+    from opendmarc import namespace_problem, opendmarc_available
+
+    if not opendkim_available():
+        return "OpenDKIM is not installed (Debian package 'opendkim')"
+    if not opendmarc_available():
+        return "OpenDMARC is not installed (Debian package 'opendmarc')"
+    return namespace_problem()
+
+
+def test_verify_benchmark_runs_with_right_verdicts() -> None:
+    """benchmarks/verify_bench.py, briefly: both stacks answer every message with spf, dkim and
+    dmarc pass (the benchmark checks each one) and the ratio table is printed."""
+    reason = _verify_bench_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "verify_bench.py"), "--seconds", "0.5",
+         "--connections", "2", "--sizes", "4"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"^verdict mismatches: 0 of [1-9]", done.stdout, re.MULTILINE), done.stdout
+    assert re.search(r"^ +4K +2 +[\d,]+ +[\d,]+ +\d+\.\d\dx", done.stdout, re.MULTILINE), (
+        done.stdout)
