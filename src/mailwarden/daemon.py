@@ -33,7 +33,7 @@ from mailwarden.config import Config, ConfigError, configure_logging, load
 from mailwarden.dns import Resolver, system_nameservers
 from mailwarden.milter import ACTIVE, Runtime, Session
 from mailwarden.policy.engine import Engine
-from mailwarden.server import open_listener, serve, socket_path
+from mailwarden.server import LoadBoard, open_listener, serve, socket_path
 
 log = logging.getLogger("mailwarden.daemon")
 
@@ -77,6 +77,7 @@ def _preload() -> None:
 class Worker:
     pid: int
     control: int  # write end of the worker's control pipe
+    slot: int  # its place on the load board
     draining_since: float | None = None
 
 
@@ -89,6 +90,7 @@ class Master:
     workers: dict[int, Worker] = field(default_factory=dict)
     stopping: bool = False
     reload_requested: bool = False
+    loads: LoadBoard | None = None
 
     # -- start -------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -151,6 +153,11 @@ class Master:
 
     # -- workers -----------------------------------------------------------------------------
     def spawn(self) -> None:
+        if self.loads is None:
+            self.loads = LoadBoard(self.config.workers)
+        used = {worker.slot for worker in self.workers.values()}
+        slot = next(n for n in range(self.loads.slots) if n not in used)
+        self.loads.set(slot, 0)
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the worker
@@ -160,14 +167,15 @@ class Master:
                 for other in self.workers.values():
                     os.close(other.control)
                 assert self.listener is not None
-                code = _worker(self.config_path, self.runtime, read_end, self.listener)
+                code = _worker(self.config_path, self.runtime, read_end, self.listener,
+                               self.loads, slot)
             except BaseException:
                 log.exception("worker failed")
             finally:
                 logging.shutdown()
                 os._exit(code)
         os.close(read_end)
-        self.workers[pid] = Worker(pid, write_end)
+        self.workers[pid] = Worker(pid, write_end, slot)
 
     def tell(self, worker: Worker, command: bytes) -> None:
         with contextlib.suppress(OSError):
@@ -212,6 +220,8 @@ class Master:
             if worker is None:
                 continue
             os.close(worker.control)
+            if self.loads is not None:
+                self.loads.set(worker.slot, -1)  # its connections are gone with it
             if not self.stopping:
                 log.error("worker %d ended unexpectedly (status %d); starting another", pid,
                           status)
@@ -260,8 +270,8 @@ class Master:
         return 0
 
 
-def _worker(config_path: str, runtime: Runtime, control: int,
-            listener: socket.socket) -> int:
+def _worker(config_path: str, runtime: Runtime, control: int, listener: socket.socket,
+            loads: LoadBoard, slot: int) -> int:
     """Accept and serve connections; the control pipe brings reload and drain requests."""
     # Only the master reacts to a terminal's ^C or to SIGHUP; it tells the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -281,7 +291,9 @@ def _worker(config_path: str, runtime: Runtime, control: int,
         current[0] = build_runtime(config)
         return True
 
-    serve(listener, control, lambda: Session(current[0]), on_command)
+    ACTIVE.publish = lambda value: loads.set(slot, value)
+    serve(listener, control, lambda: Session(current[0]), on_command,
+          lambda: loads.least_loaded(slot))
     _drain(current[0].config.drain_timeout)
     return 0
 

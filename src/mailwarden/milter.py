@@ -88,10 +88,13 @@ class SessionCount:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.value = 0
+        self.publish: Callable[[int], None] | None = None  # tells the other workers
 
     def add(self, delta: int) -> None:
         with self._lock:
             self.value += delta
+            if self.publish is not None:
+                self.publish(self.value)
 
 
 ACTIVE = SessionCount()

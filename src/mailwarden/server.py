@@ -1,7 +1,9 @@
 """Sockets for the milter protocol: the listening socket, and one worker's accept loop.
 
-Each worker process waits on the shared listening socket (EPOLLEXCLUSIVE: a new connection
-wakes one worker, not all of them) and on its control pipe; every accepted MTA connection is
+Each worker process waits on the shared listening socket and on its control pipe, and takes a
+new connection only while no other worker has fewer connections open (`LoadBoard`, shared
+memory): left to the kernel, every connection went to the same worker, one core's worth of
+GIL. Every accepted MTA connection is
 served by a thread that reads whole buffers, splits them into packets, hands each to its
 `Session` and writes all replies of one read in one send. A thread per connection keeps a slow
 DNS answer for one message from holding up the others, and the pre-forked workers put every
@@ -14,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import queue
 import select
@@ -120,6 +123,33 @@ def converse(conn: socket.socket, session: Session) -> None:
             conn.close()
 
 
+class LoadBoard:
+    """Open connections per worker slot, in memory shared by the master and its workers.
+    A free slot holds -1."""
+
+    _SLOT = struct.Struct("q")
+
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
+        self._memory = mmap.mmap(-1, self._SLOT.size * slots)
+        for slot in range(slots):
+            self.set(slot, -1)
+
+    def set(self, slot: int, value: int) -> None:
+        self._SLOT.pack_into(self._memory, slot * self._SLOT.size, value)
+
+    def get(self, slot: int) -> int:
+        value: int = self._SLOT.unpack_from(self._memory, slot * self._SLOT.size)[0]
+        return value
+
+    def least_loaded(self, slot: int, slack: int = 1) -> bool:
+        """Whether `slot` has at most `slack` connections more than every other live worker
+        (the slack lets workers race for a connection instead of waiting for one of them)."""
+        mine = self.get(slot) - slack
+        return all(mine <= load for other in range(self.slots) if other != slot
+                   for load in (self.get(other),) if load >= 0)
+
+
 class ThreadPool:
     """Runs `converse` for each connection on a waiting thread, or on a new one."""
 
@@ -151,13 +181,15 @@ class ThreadPool:
 
 
 def serve(listener: socket.socket, control: int, new_session: Callable[[], Session],
-          on_command: Callable[[bytes], bool]) -> None:
+          on_command: Callable[[bytes], bool], my_turn: Callable[[], bool] = lambda: True
+          ) -> None:
     """Accept connections until `on_command` (given each byte read from the control pipe, or
-    b"" when the pipe closes) returns False; the listener is then closed in this process."""
+    b"" when the pipe closes) returns False; the listener is then closed in this process.
+    A pending connection is left to the other workers while `my_turn()` is False."""
     listener.setblocking(False)
     pool = ThreadPool()
     events = select.epoll()
-    events.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+    events.register(listener.fileno(), select.EPOLLIN)
     events.register(control, select.EPOLLIN)
     try:
         while True:
@@ -170,7 +202,10 @@ def serve(listener: socket.socket, control: int, new_session: Callable[[], Sessi
                     if not on_command(command):
                         return
                     continue
-                _accept(listener, new_session, pool)
+                if my_turn():
+                    _accept(listener, new_session, pool)
+                else:
+                    time.sleep(0.0005)  # a less busy worker takes it; else we see it again
     finally:
         events.close()
         listener.close()
