@@ -360,3 +360,28 @@ def test_inet_garbage_and_a_reset_mid_message(dns_server: DevDNSServer, tmp_path
         log = daemon.wait_for_log("queue_id=INET1 client=client.example.org[192.0.2.1]")
         assert workers(daemon) == pids
         assert "Traceback" not in log
+
+
+def test_long_lived_connections_are_spread_over_the_workers(
+        dns_server: DevDNSServer, tmp_path: Path) -> None:
+    """Left to the kernel, every connection went to the worker that was waiting first; the
+    load board keeps the workers within one open connection of each other."""
+    with Daemon(tmp_path, config_for(f"unix:{tmp_path}/milter.sock", dns_server.port)) as fresh:
+        pids = workers(fresh)
+        assert len(pids) == 2
+        socks = []
+        try:
+            for _ in range(20):
+                sock = raw_socket(fresh.socket)
+                socks.append(sock)
+                negotiate(sock, protocol=0x1FFFFF)
+            # each open connection holds a thread; 20 over 2 workers is 10 each, give or take
+            deadline = time.monotonic() + 5
+            while sum(threads({pid}) for pid in pids) < 2 + 20 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            per_worker = [threads({pid}) - 1 for pid in pids]
+            assert sum(per_worker) == 20
+            assert max(per_worker) - min(per_worker) <= 2, per_worker
+        finally:
+            for sock in socks:
+                sock.close()

@@ -714,3 +714,19 @@ def test_close_mid_message_logs_the_message_and_frees_the_body(
     assert len(lines) == 1, lines
     assert "queue_id=HALF1" in lines[0]
     assert "connection closed in the middle of a message" in lines[0]
+
+
+def test_load_board_lets_the_least_loaded_workers_take_connections() -> None:
+    from mailwarden.server import LoadBoard
+
+    board = LoadBoard(3)
+    assert all(board.get(slot) == -1 for slot in range(3))  # no worker yet
+    board.set(0, 4)
+    board.set(1, 3)
+    assert board.least_loaded(1) and board.least_loaded(0)  # within one of each other
+    assert not board.least_loaded(0, slack=0)
+    board.set(2, 2)
+    assert not board.least_loaded(0)  # 4 against 2: leave it to worker 2
+    assert board.least_loaded(2)
+    board.set(2, -1)  # worker 2 died: its slot no longer counts
+    assert board.least_loaded(0)
