@@ -72,14 +72,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from daemon import Daemon  # noqa: E402
+from dkim_bench import start_dns  # noqa: E402
 from milterload import make_message  # noqa: E402
 from opendkim import OpenDKIM, opendkim_available  # noqa: E402
 from opendmarc import (  # noqa: E402
@@ -228,22 +227,6 @@ def message_files(workdir: Path, size: int, key: SigningKey) -> tuple[Path, Path
     for path, data in zip(paths, (plain, presigned), strict=True):
         path.write_bytes(data.replace(b"\r\n", b"\n"))
     return paths
-
-
-def start_dns(zone: dict[str, Any], workdir: Path, host: str) -> subprocess.Popen[str]:
-    """mailwarden.devdns in its own process on HOST:53 (OpenDMARC can only ask port 53)."""
-    path = workdir / "zone.yaml"
-    path.write_text(yaml.safe_dump(zone))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mailwarden.devdns", str(path), "--host", host, "--port", "53"],
-        stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if "listening on" not in line:
-        process.kill()
-        process.wait(5)
-        raise SystemExit(f"devdns did not start on {host}:53: {line!r}")
-    return process
 
 
 # ---- checks on delivered samples ---------------------------------------------------------------
@@ -547,7 +530,7 @@ def main() -> int:
         f"_dmarc.{DOMAIN}": [{"TXT": DMARC_RECORD}],
     }
     dns_host = loopback_dns_host()
-    dns = start_dns(zone, workdir, dns_host)
+    dns, _ = start_dns(zone, workdir, dns_host, 53)
     sink = CountingSink()
     results: list[Result] = []
     try:

@@ -53,7 +53,6 @@ import os
 import re
 import selectors
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -63,14 +62,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests" / "integration"),
                 str(ROOT / "tests")]
 
 from daemon import Daemon  # noqa: E402
-from dkim_bench import DOMAIN, children, key  # noqa: E402
+from dkim_bench import DOMAIN, children, key, start_dns  # noqa: E402
 from milterload import (  # noqa: E402
     Message,
     MilterClient,
@@ -540,21 +537,6 @@ def run_chain(specs: Sequence[str], messages: Sequence[Message], *, connections:
 # ---- the stacks --------------------------------------------------------------------------------
 
 
-def start_dns(zone: dict[str, Any], workdir: Path, host: str) -> subprocess.Popen[str]:
-    """mailwarden.devdns in its own process on HOST:53."""
-    path = workdir / "zone.yaml"
-    path.write_text(yaml.safe_dump(zone))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mailwarden.devdns", str(path), "--host", host, "--port", "53"],
-        stdout=subprocess.PIPE, text=True)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if "listening on" not in line:
-        process.kill()
-        raise SystemExit(f"devdns did not start on {host}:53: {line!r}")
-    return process
-
-
 def start_mailwarden(workdir: Path, dns_host: str) -> Daemon:
     config = {
         "listen": f"unix:{workdir}/mailwarden.sock", "authserv_id": AUTHSERV,
@@ -648,7 +630,7 @@ def main() -> int:
     zone = {rsa.dns_name: [{"TXT": rsa.public_record}], DOMAIN: [{"TXT": spf}],
             HELO: [{"TXT": spf}], f"_dmarc.{DOMAIN}": [{"TXT": "v=DMARC1; p=reject"}]}
     dns_host = loopback_dns_host()
-    dns = start_dns(zone, workdir, dns_host)
+    dns, _ = start_dns(zone, workdir, dns_host, 53)
     daemon: Daemon | None = None
     odk = OpenDKIM(workdir / "opendkim", mode="v", dns=(dns_host, 53), log=False,
                    extra_conf={"AuthservID": AUTHSERV})
