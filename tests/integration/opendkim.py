@@ -302,7 +302,47 @@ class TestModeResult:
         return [v for n, v in self.headers if n.lower() == "authentication-results"]
 
 
-class OpenDKIM:
+class MilterProcess:
+    """What the OpenDKIM and OpenDMARC harnesses share: their process, socket and log."""
+
+    _proc: subprocess.Popen[bytes] | None
+    socket: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int | None:
+        """The milter's process id while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
+    def postfix_socket(self) -> str:
+        """`socket` in Postfix's smtpd_milters syntax (unix:/path or inet:host:port)."""
+        if self.socket.startswith("inet:"):
+            port, _, host = self.socket[5:].partition("@")
+            return f"inet:{host or '127.0.0.1'}:{port}"
+        return self.socket
+
+    def is_running(self) -> bool:
+        return self.pid is not None
+
+    def log_text(self) -> str:
+        """The milter's syslog lines so far (empty when they are not captured)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 5.0) -> list[str]:
+        """Log lines matching the regex `pattern`, waiting up to `timeout` for the first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [ln for ln in self.log_text().splitlines() if re.search(pattern, ln)]
+            if found or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
+
+
+class OpenDKIM(MilterProcess):
     """A private OpenDKIM milter process; see the module docstring.
 
     mode: "s", "v" or "sv". keys: (domain, selector, private key PEM path), all RSA or all
@@ -354,38 +394,6 @@ class OpenDKIM:
             raise ValueError("mode 's' needs at least one key")
 
     # ---- properties ----------------------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        """The OpenDKIM process id while it runs."""
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
-
-    @property
-    def postfix_socket(self) -> str:
-        """`socket` in Postfix's smtpd_milters syntax (unix:/path or inet:host:port)."""
-        if self.socket.startswith("inet:"):
-            port, _, host = self.socket[5:].partition("@")
-            return f"inet:{host or '127.0.0.1'}:{port}"
-        return self.socket
-
-    def is_running(self) -> bool:
-        return self.pid is not None
-
-    def log_text(self) -> str:
-        """OpenDKIM's syslog lines so far (empty when logging is not possible)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_for_log(self, pattern: str, timeout: float = 5.0) -> list[str]:
-        """Log lines matching the regex `pattern`, waiting up to `timeout` for the first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [ln for ln in self.log_text().splitlines() if re.search(pattern, ln)]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 

@@ -72,7 +72,6 @@ import contextlib
 import ipaddress
 import os
 import random
-import re
 import shlex
 import shutil
 import signal
@@ -85,7 +84,13 @@ from functools import cache
 from pathlib import Path
 from types import TracebackType
 
-from opendkim import DEV_NODES, _SyslogReceiver, _tcp_listening, _unix_listening
+from opendkim import (
+    DEV_NODES,
+    MilterProcess,
+    _SyslogReceiver,
+    _tcp_listening,
+    _unix_listening,
+)
 
 OPENDMARC = "/usr/sbin/opendmarc"
 PUBLIC_SUFFIX_LIST = Path("/usr/share/publicsuffix/public_suffix_list.dat")
@@ -185,7 +190,7 @@ def namespace_problem() -> str | None:
     return None
 
 
-class OpenDMARC:
+class OpenDMARC(MilterProcess):
     """A private OpenDMARC milter process; see the module docstring.
 
     dns: (address, 53) of the DNS server (the port must be 53). authserv_id: ours in the
@@ -240,38 +245,6 @@ class OpenDMARC:
         self._syslog: _SyslogReceiver | None = None
 
     # ---- properties ----------------------------------------------------------------------------
-
-    @property
-    def pid(self) -> int | None:
-        """The OpenDMARC process id while it runs."""
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
-
-    @property
-    def postfix_socket(self) -> str:
-        """`socket` in Postfix's smtpd_milters syntax."""
-        if self.socket.startswith("inet:"):
-            port, _, host = self.socket[5:].partition("@")
-            return f"inet:{host or '127.0.0.1'}:{port}"
-        return self.socket
-
-    def is_running(self) -> bool:
-        return self.pid is not None
-
-    def log_text(self) -> str:
-        """OpenDMARC's syslog lines so far (empty when not captured)."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-
-    def wait_for_log(self, pattern: str, timeout: float = 5.0) -> list[str]:
-        """Log lines matching the regex `pattern`, waiting up to `timeout` for the first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found = [ln for ln in self.log_text().splitlines() if re.search(pattern, ln)]
-            if found or time.monotonic() > deadline:
-                return found
-            time.sleep(0.05)
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
