@@ -40,6 +40,7 @@ class Plan:
 
     protocol: int  # SMFIP_* flags to ask for: P_NO* (don't send that stage), P_NR_* (no reply)
     macros: dict[str, tuple[str, ...]]
+    message_macros: frozenset[str]  # those of one message, forgotten when the next starts
 
     @classmethod
     def for_config(cls, config: Config) -> Plan:
@@ -66,7 +67,10 @@ class Plan:
         for rule in config.all_rules():
             for stage, names in CHECKS[rule.check].macros.items():
                 macros.setdefault(stage, set()).update(names)
-        return cls(off, {stage: tuple(sorted(names)) for stage, names in macros.items()})
+        per_message = frozenset().union(*(macros.get(stage, ()) for stage in
+                                          ("mail", "rcpt", "eom")))
+        return cls(off, {stage: tuple(sorted(names)) for stage, names in macros.items()},
+                   per_message)
 
 
 @dataclass(frozen=True)
@@ -284,9 +288,8 @@ class Session:
         self._header_size = 0
         self.txn.mail_from = args[0].strip().removeprefix("<").removesuffix(">")
         self.txn.mail_params = tuple(args[1:])
-        for stage in ("mail", "rcpt", "eom"):  # the previous message's values
-            for name in self.runtime.plan.macros.get(stage, ()):
-                self.txn.macros.pop(name, None)
+        for name in self.runtime.plan.message_macros:  # the previous message's values
+            self.txn.macros.pop(name, None)
         self._macros("mail")
         self.txn.queue_id = self.txn.macros.get("i", "")
         pending = self._pending(mp.C_MAIL)
