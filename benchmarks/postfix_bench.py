@@ -5,8 +5,11 @@
       -> Postfix's queue manager and smtp client
       -> smtp-sink (Postfix's test server, counting with -c, storing nothing) on loopback
 
-Cases, in one run; for each, Postfix is started afresh with that case's smtpd_milters (one
-instance directory for the run, its queue empty between cases) and the milters are new:
+The cases run in turn, --rounds times (this 2-core machine's speed drifts by up to a third
+between minutes, Postfix's ceiling included): each case's rate is its median, and each ratio is
+the median of the ratios measured within one round. For each case, Postfix is started afresh
+with that case's smtpd_milters (one instance directory for the run, its queue empty between
+cases) and the milters are new:
 
   no milter                   the ceiling
   OpenDKIM signing            Debian's opendkim, RSA-2048 (tests/integration/opendkim.py)
@@ -48,7 +51,7 @@ with no worker count to set.
 
 Run (root; Debian's postfix, opendkim and opendmarc packages):
     .venv/bin/python benchmarks/postfix_bench.py [--messages 2000] [--sessions 20] [--size 4096]
-        [--sample 20] [--cases none opendkim-sign ...] [--keep]
+        [--sample 20] [--rounds 3] [--cases none opendkim-sign ...] [--keep]
 It exits 1 if a case failed (not for a skipped one).
 """
 
@@ -61,6 +64,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -494,8 +498,28 @@ def direct_rate(setup: Setup) -> float:
     return count / (finished - started)
 
 
-def ratio(a: float | None, b: float | None) -> str:
-    return f"{a / b:.2f}x" if a and b else "n/a"
+def summarise(rows: list[Result]) -> Result:
+    """One row for a case: the median of its rounds, or the first failure."""
+    for row in rows:
+        if row.delivered_per_s is None:
+            return row
+    return Result(rows[0].name,
+                  statistics.median(row.delivered_per_s or 0.0 for row in rows),
+                  statistics.median(row.accepted_per_s or 0.0 for row in rows),
+                  rows[0].note)
+
+
+def round_ratio(runs: dict[str, list[Result]], case: str, base: str) -> str:
+    """The median over rounds of case/base, both measured in the same round (the machine's
+    speed drifts between rounds more than the cases differ)."""
+    pairs = [(a.delivered_per_s, b.delivered_per_s)
+             for a, b in zip(runs.get(case, []), runs.get(base, []), strict=False)]
+    ratios = [a / b for a, b in pairs if a and b]
+    if not ratios:
+        return "n/a"
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}x"
+    return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
 
 
 def main() -> int:
@@ -506,6 +530,8 @@ def main() -> int:
     parser.add_argument("--sample", type=int, default=20,
                         help="messages per case whose headers are checked (also the warm-up)")
     parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times every case is run, in turn; medians are reported (3)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (Postfix logs, samples, milter configs)")
     args = parser.parse_args()
@@ -532,7 +558,7 @@ def main() -> int:
     dns_host = loopback_dns_host()
     dns, _ = start_dns(zone, workdir, dns_host, 53)
     sink = CountingSink()
-    results: list[Result] = []
+    runs: dict[str, list[Result]] = {}
     try:
         sink.start()
         route = f"inline:{{ {MEASURED_RCPT.partition('@')[2]}=smtp:[127.0.0.1]:{sink.port} }}"
@@ -545,38 +571,41 @@ def main() -> int:
               f"mailwarden workers: {default_workers()}", flush=True)
         print(f"smtp-source -> smtp-sink directly (no Postfix): {direct_rate(setup):,.0f} msg/s",
               flush=True)
-        for case in args.cases:
-            results.append(run_case(setup, case))
-            row = results[-1]
-            shown = f"{row.delivered_per_s:,.0f} msg/s" if row.delivered_per_s else "-"
-            print(f"  {row.name}: {shown}  ({row.note})", flush=True)
+        for round_ in range(1, args.rounds + 1):
+            print(f"round {round_} of {args.rounds}", flush=True)
+            for case in args.cases:
+                row = run_case(setup, case)
+                runs.setdefault(case, []).append(row)
+                shown = f"{row.delivered_per_s:,.0f} msg/s" if row.delivered_per_s else "-"
+                print(f"  {row.name}: {shown}  ({row.note})", flush=True)
+                if row.delivered_per_s is None:
+                    break
     finally:
         sink.stop()
         dns.terminate()
         dns.wait(10)
 
-    by_key = dict(zip(args.cases, results, strict=True))
-    ceiling = by_key["none"].delivered_per_s if "none" in by_key else None
+    results = {case: summarise(rows) for case, rows in runs.items()}
     print()
-    print(f"{'case':<30}{'delivered/s':>12}{'accepted/s':>12}{'vs ceiling':>12}  check")
-    for row in results:
+    print(f"median of {args.rounds} round(s); ratios are medians of the per-round ratios "
+          f"(each case against the ceiling measured in the same round)")
+    print(f"{'case':<30}{'delivered/s':>12}{'runs':>12}  {'vs ceiling (runs)':<20}  check")
+    for case, row in results.items():
         if row.delivered_per_s is None:
-            print(f"{row.name:<30}{'-':>12}{'-':>12}{'-':>12}  {row.note}")
+            print(f"{row.name:<30}{'-':>12}{'':>12}  {'-':<20}  {row.note}")
             continue
-        print(f"{row.name:<30}{row.delivered_per_s:>12,.0f}{row.accepted_per_s or 0:>12,.0f}"
-              f"{ratio(row.delivered_per_s, ceiling):>12}  {row.note}")
+        rates = [r.delivered_per_s for r in runs[case] if r.delivered_per_s]
+        spread = f"{min(rates):,.0f}-{max(rates):,.0f}"
+        print(f"{row.name:<30}{row.delivered_per_s:>12,.0f}{spread:>12}  "
+              f"{round_ratio(runs, case, 'none'):<20}  {row.note}")
     print()
-
-    def rate(name: str) -> float | None:
-        return by_key[name].delivered_per_s if name in by_key else None
-
     print(f"mailwarden / OpenDKIM, signing:             "
-          f"{ratio(rate('mailwarden-sign'), rate('opendkim-sign'))}")
+          f"{round_ratio(runs, 'mailwarden-sign', 'opendkim-sign')}")
     print(f"mailwarden / OpenDKIM+OpenDMARC, inbound:   "
-          f"{ratio(rate('mailwarden-inbound'), rate('reference-inbound'))}")
-    failed = [row for row in results if row.delivered_per_s is None
+          f"{round_ratio(runs, 'mailwarden-inbound', 'reference-inbound')}")
+    failed = [row for row in results.values() if row.delivered_per_s is None
               and not row.note.startswith("skipped:")]
-    summary = {row.name: row.delivered_per_s for row in results}
+    summary = {row.name: row.delivered_per_s for row in results.values()}
     print(f"json: {json.dumps(summary)}")
     if failed or args.keep:
         print(f"work directory kept: {workdir}")
