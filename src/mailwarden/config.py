@@ -44,6 +44,10 @@ class Section:
     """A YAML mapping being read: typed getters that record what was used, and `finish()` to
     reject every key that nobody asked for."""
 
+    # When a set: every key path the reader asks about is added to it (the configuration
+    # reference is tested against what the parser reads, so that the two cannot drift).
+    trace: set[str] | None = None
+
     def __init__(self, node: yaml.MappingNode, file: str, path: str) -> None:
         self.node, self.file, self.path = node, file, path
         self._items: dict[str, tuple[yaml.Node, yaml.Node]] = {}
@@ -71,12 +75,16 @@ class Section:
         return ConfigError(self.file, _line(self._items[name][0]), self.key(name), message)
 
     def has(self, name: str) -> bool:
+        if Section.trace is not None:
+            Section.trace.add(self.key(name))
         return name in self._items
 
     def names(self) -> list[str]:
         return list(self._items)
 
     def node_of(self, name: str) -> yaml.Node:
+        if Section.trace is not None:
+            Section.trace.add(self.key(name))
         self._used.add(name)
         return self._items[name][1]
 
