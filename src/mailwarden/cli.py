@@ -131,6 +131,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help='"yesterday" (default), "last-hour", or START..END (ISO 8601)')
     report.add_argument("--dry-run", action="store_true", help="build, print, send nothing")
     report.set_defaults(handler=_cmd_dmarc_report)
+    dsummary = dmarc_sub.add_parser(
+        "summary", help="per domain and sending source: volume and DMARC pass rates",
+        description="Summarise the stored DMARC evaluations of the last N days per policy "
+        "domain and sending source (From domain, IP): volume, DMARC/DKIM/SPF pass rates and "
+        "dispositions, and whether every source passes (ready for p=reject).")
+    dsummary.add_argument("--days", type=_positive_float, default=7.0, metavar="N",
+                          help="the window, in days back from now (default: 7)")
+    dsummary.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                          help="configuration file whose dmarc.store is read "
+                          f"(default: {DEFAULT_CONFIG})")
+    dsummary.add_argument("--store", metavar="URL", help="the store (instead of the config's)")
+    dsummary.add_argument("--domain", metavar="D", help="only this policy domain")
+    dsummary.add_argument("--json", action="store_true", help="print one JSON object")
+    dsummary.set_defaults(handler=_cmd_dmarc_summary)
     return parser
 
 
@@ -212,6 +226,36 @@ def _cmd_dmarc_report(args: argparse.Namespace) -> int:
     settings = ReportSettings(**config.dmarc.reports)
     return run_report_command(store_url=config.dmarc.store, settings=settings, dns=resolver,
                               period=args.period, dry_run=args.dry_run)
+
+
+def _cmd_dmarc_summary(args: argparse.Namespace) -> int:
+    from mailwarden.dmarc.store import Store, StoreError
+    from mailwarden.dmarc.summary import format_text, summarize, to_json
+
+    url = args.store
+    if url is None:
+        config = _load_config(args.config)
+        if config is None:
+            return 1
+        url = config.dmarc.store
+        if not url:
+            print(f"mailwarden: {args.config}: no dmarc.store configured (or give --store)",
+                  file=sys.stderr)
+            return 1
+    try:
+        store = Store.open_existing(url)  # reading never creates a store
+        try:
+            domains = summarize(store, args.days, policy_domain=args.domain)
+        finally:
+            store.close()
+    except (StoreError, ValueError) as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(to_json(domains, args.days), indent=2))
+    else:
+        print(format_text(domains, args.days))
+    return 0
 
 
 def _dns_options(parser: argparse.ArgumentParser) -> None:

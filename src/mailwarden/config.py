@@ -24,6 +24,7 @@ T = TypeVar("T")
 
 STAGES = ("connect", "helo", "mail", "rcpt", "eom")
 ACTIONS = ("continue", "accept", "tempfail", "reject", "quarantine", "discard")
+MODES = ("enforce", "monitor")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
 _DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
@@ -271,6 +272,7 @@ class RuleConfig:
     when: Condition | None
     on: Mapping[str, Outcome]
     line: int
+    mode: str = "enforce"  # monitor: the verdict is logged and counted, never applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,6 +328,8 @@ class Config:
     signing: SigningConfig = SigningConfig()
     spool_threshold: int = 1024 * 1024
     dmarc: DmarcConfig = DmarcConfig()
+    mode: str = "enforce"  # the rules' default; monitor: nothing is refused
+    metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; empty: none
 
     def stage_rules(self, stage: str) -> tuple[RuleConfig, ...]:
         return self.rules.get(stage, ())
@@ -487,9 +491,11 @@ def _build(top: Section) -> Config:
     spool_threshold = top.integer("spool_threshold", 1024 * 1024, minimum=0,
                                   maximum=1024 * 1024 * 1024)
     dmarc = _dmarc(top)
+    mode = top.string("mode", "enforce", choices=MODES)
+    metrics_listen = _metrics(top)
     partial = Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
                      drain_timeout, dns, spf_budget, frozenset(domains), hosts, {}, signing,
-                     spool_threshold, dmarc)
+                     spool_threshold, dmarc, mode, metrics_listen)
     rules: dict[str, tuple[RuleConfig, ...]] = {}
     rules_section = top.section("rules")
     if rules_section is not None:
@@ -511,7 +517,23 @@ def _build(top: Section) -> Config:
     top.finish()
     return Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
                   drain_timeout, dns, spf_budget, frozenset(domains), hosts, rules, signing,
-                  spool_threshold, dmarc)
+                  spool_threshold, dmarc, mode, metrics_listen)
+
+
+def _metrics(top: Section) -> str:
+    """metrics: the address of the Prometheus endpoint (absent: no endpoint)."""
+    from mailwarden.metrics import parse_address
+
+    section = top.section("metrics")
+    if section is None:
+        return ""
+    address = section.string("listen", required=True)
+    try:
+        parse_address(address)
+    except ValueError as exc:
+        raise section.error("listen", str(exc)) from None
+    section.finish()
+    return address
 
 
 def _dmarc(top: Section) -> DmarcConfig:
@@ -611,9 +633,10 @@ def _rule(section: Section, stage: str, config: Config, checks: Mapping[str, Any
                                                f"(results: {', '.join(check.results)})")
             on[result] = _outcome(on_section, result)
         on_section.finish()
+    mode = section.string("mode", config.mode, choices=MODES)
     args = check.parse_args(section, config)
     section.finish()
-    return RuleConfig(name, stage, check_name, args, when, on, line)
+    return RuleConfig(name, stage, check_name, args, when, on, line, mode)
 
 
 def _outcome(parent: Section, result: str) -> Outcome:

@@ -29,8 +29,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mailwarden import metrics
 from mailwarden.config import Config, ConfigError, configure_logging, load
 from mailwarden.dns import Resolver, system_nameservers
+from mailwarden.metrics import Endpoint
 from mailwarden.milter import ACTIVE, Runtime, Session
 from mailwarden.policy.engine import Engine
 from mailwarden.server import LoadBoard, open_listener, serve, socket_path
@@ -91,6 +93,7 @@ class Master:
     stopping: bool = False
     reload_requested: bool = False
     loads: LoadBoard | None = None
+    metrics: Endpoint | None = None
 
     # -- start -------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -99,6 +102,9 @@ class Master:
         path = socket_path(self.config.listen)
         self.listener = open_listener(self.config.listen)
         uid, gid = self._identity()
+        if self.config.metrics_listen:
+            self.metrics = Endpoint(self.config.metrics_listen, (uid, gid))
+            self.metrics.start()
         if path is not None:
             os.chmod(path, self.config.socket_mode)
             if uid is not None and gid is not None:
@@ -194,9 +200,11 @@ class Master:
             new = load(self.config_path)
         except ConfigError as exc:
             log.error("reload refused, the running configuration stays in force: %s", exc)
+            metrics.METRICS.reload(False)
             _notify("READY=1")
             return False
-        for key in ("listen", "user", "group", "socket_mode", "workers"):
+        metrics.METRICS.reload(True)
+        for key in ("listen", "user", "group", "socket_mode", "workers", "metrics_listen"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect only after a restart", key)
         configure_logging(new.log_level)
@@ -222,7 +230,10 @@ class Master:
             os.close(worker.control)
             if self.loads is not None:
                 self.loads.set(worker.slot, -1)  # its connections are gone with it
+            if self.metrics is not None:
+                self.metrics.process_gone(pid)
             if not self.stopping:
+                metrics.METRICS.error("worker")
                 log.error("worker %d ended unexpectedly (status %d); starting another", pid,
                           status)
                 time.sleep(0.2)
@@ -266,6 +277,8 @@ class Master:
         while self.workers:
             self.reap()
             time.sleep(0.05)
+        if self.metrics is not None:
+            self.metrics.close()
         log.info("stopped")
         return 0
 
@@ -318,6 +331,9 @@ def run(config_path: str) -> int:
     try:
         master.bind()
     except OSError as exc:
-        print(f"mailwarden: cannot listen on {config.listen}: {exc}", file=sys.stderr)
+        where = config.listen
+        if master.listener is not None:
+            where = f"{config.metrics_listen} (metrics)"
+        print(f"mailwarden: cannot listen on {where}: {exc}", file=sys.stderr)
         return 1
     return master.serve()

@@ -36,6 +36,8 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.resolver
 
+from mailwarden import metrics
+
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
 
@@ -228,14 +230,17 @@ class Resolver:
             entry = self._cache.get(key)
             if entry is None:
                 self.stats.misses += 1
+                metrics.METRICS.dns_cache(False)
                 return None
             expires, answer = entry
             if expires <= self.clock():
                 del self._cache[key]
                 self.stats.misses += 1
+                metrics.METRICS.dns_cache(False)
                 return None
             self._cache.move_to_end(key)
             self.stats.hits += 1
+            metrics.METRICS.dns_cache(True)
             return answer
 
     def _store(self, key: tuple[str, str], answer: Answer[object], ttl: int) -> None:
@@ -264,7 +269,9 @@ class Resolver:
         except (dns.exception.DNSException, UnicodeError, ValueError) as exc:
             # A name that cannot be encoded cannot exist (RFC 1035 §2.3.4 limits).
             return Answer(name, rdtype, Status.NXDOMAIN, error=f"invalid domain name: {exc}")
+        started = time.perf_counter()
         answer, ttl = self._resolve(name, qname, rdtype, deadline)
+        metrics.METRICS.dns_lookup(rdtype, answer.status.value, time.perf_counter() - started)
         if answer.status is not Status.TEMPERROR:
             self._store(key, answer, ttl)
         return answer

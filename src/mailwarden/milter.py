@@ -14,6 +14,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailwarden import metrics
 from mailwarden import milterproto as mp
 from mailwarden.checks import CHECKS
 from mailwarden.config import STAGES, Config
@@ -95,6 +96,7 @@ class SessionCount:
         self.publish: Callable[[int], None] | None = None  # tells the other workers
 
     def add(self, delta: int) -> None:
+        metrics.METRICS.connections(delta)
         with self._lock:
             self.value += delta
             if self.publish is not None:
@@ -167,9 +169,10 @@ class Session:
         except Exception:
             log.exception("internal error at command %r (client %s)", chr(command),
                           self.txn.client)
+            metrics.METRICS.error("session")
             if self._no_reply(command) or command in (mp.C_MACRO, mp.C_ABORT):
                 return None
-            if command in _REFUSABLE:
+            if command in _REFUSABLE and self.runtime.config.mode != "monitor":
                 if command in (mp.C_MAIL, mp.C_EOB):
                     self.in_message = False
                 return _INTERNAL_ERROR
@@ -218,6 +221,7 @@ class Session:
                 self.txn.macros[name] = value
 
     def _refuse(self, verdict: Verdict, stage: str) -> bytes:
+        metrics.METRICS.transaction(verdict.action, stage)
         if log.isEnabledFor(logging.INFO):
             log.info(describe(self.txn, stage, verdict))
         if verdict.action == "discard":
@@ -355,6 +359,8 @@ class Session:
             replies.append(mp.quarantine(self.txn.quarantine))
         if log.isEnabledFor(logging.INFO):  # the line is not built when nobody reads it
             log.info(describe(self.txn, "eom", verdict))
+        applied = "quarantine" if self.txn.quarantine else verdict.action
+        metrics.METRICS.transaction(applied, "eom")
         replies.append(_ACCEPT if verdict.action == "accept" else _CONTINUE)
         return b"".join(replies)
 

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mailwarden import metrics
 from mailwarden import milterproto as mp
 from mailwarden.milter import Session
 
@@ -112,6 +113,7 @@ def converse(conn: socket.socket, session: Session) -> None:
     except mp.ProtocolError as exc:
         log.warning("closing the MTA connection (client %s): protocol error: %s",
                     session.txn.client, exc)
+        metrics.METRICS.error("protocol")
     except (TimeoutError, BlockingIOError):
         log.warning("closing the MTA connection (client %s): silent for %g s",
                     session.txn.client, IDLE_TIMEOUT)

@@ -35,6 +35,22 @@ class CheckResult:
         return f"{self.method}={self.result}" + (f"({identity})" if identity else "")
 
 
+@dataclass(frozen=True, slots=True)
+class Monitored:
+    """A verdict a rule in monitor mode would have given, logged and counted, not applied."""
+
+    stage: str
+    action: str  # reject | tempfail | quarantine | discard
+    rule: str
+    reply: str = ""  # "550 5.7.1 text" for reject and tempfail
+    reason: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.action} by rule {self.rule!r} at {self.stage}"
+        return text + (f' reply="{self.reply}"' if self.reply else
+                       f' reason="{self.reason}"' if self.reason else "")
+
+
 @dataclass(slots=True)
 class Transaction:
     # -- the connection --------------------------------------------------------------------
@@ -46,6 +62,7 @@ class Transaction:
     connection_results: list[CheckResult] = field(default_factory=list)
     connection_accepted: bool = False  # an `accept` or `quarantine` verdict at connect/helo
     connection_quarantine: str | None = None
+    connection_monitored: list[Monitored] = field(default_factory=list)
     # -- the message -----------------------------------------------------------------------
     queue_id: str = ""
     mail_from: str | None = None  # None before MAIL FROM; "" is the null reverse-path
@@ -62,6 +79,7 @@ class Transaction:
     add_headers: list[tuple[str, str]] = field(default_factory=list)  # in order, top first
     accepted: bool = False  # an `accept` verdict for this message: no further rules
     quarantine: str | None = None
+    monitored: list[Monitored] = field(default_factory=list)  # what enforcement would do
     messages: int = 0  # messages begun on this connection
     _message: bytes | None = None
 
@@ -133,6 +151,7 @@ class Transaction:
         self.add_headers = []
         self.accepted = self.connection_accepted
         self.quarantine = self.connection_quarantine
+        self.monitored = list(self.connection_monitored)
         self.messages += 1
 
     @property

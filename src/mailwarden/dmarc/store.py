@@ -433,6 +433,33 @@ class Store:
             db.close()
             raise StoreError(f"cannot open the DMARC store {_redact(url)}: {exc}") from exc
 
+    @classmethod
+    def open_existing(cls, url: str) -> Store:
+        """`open` for readers: a store that does not exist yet (a missing SQLite file, a
+        database without the schema) raises `StoreError` instead of being created."""
+        if not url.startswith(("postgresql://", "postgres://")):
+            path = url[len("sqlite://"):] if url.startswith("sqlite://") else url
+            if path and not Path(path).is_file():
+                raise StoreError(f"no DMARC store at {path} (the file does not exist)")
+        db = _backend_for(url)
+        try:
+            try:
+                current = db.execute("SELECT max(version) FROM schema_version")[0][0] or 0
+            except Exception:
+                current = 0
+            db.rollback()
+            if not current:
+                raise StoreError(f"{_redact(url)} is not a mailwarden DMARC store (no schema)")
+            if current != SCHEMA_VERSION:
+                _migrate(db)  # refuses a newer schema; brings an older one up to date
+            return cls(db, url)
+        except StoreError:
+            db.close()
+            raise
+        except Exception as exc:
+            db.close()
+            raise StoreError(f"cannot open the DMARC store {_redact(url)}: {exc}") from exc
+
     @property
     def dialect(self) -> str:
         """"sqlite" or "postgresql"."""
@@ -538,6 +565,33 @@ class Store:
                     policy_domain: str | None = None) -> list[Evaluation]:
         """`iter_evaluations` as a list."""
         return list(self.iter_evaluations(start, end, policy_domain))
+
+    def source_totals(self, start: float,
+                      policy_domain: str | None = None) -> list[tuple[Any, ...]]:
+        """Per (policy_domain, header_from, source_ip), the evaluations with `time >= start`
+        (of one policy domain if given), one GROUP BY on either database; each row is
+        (policy_domain, header_from, source_ip, messages, dmarc_pass, dkim_pass, spf_pass,
+        none, quarantine, reject, p), where p is that policy domain's latest published p=."""
+        where = "e.time >= ?"
+        params: list[object] = [start, start]
+        if policy_domain is not None:
+            where += " AND e.policy_domain = ?"
+            params.append(policy_domain)
+        rows = self._read(
+            "SELECT e.policy_domain, e.header_from, e.source_ip, count(*),"
+            " sum(CASE WHEN e.dkim_aligned = 'pass' OR e.spf_aligned = 'pass'"
+            " THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN e.dkim_aligned = 'pass' THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN e.spf_aligned = 'pass' THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN e.disposition = 'none' THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN e.disposition = 'quarantine' THEN 1 ELSE 0 END),"
+            " sum(CASE WHEN e.disposition = 'reject' THEN 1 ELSE 0 END),"
+            " (SELECT l.p FROM evaluations l WHERE l.policy_domain = e.policy_domain"
+            "  AND l.time >= ? ORDER BY l.time DESC, l.id DESC LIMIT 1)"
+            f" FROM evaluations e WHERE {where}"
+            " GROUP BY e.policy_domain, e.header_from, e.source_ip", params)
+        return [(str(r[0]), str(r[1]), str(r[2]), *(int(n) for n in r[3:10]), str(r[10] or ""))
+                for r in rows]
 
     # -- the report ledger --------------------------------------------------------------
     def ledger_get(self, report_id: str, destination: str) -> LedgerEntry | None:

@@ -29,7 +29,7 @@ def effective_policy(config: Config) -> dict[str, Any]:
                     text += " " + str(codes.reply_for(spec.replies.get(result), outcome, action))
                 results[result] = text
             entry: dict[str, Any] = {"name": rule.name, "check": rule.check,
-                                     "line": rule.line}
+                                     "line": rule.line, "mode": rule.mode}
             args = rule.args
             is_record = dataclasses.is_dataclass(args) and not isinstance(args, type)
             entry["args"] = dataclasses.asdict(args) if is_record else {}
@@ -46,6 +46,8 @@ def effective_policy(config: Config) -> dict[str, Any]:
         "log_level": config.log_level,
         "workers": config.workers,
         "drain_timeout": config.drain_timeout,
+        "mode": config.mode,
+        "metrics": config.metrics_listen or None,
         "dns": {
             "nameservers": [str(ns) for ns in config.dns.nameservers] or "from /etc/resolv.conf",
             "timeout": config.dns.timeout,
@@ -71,6 +73,8 @@ def format_policy(policy: dict[str, Any]) -> str:
     lines = [f"configuration {policy['file']}: OK",
              f"listen {policy['listen']}  user {policy['user'] or '-'}:{policy['group'] or '-'}"
              f"  workers {policy['workers']}  authserv-id {policy['authserv_id']}",
+             f"mode {policy['mode']}  metrics "
+             f"{'http://' + policy['metrics'] + '/metrics' if policy['metrics'] else 'off'}",
              f"dns {policy['dns']}",
              f"domains {', '.join(policy['domains']) or '-'}"]
     for name, entries in policy["hosts"].items():
@@ -79,7 +83,9 @@ def format_policy(policy: dict[str, Any]) -> str:
         lines.append(f"{stage}:")
         for rule in rules:
             args = " ".join(f"{k}={v}" for k, v in rule["args"].items())
-            lines.append(f"  - {rule['name']} (line {rule['line']}): {rule['check']} {args}")
+            monitor = "  [monitor: never refuses]" if rule["mode"] == "monitor" else ""
+            lines.append(f"  - {rule['name']} (line {rule['line']}): {rule['check']} {args}"
+                         f"{monitor}")
             if "when" in rule:
                 lines.append(f"      when {rule['when']}")
             for result, action in rule["results"].items():

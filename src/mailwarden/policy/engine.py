@@ -1,5 +1,9 @@
 """Rules per stage, in order; the first decisive verdict wins.
 
+A rule in monitor mode (its own `mode:`, or the configuration's) runs and records everything,
+but a refusal or quarantine it decides is only noted on the transaction (for the log line and
+the metrics) and the rules go on; an `accept` refuses nothing and is applied in either mode.
+
 A rule runs when its `when:` holds, maps its check's result to an action (its own `on:` first,
 then the check's defaults, else continue), and refusals carry an SMTP reply. A DNS temporary
 error is never turned into a permanent refusal. The engine knows nothing of the milter protocol.
@@ -13,13 +17,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mailwarden import metrics
 from mailwarden.checks import CHECKS, CheckOutcome, CheckSpec, Context
 from mailwarden.config import Condition, Config, Outcome, Reply, RuleConfig
 from mailwarden.dns import DNSClient
 from mailwarden.headers import AR, authentication_results, forged_indices
 from mailwarden.policy import codes
 from mailwarden.relay import HostGroup, Membership
-from mailwarden.transaction import Transaction
+from mailwarden.transaction import Monitored, Transaction
 
 log = logging.getLogger("mailwarden.engine")
 
@@ -83,13 +88,16 @@ class Engine:
                 continue
             holds = self._holds(rule.when, txn, stage)
             if holds is None:
-                reply = codes.DNS_TEMPERROR
-                return Verdict("tempfail", reply, rule.name,
-                               "a host group in when: could not be resolved")
-            if not holds:
+                verdict = Verdict("tempfail", codes.DNS_TEMPERROR, rule.name,
+                                  "a host group in when: could not be resolved")
+            elif not holds:
                 continue
-            verdict = self._apply(rule, stage, txn)
+            else:
+                verdict = self._apply(rule, stage, txn)
             if verdict.action == "continue":
+                continue
+            if rule.mode == "monitor" and verdict.action != "accept":
+                self._monitor(verdict, stage, txn)
                 continue
             if verdict.action in ("accept", "quarantine"):
                 txn.accepted = True
@@ -115,19 +123,35 @@ class Engine:
         delete = tuple(forged_indices(txn.headers, self.config.authserv_id))
         return verdict, HeaderEdits(delete, insert)
 
+    def _monitor(self, verdict: Verdict, stage: str, txn: Transaction) -> None:
+        """Monitor mode: the refusal (or quarantine) is noted for the log and the metrics,
+        and the rules go on as if the check had said continue."""
+        noted = Monitored(stage, verdict.action, verdict.rule,
+                          str(verdict.reply) if verdict.reply is not None else "",
+                          verdict.reason)
+        txn.monitored.append(noted)
+        if stage in ("connect", "helo"):
+            txn.connection_monitored.append(noted)
+        metrics.METRICS.monitored(verdict.action, verdict.rule)
+
     # -- one rule ----------------------------------------------------------------------------
     def _apply(self, rule: RuleConfig, stage: str, txn: Transaction) -> Verdict:
         spec = CHECKS[rule.check]
+        started = time.perf_counter()
         try:
             outcome = spec.run(self.ctx, txn, rule.args)
         except Exception:
             # A bug must not lose mail: the message is tempfailed and the traceback logged.
             log.exception("check %s of rule %r failed", rule.check, rule.name)
+            metrics.METRICS.error("check")
             return Verdict("tempfail", Reply(451, "4.3.0", "Internal error, try again later"),
                            rule.name, "internal error")
+        recorder = metrics.METRICS
+        recorder.check(rule.check, time.perf_counter() - started)
         for result in outcome.results:
             recorded = dataclasses.replace(result, rule=rule.name)
             txn.results.append(recorded)
+            recorder.result(result.method, result.result)
             if stage in ("connect", "helo"):
                 txn.connection_results.append(recorded)
         txn.add_headers.extend(outcome.headers)
@@ -205,6 +229,8 @@ def describe(txn: Transaction, stage: str, verdict: Verdict) -> str:
     ]
     if txn.quarantine:
         parts.append(f'quarantine="{txn.quarantine}"')
+    if txn.monitored:
+        parts.append(f"monitor=[{'; '.join(str(m) for m in txn.monitored)}]")
     return " ".join(_printable(p) for p in parts)
 
 
