@@ -175,4 +175,8 @@ class Transaction:
     @property
     def client(self) -> str:
         ip = str(self.client_ip) if self.client_ip is not None else "unknown"
-        return f"{self.client_name or 'unknown'}[{ip}]"
+        name = self.client_name or "unknown"
+        if name.startswith("[") and name.endswith("]"):
+            # Postfix names a client without a verified name by its "[address]"
+            name = "unknown"
+        return f"{name}[{ip}]"

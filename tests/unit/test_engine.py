@@ -756,3 +756,10 @@ def test_engine_builds_host_groups_from_the_config() -> None:
     e = Engine(config, FakeDNS())
     assert set(e.ctx.groups) == {"nets", "v6only", "names", "slow"}
     assert e.ctx.groups["names"].hostnames == ("relay.example.net",)
+
+
+def test_client_without_a_verified_name_is_not_shown_twice() -> None:
+    # Postfix passes "[198.51.100.7]" as the name of a client whose reverse DNS failed
+    assert Transaction.for_client(OUTSIDE, f"[{OUTSIDE}]").client == f"unknown[{OUTSIDE}]"
+    assert Transaction.for_client(OUTSIDE, "mx.example.net").client == \
+        f"mx.example.net[{OUTSIDE}]"
