@@ -5,7 +5,9 @@ loopback server, /metrics scraped over HTTP and parsed with prometheus_client's 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -28,6 +30,7 @@ ZONE = {
     "spoofed.example": [{"TXT": "v=spf1 -all"}],
 }
 MESSAGE = make_message(2048)
+DASHBOARD = Path(__file__).resolve().parents[2] / "contrib" / "grafana" / "mailwarden.json"
 
 
 def free_port() -> int:
@@ -146,6 +149,24 @@ def test_monitor_then_enforce_by_reload_with_metrics(daemon: tuple[Daemon, int],
         bad.settimeout(5)
         assert bad.recv(100) == b""
     wait_for(lambda: value(scrape(port), "mailwarden_errors_total", kind="protocol") == 1)
+
+    # the Grafana dashboard asks only for series that exist, by labels they have
+    exported: dict[str, set[str]] = {}
+    for name, labels in scrape(port):
+        exported.setdefault(name, set()).update(key for key, _ in labels)
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    assert len(exprs) >= 10
+    for expr in exprs:
+        names = re.findall(r"\b(mailwarden_\w+)", expr)
+        assert names, expr
+        for name in names:
+            assert name in exported, f"{name} (in {expr!r}) is not exported"
+        labels = set(re.findall(r"(\w+)=~?\"", expr))
+        for group in re.findall(r"by \(([^)]*)\)", expr):
+            labels.update(label.strip() for label in group.split(","))
+        have = set().union(*(exported[name] for name in names))
+        assert labels <= have, f"{expr!r}: labels {labels - have} not on {names}"
 
 
 def test_metrics_port_in_use_is_a_clear_start_error(dns_server: DevDNSServer,
