@@ -543,9 +543,9 @@ def _dmarc(top: Section) -> DmarcConfig:
         return DmarcConfig()
     mode = section.string("mode", "rfc9989", choices=("rfc9989", "legacy"))
     store = section.string("store", "")
-    if store and not (store.startswith(("sqlite:", "postgresql://", "postgres://", "/"))):
-        raise section.error("store", "expected an absolute SQLite path, sqlite:///PATH or "
-                                     "postgresql://...")
+    if store and not (store.startswith(("sqlite:///", "postgresql://", "postgres://", "/"))):
+        raise section.error("store", "expected an absolute SQLite path, sqlite:///PATH (an "
+                                     "absolute path) or postgresql://...")
     reports: dict[str, Any] = {}
     reports_section = section.section("reports")
     if reports_section is not None:

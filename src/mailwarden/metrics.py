@@ -13,8 +13,10 @@ from the configuration).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -139,6 +141,11 @@ def parse_address(text: str) -> tuple[str, int]:
         raise ValueError(f"write an IPv6 address in brackets, [::1]:9894, not {text!r}")
     if not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
         raise ValueError(f"bad port in {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", host):
+            raise ValueError(f"bad host in {text!r}") from None
     return host, int(port)
 
 

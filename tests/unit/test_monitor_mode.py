@@ -182,3 +182,23 @@ def test_a_bad_mode_is_a_located_error(where: str, text: str) -> None:
     assert caught.value.key == where
     assert "must be one of enforce, monitor" in str(caught.value)
     assert caught.value.line > 0
+
+
+@pytest.mark.parametrize("address, problem", [
+    ("9894", "expected HOST:PORT"),
+    ("127.0.0.1:0", "bad port"),
+    ("::1:9894", "in brackets"),
+    ("bad host!:9894", "bad host"),
+])
+def test_a_bad_metrics_address_is_a_located_error(address: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse(BASE + f'metrics:\n  listen: "{address}"\n', "m.yaml")
+    assert caught.value.key == "metrics.listen" and problem in str(caught.value)
+
+
+@pytest.mark.parametrize("address, host", [("127.0.0.1:9894", "127.0.0.1"),
+                                           ("[::1]:9894", "::1"),
+                                           ("localhost:9894", "localhost")])
+def test_metrics_addresses(address: str, host: str) -> None:
+    assert parse(BASE + f'metrics:\n  listen: "{address}"\n').metrics_listen == address
+    assert metrics.parse_address(address) == (host, 9894)
