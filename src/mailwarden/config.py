@@ -310,6 +310,38 @@ class DmarcConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """`limits:`: what one transaction may cost in DNS queries and work, whatever the sender
+    publishes or sends. The SPF limits are RFC 7208 §4.6.4's and can only be lowered."""
+
+    spf_dns_lookups: int = 10  # DNS-querying terms per SPF evaluation (past it: permerror)
+    spf_void_lookups: int = 2  # lookups answering NXDOMAIN/no data (past it: permerror)
+    spf_mx_names: int = 10  # names of one `mx` term's MX answer (more: permerror)
+    spf_ptr_names: int = 10  # PTR names a `ptr` term or %{p} looks up (the rest ignored)
+    iprev_names: int = 10  # PTR names iprev looks up (the rest ignored)
+    dkim_signatures: int = 8  # DKIM-Signature fields verified per message (the rest: neutral)
+    arc_sets: int = 50  # ARC sets validated (more: arc=fail, RFC 8617 §4.2.1's maximum)
+    header_fields: int = 1000  # header fields kept for the checks (the rest are not)
+    header_bytes: int = 4 * 1024 * 1024  # bytes of header fields kept for the checks
+    header_field_bytes: int = 64 * 1024  # bytes kept of one header field (the rest cut off)
+
+
+# limits: key, minimum, maximum, and why the maximum when it is a standard's.
+_LIMIT_RANGES: tuple[tuple[str, int, int, str], ...] = (
+    ("spf_dns_lookups", 1, 10, "RFC 7208 §4.6.4 allows at most 10"),
+    ("spf_void_lookups", 0, 10, ""),
+    ("spf_mx_names", 1, 10, "RFC 7208 §4.6.4 allows at most 10"),
+    ("spf_ptr_names", 1, 10, "RFC 7208 §4.6.4 allows at most 10"),
+    ("iprev_names", 1, 50, ""),
+    ("dkim_signatures", 1, 64, ""),
+    ("arc_sets", 1, 50, "RFC 8617 §4.2.1 allows at most 50"),
+    ("header_fields", 10, 1_000_000, ""),
+    ("header_bytes", 64 * 1024, 64 * 1024 * 1024, ""),
+    ("header_field_bytes", 1024, 1024 * 1024, ""),
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: str
     listen: str
@@ -330,6 +362,9 @@ class Config:
     dmarc: DmarcConfig = DmarcConfig()
     mode: str = "enforce"  # the rules' default; monitor: nothing is refused
     metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; empty: none
+    limits: LimitsConfig = LimitsConfig()
+    socket_group: str | None = None  # group of the unix socket (the MTA's); default: `group`
+    spool_directory: str | None = None  # where large bodies are spooled; default: $TMPDIR
 
     def stage_rules(self, stage: str) -> tuple[RuleConfig, ...]:
         return self.rules.get(stage, ())
@@ -491,11 +526,17 @@ def _build(top: Section) -> Config:
     spool_threshold = top.integer("spool_threshold", 1024 * 1024, minimum=0,
                                   maximum=1024 * 1024 * 1024)
     dmarc = _dmarc(top)
+    socket_group = top.optional_str("socket_group")
+    spool_directory = top.optional_str("spool_directory")
+    if spool_directory is not None and not spool_directory.startswith("/"):
+        raise top.error("spool_directory", "must be an absolute path")
     mode = top.string("mode", "enforce", choices=MODES)
     metrics_listen = _metrics(top)
+    limits = _limits(top)
     partial = Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
                      drain_timeout, dns, spf_budget, frozenset(domains), hosts, {}, signing,
-                     spool_threshold, dmarc, mode, metrics_listen)
+                     spool_threshold, dmarc, mode, metrics_listen, limits, socket_group,
+                     spool_directory)
     rules: dict[str, tuple[RuleConfig, ...]] = {}
     rules_section = top.section("rules")
     if rules_section is not None:
@@ -517,7 +558,30 @@ def _build(top: Section) -> Config:
     top.finish()
     return Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
                   drain_timeout, dns, spf_budget, frozenset(domains), hosts, rules, signing,
-                  spool_threshold, dmarc, mode, metrics_listen)
+                  spool_threshold, dmarc, mode, metrics_listen, limits, socket_group,
+                  spool_directory)
+
+
+def _limits(top: Section) -> LimitsConfig:
+    """limits: every key is read, given or not, so that each default comes from one place."""
+    section = top.section("limits")
+    if section is None:
+        empty = yaml.MappingNode("tag:yaml.org,2002:map", [])
+        section = Section(empty, top.file, top.key("limits"))
+    defaults = LimitsConfig()
+    values: dict[str, int] = {}
+    for name, minimum, maximum, why in _LIMIT_RANGES:
+        value = section.integer(name, getattr(defaults, name), minimum=minimum)
+        if value > maximum:
+            bound = f"at most {maximum}" + (f": {why}, it can only be lowered" if why else "")
+            raise section.error(name, f"must be {bound} (got {value})")
+        values[name] = value
+    if values["header_field_bytes"] > values["header_bytes"]:
+        raise section.error("header_field_bytes",
+                            f"must not exceed {section.key('header_bytes')} "
+                            f"({values['header_bytes']})")
+    section.finish()
+    return LimitsConfig(**values)
 
 
 def _metrics(top: Section) -> str:

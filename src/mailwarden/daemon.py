@@ -94,21 +94,40 @@ class Master:
     reload_requested: bool = False
     loads: LoadBoard | None = None
     metrics: Endpoint | None = None
+    root_allowed: bool = False  # `user:` names root itself
 
     # -- start -------------------------------------------------------------------------------
     def bind(self) -> None:
-        """Open the socket (still with the privileges we started with), then drop to the
-        configured user and group."""
+        """Open the socket (still with the privileges we started with), give it its group and
+        mode, then drop to the configured user and group for good. Nothing before the drop
+        looks at mail or asks DNS: the configuration and the signing keys are read, the socket
+        is bound, that is all. Once dropped, the key files, the DMARC store and the
+        configuration file are checked for ownership and permissions."""
         path = socket_path(self.config.listen)
-        self.listener = open_listener(self.config.listen)
         uid, gid = self._identity()
+        socket_gid = self._socket_group()
+        # The socket is created owner-only, and opened up to socket_mode once its group is set
+        # (its directory, if it has to be made, with the usual umask).
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        previous = os.umask(0o177)
+        try:
+            self.listener = open_listener(self.config.listen)
+        finally:
+            os.umask(previous)
         if self.config.metrics_listen:
             self.metrics = Endpoint(self.config.metrics_listen, (uid, gid))
             self.metrics.start()
         if path is not None:
+            group = socket_gid if socket_gid is not None else gid
+            try:
+                if uid is not None or group is not None:
+                    os.chown(path, -1 if uid is None else uid, -1 if group is None else group)
+            except OSError as exc:
+                name = getattr(self.config, "socket_group", None) or self.config.group or group
+                raise SystemExit(f"mailwarden: cannot give the socket {path} to group "
+                                 f"{name}: {exc.strerror}") from None
             os.chmod(path, self.config.socket_mode)
-            if uid is not None and gid is not None:
-                os.chown(path, uid, gid)
         if uid is not None and gid is not None:
             _preload()
             os.setgroups([])
@@ -120,29 +139,49 @@ class Master:
             except OSError as exc:
                 log.warning("%s cannot read %s (%s): a SIGHUP reload will fail",
                             self.config.user, self.config_path, exc.strerror)
+        if os.geteuid() == 0:
+            log.warning("running as root (user: %s): every check runs with root's privileges; "
+                        "give `user:` an unprivileged account", self.config.user)
+        self._check_permissions()
         self._check_store()
         log.info("listening on %s", self.config.listen)
 
     def _check_store(self) -> None:
         """Open the DMARC report store now, as the user the workers run as, so that a bad
-        path or permission stops the start instead of every message."""
+        path or permission stops the start instead of every message. A store on a read-only
+        or full file system does not stop it: that state may pass, and refusing to start would
+        tempfail all mail for want of report rows; the workers skip recording (logged once)
+        and try again."""
         if not self.config.dmarc.store:
             return
-        from mailwarden.dmarc.store import Store
+        from mailwarden.dmarc.store import Store, unavailable_for_now
 
         try:
             Store.open(self.config.dmarc.store).close()
         except Exception as exc:
+            why = unavailable_for_now(self.config.dmarc.store, exc)
+            if why:
+                log.error("the DMARC store %s cannot be opened (%s; %s): starting anyway; "
+                          "evaluations are not recorded until it can", self.config.dmarc.store,
+                          exc.__cause__ or exc, why)
+                return
             raise SystemExit(f"mailwarden: cannot open the DMARC store "
                              f"{self.config.dmarc.store}: {exc}") from None
 
     def _identity(self) -> tuple[int | None, int | None]:
-        if not self.config.user:
-            return None, None
+        """The uid and gid to drop to (None, None: stay as we are). Started as root, a `user`
+        is required: checks never run as root unless `user:` names root itself."""
         if os.geteuid() != 0:
-            log.warning("not started as root: staying %s instead of %s",
-                        pwd.getpwuid(os.geteuid()).pw_name, self.config.user)
+            if self.config.user and _uid_of(self.config.user) != os.geteuid():
+                log.warning("not started as root: staying %s instead of %s",
+                            pwd.getpwuid(os.geteuid()).pw_name, self.config.user)
             return None, None
+        if not self.config.user:
+            raise SystemExit(
+                f"mailwarden: refusing to run as root: {self.config.path} names no `user:` "
+                f"to drop to, and checks never run as root. Set `user:` (and `group:`) to an "
+                f"unprivileged account, e.g. `user: mailwarden` (`user: root` keeps root's "
+                f"privileges: for tests only)")
         try:
             entry = pwd.getpwnam(self.config.user)
         except KeyError:
@@ -155,7 +194,43 @@ class Master:
             except KeyError:
                 raise SystemExit(f"mailwarden: group {self.config.group!r} does not exist "
                                  f"({self.config.path}: group)") from None
+        self.root_allowed = entry.pw_uid == 0
         return entry.pw_uid, gid
+
+    def _socket_group(self) -> int | None:
+        """The gid of `socket_group` (the group the MTA runs as, e.g. postfix), or None: the
+        socket then gets the daemon's group."""
+        name: str | None = getattr(self.config, "socket_group", None)
+        if not name or socket_path(self.config.listen) is None:
+            return None
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise SystemExit(f"mailwarden: group {name!r} does not exist "
+                             f"({self.config.path}: socket_group)") from None
+
+    def _check_permissions(self) -> None:
+        """As the user the workers run as: the signing keys (owner root or us, not writable by
+        others, readable by us), the configuration file and the DMARC store (SQLite: neither
+        the file nor its directory writable by everyone). A problem stops the start."""
+        from mailwarden.dkim.keys import access_problem
+
+        problems = []
+        for key in self.config.signing.keys:
+            problem = access_problem(key.path)
+            if problem:
+                problems.append(f"signing key {key.path} ({key.domain}/{key.selector}): "
+                                f"{problem}")
+        with contextlib.suppress(OSError):
+            if os.stat(self.config_path).st_mode & 0o002:
+                problems.append(f"the configuration file {self.config_path} is writable by "
+                                f"everyone: chmod o-w")
+        store = self.config.dmarc.store
+        if store and not store.startswith(("postgresql://", "postgres://")):
+            problems += _store_problems(store[len("sqlite://"):]
+                                        if store.startswith("sqlite://") else store)
+        if problems:
+            raise SystemExit("mailwarden: refusing to start:\n  " + "\n  ".join(problems))
 
     # -- workers -----------------------------------------------------------------------------
     def spawn(self) -> None:
@@ -173,6 +248,8 @@ class Master:
                 for other in self.workers.values():
                     os.close(other.control)
                 assert self.listener is not None
+                if os.geteuid() == 0 and not self.root_allowed:
+                    raise SystemExit("mailwarden: a worker is root: refusing to serve")
                 code = _worker(self.config_path, self.runtime, read_end, self.listener,
                                self.loads, slot)
             except BaseException:
@@ -204,8 +281,9 @@ class Master:
             _notify("READY=1")
             return False
         metrics.METRICS.reload(True)
-        for key in ("listen", "user", "group", "socket_mode", "workers", "metrics_listen"):
-            if getattr(new, key) != getattr(self.config, key):
+        for key in ("listen", "user", "group", "socket_group", "socket_mode", "workers",
+                    "metrics_listen"):
+            if getattr(new, key, None) != getattr(self.config, key, None):
                 log.warning("reload: %s changed; it takes effect only after a restart", key)
         configure_logging(new.log_level)
         self.config = new
@@ -281,6 +359,36 @@ class Master:
             self.metrics.close()
         log.info("stopped")
         return 0
+
+
+def _uid_of(user: str) -> int | None:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
+
+
+def _store_problems(path: str) -> list[str]:
+    """A SQLite store whose file (or journal) or directory anyone may write to could be
+    replaced or fed forged rows: refused. A directory not made yet is judged by the closest
+    one that exists (where it would be made)."""
+    problems = []
+    store = Path(path)
+    for candidate in (store, *(Path(f"{path}{suffix}") for suffix in ("-wal", "-shm",
+                                                                       "-journal"))):
+        with contextlib.suppress(OSError):
+            if candidate.lstat().st_mode & 0o002:
+                problems.append(f"the DMARC store file {candidate} is writable by everyone: "
+                                f"chmod o-w")
+    directory = store.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    with contextlib.suppress(OSError):
+        if directory.stat().st_mode & 0o002:
+            problems.append(f"the DMARC store's directory {directory} is writable by everyone: "
+                            f"keep the store in a directory of its own (e.g. "
+                            f"/var/lib/mailwarden, mode 0750)")
+    return problems
 
 
 def _worker(config_path: str, runtime: Runtime, control: int, listener: socket.socket,

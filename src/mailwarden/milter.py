@@ -17,16 +17,20 @@ from dataclasses import dataclass
 from mailwarden import metrics
 from mailwarden import milterproto as mp
 from mailwarden.checks import CHECKS
-from mailwarden.config import STAGES, Config
-from mailwarden.headers import AR
+from mailwarden.checks.dkim import header_limit_result
+from mailwarden.config import STAGES, Config, LimitsConfig
+from mailwarden.headers import AR, authserv_id_of
 from mailwarden.policy.engine import Engine, Verdict, describe
 from mailwarden.transaction import Transaction
 
 log = logging.getLogger("mailwarden.milter")
 
-# Header bytes kept per message for checks; Authentication-Results fields are always kept
-# (their positions decide which ones to delete).
-MAX_HEADER_BYTES = 4 * 1024 * 1024
+# An Authentication-Results field over the header limits is kept as no more than this much of
+# its beginning: enough to read whose it is (RFC 8601 §5: ours are deleted, by position).
+AR_HEAD = 1024
+# From fields kept past the header limits: DMARC needs the author, and two tell it there are
+# several (RFC 9989 §4.4).
+FROM_OVER_LIMIT = 2
 
 _MACRO_STAGE = {"connect": mp.M_CONNECT, "helo": mp.M_HELO, "mail": mp.M_ENVFROM,
                 "rcpt": mp.M_ENVRCPT, "eom": mp.M_EOM}
@@ -121,6 +125,84 @@ _MESSAGE_MACROS = (mp.C_MAIL, mp.C_RCPT, mp.C_DATA, mp.C_EOH, mp.C_EOB, mp.C_HEA
 _REFUSABLE = frozenset({mp.C_HELO, mp.C_MAIL, mp.C_RCPT, mp.C_EOB})
 
 
+class HeaderBudget:
+    """The header fields of one message as `limits.header_*` lets the checks keep them.
+
+    A field longer than `header_field_bytes` is cut to that length. From the first field past
+    `header_fields` fields or `header_bytes` bytes on, fields are counted and not kept (so what
+    the checks see is the top of the header, whole), except the first two From fields
+    (DMARC must see the author) and every Authentication-Results field (its position decides
+    which to delete), which is then kept as its first `AR_HEAD` bytes; one whose authserv-id
+    cannot be read there counts as claiming ours, so that a forgery cannot hide behind its
+    size. The message itself is never refused for its header."""
+
+    def __init__(self) -> None:
+        self.fields = 0  # seen
+        self.kept = 0
+        self.size = 0  # bytes kept
+        self.dropped = 0  # fields not kept (or kept as a stand-in)
+        self.cut = 0  # fields cut to header_field_bytes
+        self.from_fields = 0
+        self.full = False  # a field did not fit: no later one is kept either (but see above)
+
+    @property
+    def over(self) -> bool:
+        return bool(self.dropped or self.cut)
+
+    def take(self, data: bytes, limits: LimitsConfig, authserv_id: str
+             ) -> tuple[str, str] | None:
+        """The (name, value) to keep of one SMFIC_HEADER packet, or None."""
+        self.fields += 1
+        name_end = data.find(b"\0")
+        whole = name_end < 0 or len(data) - name_end - 2 <= limits.header_field_bytes
+        if not whole:  # cut before decoding: a huge field costs no more than a long one
+            self.cut += 1
+            data = data[: name_end + 1 + limits.header_field_bytes] + b"\0"
+        name, value = mp.parse_header(data)
+        size = len(data)
+        lower = name.lower()
+        self.full = self.full or self.kept >= limits.header_fields or \
+            self.size + size > limits.header_bytes
+        fits = not self.full
+        if lower == "from":
+            self.from_fields += 1
+            fits = fits or self.from_fields <= FROM_OVER_LIMIT
+        elif lower == _AR_LOWER and (not fits or not whole):
+            value = _ar_stand_in(value, whole, authserv_id)
+            size = len(name) + len(value)
+            fits = True
+            self.dropped += 1
+        if not fits:
+            self.dropped += 1
+            return None
+        self.kept += 1
+        self.size += size
+        return name, value
+
+    def describe(self) -> str:
+        parts = []
+        if self.dropped:
+            parts.append(f"{self.dropped} of {self.fields} header fields left out of the "
+                         "checks (limits.header_fields, limits.header_bytes)")
+        if self.cut:
+            parts.append(f"{self.cut} header fields cut to limits.header_field_bytes")
+        return "; ".join(parts)
+
+
+_AR_LOWER = AR.lower()
+
+
+def _ar_stand_in(value: str, whole: bool, authserv_id: str) -> str:
+    """What is kept of an Authentication-Results field over the limits: its first AR_HEAD
+    characters when they show its authserv-id, else a value that claims ours."""
+    head = value[:AR_HEAD]
+    claimed = authserv_id_of(head)
+    complete = whole and len(head) == len(value)
+    if claimed and (complete or not head.rstrip().lower().endswith(claimed)):
+        return head
+    return f" {authserv_id}; none"
+
+
 class Session:
     """One MTA connection: `handle()` takes each command and returns the reply bytes."""
 
@@ -130,7 +212,7 @@ class Session:
         self.txn = Transaction()
         self.pending: Verdict | None = None
         self.in_message = False
-        self._header_size = 0
+        self.header_budget = HeaderBudget()
         self._protocol = 0
         self._actions = 0
         self._symbols: dict[int, dict[str, str]] = {}
@@ -288,8 +370,9 @@ class Session:
         args = mp.strings(data) or [""]
         self.txn.new_message()
         self.txn.spool_threshold = self.runtime.config.spool_threshold
+        self.txn.spool_dir = self.runtime.config.spool_directory
         self.in_message = True
-        self._header_size = 0
+        self.header_budget = HeaderBudget()
         self.txn.mail_from = args[0].strip().removeprefix("<").removesuffix(">")
         self.txn.mail_params = tuple(args[1:])
         for name in self.runtime.plan.message_macros:  # the previous message's values
@@ -322,11 +405,10 @@ class Session:
         return self._answer(mp.C_RCPT)
 
     def _header(self, data: bytes) -> bytes | None:
-        name, value = mp.parse_header(data)
-        size = len(name) + len(value)
-        if name.lower() == AR.lower() or self._header_size + size <= MAX_HEADER_BYTES:
-            self.txn.headers.append((name, value))
-            self._header_size += size
+        config = self.runtime.config
+        kept = self.header_budget.take(data, config.limits, config.authserv_id)
+        if kept is not None:
+            self.txn.headers.append(kept)
         return self._answer(mp.C_HEADER)
 
     def _body(self, data: bytes) -> bytes | None:
@@ -338,6 +420,11 @@ class Session:
             self.txn.add_body(data)
         self._macros("eom")
         self.txn.queue_id = self.txn.macros.get("i", self.txn.queue_id)
+        if self.header_budget.over:
+            reason = self.header_budget.describe()
+            self.txn.results.append(header_limit_result(reason))
+            log.info("queue_id=%s client=%s: %s", self.txn.queue_id or "-", self.txn.client,
+                     reason)
         self.in_message = False
         self._forget_message_macros()
         verdict, edits = self.engine.end_of_message(self.txn)

@@ -39,6 +39,11 @@ READ_SIZE = 256 * 1024
 # Idle threads kept for the next connections; more are started when needed, and a thread
 # with nothing to do beyond these ends.
 IDLE_THREADS = 8
+# Pending connections the kernel queues (capped by net.core.somaxconn, 4096 by default). The MTA
+# may connect once per smtpd process all at once (500 under benchmarks/load_soak.py), and on a
+# unix socket a full queue fails Postfix's non-blocking connect at once with EAGAIN ("Resource
+# temporarily unavailable"): milter_default_action, a 451, instead of a short wait.
+LISTEN_BACKLOG = 4096
 
 
 def socket_path(listen: str) -> Path | None:
@@ -46,7 +51,7 @@ def socket_path(listen: str) -> Path | None:
     return Path(rest) if kind in ("unix", "local") else None
 
 
-def open_listener(listen: str, backlog: int = 128) -> socket.socket:
+def open_listener(listen: str, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """Bind and listen on a `config.parse_listen` address: unix:PATH (a stale socket file is
     replaced), inet:PORT[@HOST] or inet6:PORT[@HOST] (no host: every address)."""
     path = socket_path(listen)

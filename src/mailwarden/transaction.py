@@ -6,13 +6,174 @@ read it and append their results; the engine knows nothing else about the MTA.
 
 from __future__ import annotations
 
+import io
 import ipaddress
+import logging
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 from mailwarden.dns import IPAddress
+
+log = logging.getLogger("mailwarden.spool")
+
+
+class _SpoolHealth:
+    """Whether bodies could be written to the spool directory lately, per process: a failure
+    is logged once, with its cause, and a recovery once, with what was kept in memory meanwhile
+    (rather than a line per message while a disk is full)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.failing = False
+        self.kept_in_memory = 0
+
+    def failed(self, where: str, exc: OSError) -> None:
+        with self._lock:
+            first, self.failing = not self.failing, True
+            self.kept_in_memory += 1
+        if first:
+            log.error("cannot spool message bodies to %s (%s): keeping them in memory until "
+                      "spooling works again", where, exc.strerror or exc)
+
+    def worked(self, where: str) -> None:
+        if not self.failing:  # the usual case, without taking the lock
+            return
+        with self._lock:
+            was, kept = self.failing, self.kept_in_memory
+            self.failing, self.kept_in_memory = False, 0
+        if was:
+            log.warning("spooling message bodies to %s works again (%d bod%s kept in memory "
+                        "meanwhile)", where, kept, "y was" if kept == 1 else "ies were")
+
+
+SPOOL_HEALTH = _SpoolHealth()
+
+
+class BodySpool:
+    """A message body: in memory up to `threshold` bytes, past it in an unlinked temporary
+    file in `directory` (None: tempfile's default, $TMPDIR or /tmp).
+
+    When the file cannot be made or written (a read-only or full file system, a directory
+    that is gone), the body stays in memory instead and the message is judged as usual: a
+    spool failure never costs a verdict, only memory. Whatever had reached the file is read
+    back first, so no byte is lost."""
+
+    def __init__(self, threshold: int, directory: str | None = None) -> None:
+        self.threshold = threshold
+        self.directory = directory
+        self._memory: io.BytesIO | None = io.BytesIO()
+        self._file: io.FileIO | None = None
+        self._on_disk = 0  # bytes written to the file so far
+        self._fell_back = False
+        self._lost: OSError | None = None
+        self.closed = False
+
+    @property
+    def spooled(self) -> bool:
+        """Whether the body is in a file now."""
+        return self._file is not None
+
+    def _where(self) -> str:
+        return self.directory or tempfile.gettempdir()
+
+    def write(self, data: bytes) -> int:
+        if self.closed:
+            raise ValueError("write to a closed body spool")
+        if self._lost is not None:  # reported once; reading the body will raise it
+            return len(data)
+        rest = data
+        if self._file is not None:
+            before = self._on_disk
+            try:
+                self._write_file(data)
+                return len(data)
+            except OSError as exc:
+                rest = data[self._on_disk - before:]  # a part may have reached the file
+                self._back_to_memory(exc)
+        if self._memory is None:  # lost just now
+            return len(data)
+        self._memory.write(rest)
+        if not self._fell_back and self._memory.tell() > self.threshold:
+            self._roll_over()
+        return len(data)
+
+    def _write_file(self, data: bytes) -> None:
+        assert self._file is not None
+        view = memoryview(data)
+        while view:
+            written = self._file.write(view)  # raw (unbuffered): a short write is possible
+            if not written:
+                raise OSError(f"short write to the spool file in {self._where()}")
+            self._on_disk += written
+            view = view[written:]
+
+    def _roll_over(self) -> None:
+        assert self._memory is not None
+        try:
+            spool = tempfile.TemporaryFile(dir=self.directory, buffering=0)  # noqa: SIM115
+        except OSError as exc:
+            self._fell_back = True
+            SPOOL_HEALTH.failed(self._where(), exc)
+            return
+        assert isinstance(spool, io.FileIO)
+        self._file, self._on_disk = spool, 0
+        pending, self._memory = self._memory.getvalue(), None
+        try:
+            self._write_file(pending)
+        except OSError as exc:
+            self._back_to_memory(exc, pending)
+
+    def _back_to_memory(self, exc: OSError, whole: bytes | None = None) -> None:
+        """The file failed: continue in memory with everything written so far (`whole`, or
+        what the file holds). If even that cannot be read back, the body is lost: reading it
+        raises, and the message is tempfailed rather than judged on part of its body."""
+        spool, self._file = self._file, None
+        assert spool is not None
+        self._fell_back = True
+        SPOOL_HEALTH.failed(self._where(), exc)
+        try:
+            if whole is None:
+                spool.seek(0)
+                whole = spool.readall()
+                if len(whole) != self._on_disk:
+                    raise OSError(f"read back {len(whole)} of {self._on_disk} bytes")
+        except OSError as lost:
+            self._lost = OSError(f"the message body was lost from the spool file in "
+                                 f"{self._where()} ({lost})")
+            log.error("%s", self._lost)
+            return
+        finally:
+            spool.close()
+        self._memory = io.BytesIO(whole)
+        self._memory.seek(0, io.SEEK_END)
+
+    def _stream(self) -> io.RawIOBase | io.BufferedIOBase:
+        if self._lost is not None:
+            raise self._lost
+        stream = self._file if self._file is not None else self._memory
+        if stream is None:
+            raise ValueError("I/O on a closed body spool")
+        return stream
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._stream().seek(offset, whence)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._stream().read(size) or b""
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            if not self._fell_back:
+                SPOOL_HEALTH.worked(self._where())
+        self._memory = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,8 +231,9 @@ class Transaction:
     rcpts: list[str] = field(default_factory=list)
     headers: list[tuple[str, str]] = field(default_factory=list)
     body_size: int = 0
-    body: IO[bytes] | None = None  # spooled to a temporary file past the threshold
+    body: BodySpool | None = None  # in a temporary file past spool_threshold
     spool_threshold: int = 1024 * 1024
+    spool_dir: str | None = None  # where; None: $TMPDIR or /tmp
     authentication_results: str = ""  # our header's value, once written (for ARC sealing)
     dkim: list[Any] = field(default_factory=list)  # DKIM SignatureResults, for DMARC
     arc: tuple[str, tuple[str, ...]] | None = None  # ARC chain result and sealers
@@ -86,8 +248,7 @@ class Transaction:
     def add_body(self, chunk: bytes) -> None:
         """A piece of the body, with CRLF line ends as the MTA sends them (DKIM relies on it)."""
         if self.body is None:
-            self.body = tempfile.SpooledTemporaryFile(  # noqa: SIM115 (closed in new_message)
-                max_size=self.spool_threshold)
+            self.body = BodySpool(self.spool_threshold, self.spool_dir)
         self.body.write(chunk)
         self.body_size += len(chunk)
         self._message = None

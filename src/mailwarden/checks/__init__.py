@@ -47,12 +47,15 @@ class Context:
         return Membership.UNKNOWN if unknown else Membership.OUT
 
     def store(self) -> Any:
-        """The DMARC report store, opened on first use in this process (never across fork)."""
+        """The recording path into the DMARC report store (a `mailwarden.dmarc.store.Recorder`:
+        its `record()` never raises), made on first use; it opens the store in this process
+        (never across fork), and a store that cannot be opened or written costs report rows,
+        never a verdict."""
         with self._store_lock:
             if self._store is None:
-                from mailwarden.dmarc.store import Store
+                from mailwarden.dmarc.store import Recorder
 
-                self._store = Store.open(self.config.dmarc.store)
+                self._store = Recorder(self.config.dmarc.store)
             return self._store
 
 

@@ -5,6 +5,7 @@ instance number, after our Authentication-Results is written."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING
 import dkim as dkimpy
 
 from mailwarden.checks import CheckOutcome, CheckSpec, Context
+from mailwarden.checks.dkim import header_cut
 from mailwarden.config import Outcome
 from mailwarden.dns import DNSClient, Status
 from mailwarden.transaction import CheckResult, Transaction
@@ -51,7 +53,35 @@ def no_outcomes(args: object) -> Mapping[str, Outcome]:
     return {}
 
 
+_ARC_FIELDS = ("arc-seal", "arc-message-signature", "arc-authentication-results")
+_INSTANCE = re.compile(r"(?:^|[\s;])i\s*=\s*(\d{1,9})")
+
+
+def chain_length(txn: Transaction) -> int:
+    """How many ARC sets a validation would go through: the ARC-Seal fields, or the highest
+    i= of any ARC field (dkimpy validates every instance from the highest down, each with two
+    key lookups)."""
+    seals, highest = 0, 0
+    for name, value in txn.headers:
+        lower = name.lower()
+        if lower not in _ARC_FIELDS:
+            continue
+        if lower == "arc-seal":
+            seals += 1
+        found = _INSTANCE.search(value)
+        if found is not None:
+            highest = max(highest, int(found.group(1)))
+    return max(seals, highest)
+
+
 def run_verify(ctx: Context, txn: Transaction, args: NoArgs) -> CheckOutcome:
+    sets, limit = chain_length(txn), ctx.config.limits.arc_sets
+    if sets > limit:
+        # Not validated at all: no key is looked up (RFC 8617 §4.2.1 allows 50 sets at most).
+        reason = f"chain of {sets} ARC sets, more than {limit} (limits.arc_sets)"
+        txn.arc = ("fail", ())
+        return CheckOutcome("fail", (CheckResult("", "arc", "fail", reason),),
+                            text=f"ARC fail: {reason}")
     message = txn.message()
     failures: list[str] = []
     try:
@@ -88,6 +118,9 @@ def parse_seal(section: Section, config: Config) -> SealArgs:
 
 
 def run_seal(ctx: Context, txn: Transaction, args: SealArgs) -> CheckOutcome:
+    cut = header_cut(txn)
+    if cut:  # a seal over the fields we kept would not validate downstream
+        return CheckOutcome("error", text=f"cannot seal: {cut}")
     key = next(k for k in ctx.config.signing.keys
                if k.domain == args.domain and k.algorithm == "rsa-sha256")
     ar = f"Authentication-Results: {txn.authentication_results}\r\n".encode()

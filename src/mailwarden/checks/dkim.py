@@ -40,8 +40,24 @@ class VerifyArgs:
 
 
 def parse_verify(section: Section, config: Config) -> VerifyArgs:
-    return VerifyArgs(section.integer("max_signatures", 8, minimum=1, maximum=64),
+    # The rule's own max_signatures wins; without one, the configured limit applies.
+    return VerifyArgs(section.integer("max_signatures", config.limits.dkim_signatures,
+                                      minimum=1, maximum=64),
                       section.boolean("accept_body_length", True))
+
+
+# The milter records a header that went over `limits.header_*` as a result of this method, kept
+# out of Authentication-Results (it shows in the log line). Signing needs the whole header.
+HEADER_LIMIT = "headers"
+
+
+def header_limit_result(reason: str) -> CheckResult:
+    return CheckResult("", HEADER_LIMIT, "over_limit", reason, report=False)
+
+
+def header_cut(txn: Transaction) -> str:
+    """Why the checks do not see the whole header (fields over the limits), or ""."""
+    return next((r.reason for r in txn.results if r.method == HEADER_LIMIT), "")
 
 
 def _record(sig: SignatureResult) -> CheckResult:
@@ -114,6 +130,9 @@ def run_sign(ctx: Context, txn: Transaction, args: SignArgs) -> CheckOutcome:
     keys = ctx.config.signing.keys_for(domain) if domain else ()
     if not keys:
         return CheckOutcome("none", text=f"no signing key for {domain or 'the From domain'}")
+    cut = header_cut(txn)
+    if cut:  # a signature over the fields we kept would not verify downstream
+        return CheckOutcome("error", text=f"cannot sign: {cut}")
     signing = ctx.config.signing
     options = SignOptions(signing.headers, signing.oversign, signing.canonicalization)
     try:

@@ -120,7 +120,7 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
         from mailwarden.dkim.verify import verify_message  # no dkim_verify rule ran
 
         txn.dkim = verify_message(txn.header_block(), ctx.dns, body=txn.body_chunks,
-                                  crlf=True)
+                                  crlf=True, max_signatures=ctx.config.limits.dkim_signatures)
     spf_domain, spf_result, spf_reported = _spf(txn)
     dkim = [DkimInput(s.domain, s.selector, s.result) for s in txn.dkim if s.domain]
     found = evaluate(ctx.dns, domain, spf_domain=spf_domain, spf_result=spf_result,

@@ -2,8 +2,10 @@
 
 pass: a name from the PTR lookup has an address equal to the client's; fail: the PTR names'
 forward lookups gave no matching address; permerror: no PTR record; temperror: a DNS
-temporary error. Recorded as `iprev=RESULT policy.iprev=IP (name)`; by default only recorded,
-with 550 5.7.25 (RFC 7372) when a rule refuses on it.
+temporary error. Only the first `max_names` names are looked up (default `limits.iprev_names`),
+so a PTR answer of 50 names costs at most that many address lookups. Recorded as
+`iprev=RESULT policy.iprev=IP (name)`; by default only recorded, with 550 5.7.25 (RFC 7372)
+when a rule refuses on it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ class IprevArgs:
 
 
 def parse_args(section: Section, config: Config) -> IprevArgs:
-    return IprevArgs(section.integer("max_names", 10, minimum=1, maximum=50))
+    # The rule's own max_names wins; without one, the configured limit applies.
+    return IprevArgs(section.integer("max_names", config.limits.iprev_names, minimum=1,
+                                     maximum=50))
 
 
 def outcomes(args: IprevArgs) -> Mapping[str, Outcome]:

@@ -48,7 +48,7 @@ def run(ctx: Context, txn: Transaction, args: SPFArgs) -> CheckOutcome:
     if txn.client_ip is None:
         return CheckOutcome("none", text="no client address")
     helo = txn.helo or ""
-    limits = Limits(budget=ctx.config.spf_budget)
+    limits = spf_limits(ctx.config)
     receiver = ctx.config.authserv_id
     report = args.header in ("auth", "both")
     results: list[CheckResult] = []
@@ -62,6 +62,14 @@ def run(ctx: Context, txn: Transaction, args: SPFArgs) -> CheckOutcome:
     results.append(_record(result, "smtp.mailfrom", result.sender, report))
     headers = (result.header(),) if args.header in ("spf", "both") else ()
     return CheckOutcome(str(result.result), tuple(results), headers, _reply_text(result))
+
+
+def spf_limits(config: Config) -> Limits:
+    """The RFC 7208 §4.6.4 limits as configured (`limits.spf_*`) and the time budget."""
+    limits = config.limits
+    return Limits(dns_terms=limits.spf_dns_lookups, void_lookups=limits.spf_void_lookups,
+                  mx_names=limits.spf_mx_names, ptr_names=limits.spf_ptr_names,
+                  budget=config.spf_budget)
 
 
 def _record(result: SPFResult, prop: str, value: str, report: bool) -> CheckResult:

@@ -4,7 +4,10 @@ checking a published record against a private key."""
 from __future__ import annotations
 
 import base64
+import contextlib
+import grp
 import os
+import pwd
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +80,54 @@ def load_key(domain: str, selector: str, path: str, algorithm: str | None = None
     if algorithm is not None and algorithm != found:
         raise KeyError_(f"key {path} is {found}, not {algorithm}")
     return signing
+
+
+def access_problem(path: str) -> str | None:
+    """Why the running process (the daemon, once it has dropped root) should not use the key
+    file at `path`, or None. Checked at startup: the key must be owned by root or by us, not
+    writable by group or others, in a directory others cannot write to, and readable by us: a
+    key only root can read was loaded at the start but would fail every reload."""
+    me = os.geteuid()
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        return f"cannot stat it as {_user_name(me)}: {exc.strerror}"
+    mode = stat.S_IMODE(info.st_mode)
+    described = (f"owner {_user_name(info.st_uid)}, group {_group_name(info.st_gid)}, "
+                 f"mode {mode:04o}")
+    if info.st_uid not in (0, me):
+        return (f"it belongs to {_user_name(info.st_uid)}, neither root nor "
+                f"{_user_name(me)} ({described}): that user could replace the key; "
+                f"chown root or {_user_name(me)}")
+    if mode & 0o022:
+        return f"it is writable by group or others ({described}): chmod 600"
+    parent = os.path.dirname(os.path.abspath(path))
+    with contextlib.suppress(OSError):
+        if os.stat(parent).st_mode & stat.S_IWOTH:
+            return f"its directory {parent} is writable by everyone"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        return (f"{_user_name(me)} cannot read it ({exc.strerror}; {described}): it would "
+                f"fail at the next reload; chown {_user_name(me)} it, or chgrp "
+                f"{_group_name(os.getegid())} and chmod 640 it with "
+                f"signing.allow_group_readable_keys")
+    return None
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def public_record(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) -> str:

@@ -41,7 +41,9 @@ class Result(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Processing limits (§4.6.4, §11.1) and the evaluation's wall-clock budget in seconds."""
+    """Processing limits (§4.6.4, §11.1) and the evaluation's wall-clock budget in seconds;
+    the `spf` check takes them from `limits.spf_*` and `spf.budget` (lowered only: these
+    defaults are the RFC's maximums)."""
 
     dns_terms: int = 10
     void_lookups: int = 2
