@@ -2,6 +2,8 @@
 
 Values taken from the envelope are made into valid RFC 8601 `pvalue`s here (authres leaves any
 value containing '@' unquoted), and comments are escaped, so no client can inject header syntax.
+The value must also survive a parse and re-serialisation by authres unchanged in structure:
+dkimpy does exactly that when it copies our results into ARC-Authentication-Results.
 """
 
 from __future__ import annotations
@@ -16,18 +18,41 @@ from mailwarden.transaction import CheckResult
 
 AR = "Authentication-Results"
 _TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+\Z")  # RFC 2045 token
+_DOMAIN = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
 _ADDRESS = re.compile(
-    r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)?@"
-    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*\Z")
+    r"(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)?@" + _DOMAIN
+    + r"\Z")
+_DOMAIN_NAME = re.compile(_DOMAIN + r"\Z")
 _UNSAFE = re.compile(r"[^\x20-\x7e]")
+# RFC 8601 §2.2 Keyword (ldh-str) for method, ptype and property names; '_' is let through
+# too (authres reads it, and it is no header syntax).
+_KEYWORD = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?\Z")
+# RFC 8601 §2.7 and the method registries (RFC 7208 §2.6 for spf): the results we may write.
+_QUOTED_ID = re.compile(r'"((?:[^"\\]|\\.)*)"')
+_TOKEN_ID = re.compile(r"[^\s;()\"]+")
+RESULTS = frozenset({"none", "pass", "fail", "softfail", "neutral", "temperror", "permerror",
+                     "policy"})
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def pvalue(value: str) -> str:
-    """RFC 8601 §2.2 pvalue: a token or `local-part@domain` as is, else a quoted-string."""
+    """RFC 8601 §2.2 pvalue: a token or `local-part@domain` as is, an address with any other
+    local-part as `"local-part"@domain`, else a quoted-string.
+
+    A quoted-string never contains '@': authres reads `"a;b@c"` back as `a;b@c` and writes
+    that unquoted (anything with '@' it leaves as is), which is how dkimpy would carry a
+    forged `;` into ARC-Authentication-Results. In `"local-part"@domain` the quotes survive
+    that round trip, so an '@' is kept only there; elsewhere it becomes '?'."""
     value = _UNSAFE.sub("?", value)[:256]
     if _TOKEN.match(value) or _ADDRESS.match(value):
         return value
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    local, at, domain = value.rpartition("@")
+    if at and _DOMAIN_NAME.match(domain):
+        return _quoted(local) + "@" + domain
+    return _quoted(value.replace("@", "?"))
 
 
 def comment(text: str) -> str:
@@ -44,16 +69,23 @@ def authentication_results(authserv_id: str, results: Iterable[CheckResult]) -> 
     """The header value: `authserv-id; method=result prop=value ...` or `authserv-id; none`."""
     clauses = []
     for result in results:
-        if not result.report:
+        if not result.report or not _KEYWORD.match(result.method):
             continue
         properties = []
         for key, value in result.properties:
             ptype, _, name = key.partition(".")
+            if not (value and _KEYWORD.match(ptype) and _KEYWORD.match(name)):
+                # Not RFC 8601 propspec syntax: left out rather than written raw. An empty
+                # value is left out too: authres reads `p=""` followed by another property
+                # as if that property were the value, and then fails on the rest.
+                continue
             prop = authres.core.AuthenticationResultProperty(ptype, name, "x")
             prop.value = _Value(value)
             properties.append(prop)
+        # A result outside the vocabulary (a check's bug) is written as permerror.
+        verdict = result.result.lower() if result.result.lower() in RESULTS else "permerror"
         clause = authres.core.AuthenticationResult(
-            result.method, result=result.result,
+            result.method, result=verdict,
             result_comment=comment(result.comment) if result.comment else None,
             properties=properties,
         )
@@ -64,12 +96,17 @@ def authentication_results(authserv_id: str, results: Iterable[CheckResult]) -> 
 
 def authserv_id_of(value: str) -> str:
     """The authserv-id an Authentication-Results value claims (RFC 8601 §2.2): its first
-    token or quoted-string after optional comments (RFC 5322 CFWS, with quoted-pairs)."""
-    text = value.lstrip()
-    while text.startswith("("):
-        depth, index = 0, 0
-        while index < len(text):
-            char = text[index]
+    token or quoted-string after optional comments (RFC 5322 CFWS, with quoted-pairs).
+    One pass over the value, whatever comments a forger nests in front of it."""
+    index, end = 0, len(value)
+    while True:
+        while index < end and value[index].isspace():
+            index += 1
+        if index >= end or value[index] != "(":
+            break
+        depth = 0
+        while index < end:
+            char = value[index]
             if char == "\\":
                 index += 2
                 continue
@@ -80,13 +117,13 @@ def authserv_id_of(value: str) -> str:
                 if depth == 0:
                     break
             index += 1
-        text = text[index + 1 :].lstrip()
-    if text.startswith('"'):
-        match = re.match(r'"((?:[^"\\]|\\.)*)"', text)
+        index += 1
+    if value.startswith('"', index):
+        match = _QUOTED_ID.match(value, index)
         if match is None:
             return ""
         return re.sub(r"\\(.)", r"\1", match.group(1)).lower()
-    match = re.match(r"[^\s;()\"]+", text)
+    match = _TOKEN_ID.match(value, index)
     return match.group(0).lower() if match else ""
 
 

@@ -16,6 +16,7 @@ from mailwarden.checks import CheckOutcome, CheckSpec, Context
 from mailwarden.checks.dkim import header_cut
 from mailwarden.config import Outcome
 from mailwarden.dns import DNSClient, Status
+from mailwarden.headers import AR, forged_indices
 from mailwarden.transaction import CheckResult, Transaction
 
 if TYPE_CHECKING:
@@ -123,9 +124,9 @@ def run_seal(ctx: Context, txn: Transaction, args: SealArgs) -> CheckOutcome:
         return CheckOutcome("error", text=f"cannot seal: {cut}")
     key = next(k for k in ctx.config.signing.keys
                if k.domain == args.domain and k.algorithm == "rsa-sha256")
-    ar = f"Authentication-Results: {txn.authentication_results}\r\n".encode()
     try:
-        lines = dkimpy.arc_sign(ar + txn.message(), key.selector.encode(), key.domain.encode(),
+        lines = dkimpy.arc_sign(_sealed_message(txn, ctx.config.authserv_id),
+                                key.selector.encode(), key.domain.encode(),
                                 key.private, ctx.config.authserv_id.encode())
     except dkimpy.DKIMException as exc:
         return CheckOutcome("error", text=f"cannot seal: {exc}")
@@ -134,6 +135,23 @@ def run_seal(ctx: Context, txn: Transaction, args: SealArgs) -> CheckOutcome:
         name, _, value = line.decode("ascii").partition(":")
         fields.append((name, value.rstrip("\r\n").replace("\r\n", "\n")))
     return CheckOutcome("sealed", headers=tuple(fields), text="sealed")
+
+
+def _sealed_message(txn: Transaction, authserv_id: str) -> bytes:
+    """The message as the MTA delivers it: our Authentication-Results on top, and without the
+    fields that claim our authserv-id (forged: the MTA deletes them, RFC 8601 §5). dkimpy
+    copies every Authentication-Results field with our authserv-id into the seal."""
+    forged = set(forged_indices(txn.headers, authserv_id))
+    lines = [f"{AR}: {txn.authentication_results}\r\n".encode()]
+    position = 0
+    for name, value in txn.headers:
+        if name.lower() == AR.lower():
+            position += 1
+            if position in forged:
+                continue
+        value = value.replace("\r\n", "\n").replace("\n", "\r\n")
+        lines.append(f"{name}:{value}\r\n".encode("utf-8", "surrogateescape"))
+    return b"".join(lines) + b"\r\n" + b"".join(txn.body_chunks())
 
 
 VERIFY = CheckSpec(name="arc_verify", stages=("eom",),

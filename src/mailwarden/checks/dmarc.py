@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mailwarden.dmarc")
 
+# an author domain DNS can be asked about: LDH labels (and '_'), two or more (RFC 9989 §4.4)
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
+_DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
 RESULTS = ("pass", "fail", "quarantine", "reject", "none", "temperror", "permerror",
            "unusable_from")
 
@@ -91,6 +95,8 @@ def author_domain(txn: Transaction) -> tuple[str, str]:
             domain = domain.encode("idna").decode("ascii")
         except UnicodeError:
             return "", f"unusable From domain {domain!r}"
+    if not _DOMAIN.fullmatch(domain):  # no control characters, spaces or specials in DNS
+        return "", f"unusable From domain {domain!r}"
     return domain, ""
 
 

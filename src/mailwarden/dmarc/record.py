@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass
 
 POLICIES = ("none", "quarantine", "reject")
-_TAG = re.compile(r"\s*([A-Za-z][A-Za-z0-9_]*)\s*=\s*(.*?)\s*\Z", re.DOTALL)
+# tag-spec (§4.7): the value is stripped by str.strip() (the same whitespace as \s), not by
+# a lazy `(.*?)\s*\Z`, which backtracks quadratically over a long run of inner whitespace.
+_TAG = re.compile(r"\s*([A-Za-z][A-Za-z0-9_]*)\s*=(.*)", re.DOTALL)
 _MAILTO = re.compile(r"mailto:[^@\s,;!]+@(?:[A-Za-z0-9-]+\.)+[A-Za-z0-9-]{2,}"
                      r"(?:![0-9]+[kmgt]?)?\Z", re.IGNORECASE)
 _FO = re.compile(r"[01ds](?:[ \t]*:[ \t]*[01ds])*\Z")
@@ -61,7 +63,7 @@ def parse(text: str) -> DmarcRecord | NotARecord:
         if match is None:
             warnings.append(f"malformed tag {part.strip()!r} ignored")
             continue
-        name, value = match.group(1).lower(), match.group(2)
+        name, value = match.group(1).lower(), match.group(2).strip()
         if name in tags:
             warnings.append(f"tag {name}= repeated; the first one counts")
             continue
@@ -91,7 +93,7 @@ def parse(text: str) -> DmarcRecord | NotARecord:
         if value is None:
             return default
         if value.lower() not in allowed:
-            warnings.append(f"{name}={value} is not one of {'/'.join(allowed)}; "
+            warnings.append(f"{name}={_shown(value)} is not one of {'/'.join(allowed)}; "
                             f"using {default}")
             return default
         return value.lower()
@@ -114,11 +116,17 @@ def parse(text: str) -> DmarcRecord | NotARecord:
     )
 
 
+def _shown(value: str) -> str:
+    """A tag value for a warning: as is when printable, else with Python escapes, so that a
+    record's control characters never reach a terminal or a log line raw."""
+    return value if value.isprintable() else repr(value)[1:-1]
+
+
 def _fo(value: str | None, warnings: list[str]) -> str:
     """fo=: colon-separated 0, 1, d, s; anything else falls back to 0 (§4.8)."""
     if value is None:
         return "0"
     if not _FO.match(value):
-        warnings.append(f"fo={value} is not a list of 0, 1, d, s; using 0")
+        warnings.append(f"fo={_shown(value)} is not a list of 0, 1, d, s; using 0")
         return "0"
     return value.replace(" ", "").replace("\t", "")

@@ -163,7 +163,8 @@ class Engine:
         if action not in ("reject", "tempfail"):
             reason = f"{rule.check}={outcome.decisive}"
             if action == "quarantine":
-                reason = chosen.text or outcome.text or reason
+                # sent to the MTA as the quarantine reason: one printable line
+                reason = _printable(chosen.text or outcome.text or reason)
             return Verdict(action, None, rule.name, reason)
         return Verdict(action, _reply(spec, outcome, chosen, action), rule.name,
                        f"{rule.check}={outcome.decisive}")

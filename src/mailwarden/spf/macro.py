@@ -79,7 +79,7 @@ def parse_macro_string(text: str, *, exp: bool = False) -> MacroString | MacroEr
             continue
         if nxt != "{":
             shown = text[pos : pos + 2]
-            return MacroError(f"'{shown}' is not a macro (use %% for a literal '%') in {text!r}")
+            return MacroError(f"{shown!r} is not a macro (use %% for a literal '%') in {text!r}")
         match = _EXPAND.match(text, pos)
         if match is None:
             return MacroError(f"unterminated or malformed macro at {text[pos:pos + 12]!r}")
@@ -176,19 +176,29 @@ def expand(macro_string: MacroString, ctx: MacroContext) -> str:
         value = transform(ctx.value(token.letter), token)
         if token.url_escape:
             # §7.3: escape everything outside RFC 3986 "unreserved".
-            value = urllib.parse.quote(value, safe="")
+            value = urllib.parse.quote(_utf8(value), safe="")
         out.append(value)
     return "".join(out)
 
 
+def _utf8(value: str) -> bytes:
+    """The octets to URL-escape. Envelope bytes the MTA sent that are not UTF-8 arrive as lone
+    surrogates (U+DC80..U+DCFF) and escape as those bytes; any other lone surrogate, which no
+    MTA can send, as its own three octets."""
+    try:
+        return value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return value.encode("utf-8", "surrogatepass")
+
+
 def truncate_domain(name: str, limit: int = 253) -> str:
-    """§7.3: drop left-hand labels until an expanded domain fits in `limit` characters."""
-    while len(name) > limit:
-        dot = name.find(".")
-        if dot < 0:
-            return name[-limit:]
-        name = name[dot + 1 :]
-    return name
+    """§7.3: drop left-hand labels (each with its dot) until an expanded domain fits in
+    `limit` characters; what is left is the label after the first dot at or past
+    `len - limit - 1`. One search, however many labels a hostile expansion has."""
+    if len(name) <= limit:
+        return name
+    dot = name.find(".", len(name) - limit - 1)
+    return name[dot + 1 :] if dot >= 0 else name[len(name) - limit :]
 
 
 def ip_macro_value(packed: bytes) -> str:

@@ -51,7 +51,10 @@ def received_spf(
     mechanism: str | None,
     problem: str | None,
 ) -> str:
-    """The header value (without the "Received-SPF:" name), on one line."""
+    """The header value (without the "Received-SPF:" name), on one line. A result outside
+    the vocabulary of §2.6 (a caller's bug) is written as permerror."""
+    if result not in _COMMENTS:
+        result = "permerror"
     comment = _COMMENTS[result].format(sender=sender or "<>", ip=ip)
     pairs = [
         ("receiver", receiver),
