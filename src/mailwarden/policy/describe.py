@@ -47,6 +47,7 @@ def effective_policy(config: Config) -> dict[str, Any]:
         "workers": config.workers,
         "drain_timeout": config.drain_timeout,
         "mode": config.mode,
+        "limits": dataclasses.asdict(config.limits),
         "metrics": config.metrics_listen or None,
         "dns": {
             "nameservers": [str(ns) for ns in config.dns.nameservers] or "from /etc/resolv.conf",
@@ -76,6 +77,7 @@ def format_policy(policy: dict[str, Any]) -> str:
              f"mode {policy['mode']}  metrics "
              f"{'http://' + policy['metrics'] + '/metrics' if policy['metrics'] else 'off'}",
              f"dns {policy['dns']}",
+             "limits " + " ".join(f"{k}={v}" for k, v in policy["limits"].items()),
              f"domains {', '.join(policy['domains']) or '-'}"]
     for name, entries in policy["hosts"].items():
         lines.append(f"hosts.{name}: {', '.join(entries)}")
