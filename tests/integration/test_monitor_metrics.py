@@ -182,7 +182,11 @@ def test_metrics_port_in_use_is_a_clear_start_error(dns_server: DevDNSServer,
         with contextlib.suppress(AssertionError):
             daemon.start()
         assert daemon.process is not None
-        assert daemon.process.wait(10) == 1
+        try:
+            assert daemon.process.wait(10) == 1
+        finally:
+            if daemon.process.poll() is None:  # it must not outlive a failed test
+                daemon.stop()
     assert f"cannot listen on 127.0.0.1:{port} (metrics)" in daemon.log()
     leftovers = [p for p in Path("/tmp").glob("mailwarden-metrics-*")
                  if p.stat().st_mtime > time.time() - 30 and not any(p.iterdir())]
