@@ -124,7 +124,7 @@ class Master:
                 if uid is not None or group is not None:
                     os.chown(path, -1 if uid is None else uid, -1 if group is None else group)
             except OSError as exc:
-                name = getattr(self.config, "socket_group", None) or self.config.group or group
+                name = self.config.socket_group or self.config.group or group
                 raise SystemExit(f"mailwarden: cannot give the socket {path} to group "
                                  f"{name}: {exc.strerror}") from None
             os.chmod(path, self.config.socket_mode)
@@ -200,7 +200,7 @@ class Master:
     def _socket_group(self) -> int | None:
         """The gid of `socket_group` (the group the MTA runs as, e.g. postfix), or None: the
         socket then gets the daemon's group."""
-        name: str | None = getattr(self.config, "socket_group", None)
+        name = self.config.socket_group
         if not name or socket_path(self.config.listen) is None:
             return None
         try:
@@ -214,6 +214,7 @@ class Master:
         others, readable by us), the configuration file and the DMARC store (SQLite: neither
         the file nor its directory writable by everyone). A problem stops the start."""
         from mailwarden.dkim.keys import access_problem
+        from mailwarden.dmarc.store import sqlite_path
 
         problems = []
         for key in self.config.signing.keys:
@@ -225,10 +226,9 @@ class Master:
             if os.stat(self.config_path).st_mode & 0o002:
                 problems.append(f"the configuration file {self.config_path} is writable by "
                                 f"everyone: chmod o-w")
-        store = self.config.dmarc.store
-        if store and not store.startswith(("postgresql://", "postgres://")):
-            problems += _store_problems(store[len("sqlite://"):]
-                                        if store.startswith("sqlite://") else store)
+        store = sqlite_path(self.config.dmarc.store) if self.config.dmarc.store else None
+        if store is not None:
+            problems += _store_problems(store)
         if problems:
             raise SystemExit("mailwarden: refusing to start:\n  " + "\n  ".join(problems))
 
@@ -283,7 +283,7 @@ class Master:
         metrics.METRICS.reload(True)
         for key in ("listen", "user", "group", "socket_group", "socket_mode", "workers",
                     "metrics_listen"):
-            if getattr(new, key, None) != getattr(self.config, key, None):
+            if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect only after a restart", key)
         configure_logging(new.log_level)
         self.config = new

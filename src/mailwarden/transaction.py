@@ -11,7 +11,7 @@ import ipaddress
 import logging
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,11 +253,13 @@ class Transaction:
         self.body_size += len(chunk)
         self._message = None
 
-    def header_block(self) -> bytes:
-        """The header fields exactly as the MTA passed them (CRLF line ends), and the empty
-        line that ends them."""
+    def header_block(self, omit: Container[int] = ()) -> bytes:
+        """The header fields exactly as the MTA passed them (CRLF line ends), but those at the
+        indices in `omit`, and the empty line that ends them."""
         lines = []
-        for name, value in self.headers:
+        for index, (name, value) in enumerate(self.headers):
+            if index in omit:
+                continue
             value = value.replace("\r\n", "\n").replace("\n", "\r\n")
             lines.append(f"{name}:{value}\r\n".encode("utf-8", "surrogateescape"))
         return b"".join(lines) + b"\r\n"

@@ -141,17 +141,10 @@ def _sealed_message(txn: Transaction, authserv_id: str) -> bytes:
     """The message as the MTA delivers it: our Authentication-Results on top, and without the
     fields that claim our authserv-id (forged: the MTA deletes them, RFC 8601 §5). dkimpy
     copies every Authentication-Results field with our authserv-id into the seal."""
-    forged = set(forged_indices(txn.headers, authserv_id))
-    lines = [f"{AR}: {txn.authentication_results}\r\n".encode()]
-    position = 0
-    for name, value in txn.headers:
-        if name.lower() == AR.lower():
-            position += 1
-            if position in forged:
-                continue
-        value = value.replace("\r\n", "\n").replace("\n", "\r\n")
-        lines.append(f"{name}:{value}\r\n".encode("utf-8", "surrogateescape"))
-    return b"".join(lines) + b"\r\n" + b"".join(txn.body_chunks())
+    fields = [i for i, (name, _) in enumerate(txn.headers) if name.lower() == AR.lower()]
+    forged = {fields[position - 1] for position in forged_indices(txn.headers, authserv_id)}
+    ours = f"{AR}: {txn.authentication_results}\r\n".encode()
+    return ours + txn.header_block(omit=forged) + b"".join(txn.body_chunks())
 
 
 VERIFY = CheckSpec(name="arc_verify", stages=("eom",),

@@ -362,11 +362,18 @@ class _Postgres:
             conn.close()
 
 
-def _backend_for(url: str) -> _Backend:
+def sqlite_path(url: str) -> str | None:
+    """The file of a SQLite store URL (`sqlite://PATH` or a plain path); None for PostgreSQL."""
     if url.startswith(("postgresql://", "postgres://")):
+        return None
+    return url.removeprefix("sqlite://")
+
+
+def _backend_for(url: str) -> _Backend:
+    path = sqlite_path(url)
+    if path is None:
         return _Postgres(url)
     if url.startswith("sqlite://"):
-        path = url[len("sqlite://"):]
         if not path or path.startswith("/:memory:") or path == ":memory:":
             raise ValueError(f"store URL {url!r}: a file path is required")
         return _SQLite(path)
@@ -448,10 +455,9 @@ class Store:
     def open_existing(cls, url: str) -> Store:
         """`open` for readers: a store that does not exist yet (a missing SQLite file, a
         database without the schema) raises `StoreError` instead of being created."""
-        if not url.startswith(("postgresql://", "postgres://")):
-            path = url[len("sqlite://"):] if url.startswith("sqlite://") else url
-            if path and not Path(path).is_file():
-                raise StoreError(f"no DMARC store at {path} (the file does not exist)")
+        path = sqlite_path(url)
+        if path and not Path(path).is_file():
+            raise StoreError(f"no DMARC store at {path} (the file does not exist)")
         db = _backend_for(url)
         try:
             try:
@@ -698,7 +704,8 @@ def unavailable_for_now(url: str, exc: BaseException) -> str:
     """Why the SQLite store at `url` failed if that is a state of its file system that may
     pass -- read-only, full, over quota -- else "" (a wrong path, a permission, a schema: a
     configuration to fix). Never "for now" for PostgreSQL."""
-    if url.startswith(("postgresql://", "postgres://")):
+    file = sqlite_path(url)
+    if file is None:
         return ""
     for cause in _causes(exc):
         if isinstance(cause, OSError) and cause.errno in _FOR_NOW_ERRNOS:
@@ -706,7 +713,7 @@ def unavailable_for_now(url: str, exc: BaseException) -> str:
         code = getattr(cause, "sqlite_errorcode", None)
         if isinstance(cause, sqlite3.Error) and code is not None and code & 0xFF == _SQLITE_FULL:
             return "file system full"
-    path = Path(url[len("sqlite://"):] if url.startswith("sqlite://") else url)
+    path = Path(file)
     directory = next((d for d in path.parents if d.is_dir()), None)
     if directory is None:
         return ""
