@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from mailwarden import metrics
 from mailwarden import milterproto as mp
 from mailwarden.checks import CHECKS
-from mailwarden.checks.dkim import header_limit_result
 from mailwarden.config import STAGES, Config, LimitsConfig
 from mailwarden.headers import AR, authserv_id_of
 from mailwarden.policy.engine import Engine, Verdict, describe
@@ -422,7 +421,7 @@ class Session:
         self.txn.queue_id = self.txn.macros.get("i", self.txn.queue_id)
         if self.header_budget.over:
             reason = self.header_budget.describe()
-            self.txn.results.append(header_limit_result(reason))
+            self.txn.header_cut = reason
             log.info("queue_id=%s client=%s: %s", self.txn.queue_id or "-", self.txn.client,
                      reason)
         self.in_message = False

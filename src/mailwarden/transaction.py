@@ -241,6 +241,7 @@ class Transaction:
     add_headers: list[tuple[str, str]] = field(default_factory=list)  # in order, top first
     accepted: bool = False  # an `accept` verdict for this message: no further rules
     quarantine: str | None = None
+    header_cut: str = ""  # why the checks do not see the whole header (limits.header_*)
     monitored: list[Monitored] = field(default_factory=list)  # what enforcement would do
     messages: int = 0  # messages begun on this connection
     _message: bytes | None = None
@@ -314,6 +315,7 @@ class Transaction:
         self.add_headers = []
         self.accepted = self.connection_accepted
         self.quarantine = self.connection_quarantine
+        self.header_cut = ""
         self.monitored = list(self.connection_monitored)
         self.messages += 1
 

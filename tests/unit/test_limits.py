@@ -19,7 +19,6 @@ import pytest
 from mailwarden import milterproto as mp
 from mailwarden.checks import CHECKS, Context
 from mailwarden.checks.arc import chain_length
-from mailwarden.checks.dkim import header_cut, header_limit_result
 from mailwarden.checks.spf import spf_limits
 from mailwarden.config import ConfigError, LimitsConfig, parse
 from mailwarden.daemon import build_runtime
@@ -278,7 +277,7 @@ def test_a_message_over_the_header_limits_is_checked_and_logged_not_refused(
     # 20 fillers and the Subject left out, both Authentication-Results fields kept in part
     assert "23 of 34 header fields left out of the checks" in caplog.text
     assert "2 header fields cut to limits.header_field_bytes" in caplog.text
-    assert header_cut(session.txn).startswith("23 of 34 header fields")
+    assert session.txn.header_cut.startswith("23 of 34 header fields")
 
 
 # == the checks past their limits ==============================================================
@@ -365,7 +364,7 @@ rules:
     txn = Transaction.for_client("192.0.2.1")
     txn.headers = [("From", " alice@example.com"), ("Subject", " hi")]
     assert run(txn)[0::2] == ("signed", "sealed")
-    txn.results.append(header_limit_result("2 header fields cut to limits.header_field_bytes"))
+    txn.header_cut = "2 header fields cut to limits.header_field_bytes"
     assert run(txn) == ("error", "cannot sign: 2 header fields cut to "
                         "limits.header_field_bytes", "error",
                         "cannot seal: 2 header fields cut to limits.header_field_bytes")

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 import dkim as dkimpy
 
 from mailwarden.checks import CheckOutcome, CheckSpec, Context
-from mailwarden.checks.dkim import header_cut
 from mailwarden.config import Outcome
 from mailwarden.dns import DNSClient, Status
 from mailwarden.headers import AR, forged_indices
@@ -119,9 +118,8 @@ def parse_seal(section: Section, config: Config) -> SealArgs:
 
 
 def run_seal(ctx: Context, txn: Transaction, args: SealArgs) -> CheckOutcome:
-    cut = header_cut(txn)
-    if cut:  # a seal over the fields we kept would not validate downstream
-        return CheckOutcome("error", text=f"cannot seal: {cut}")
+    if txn.header_cut:  # a seal over the fields we kept would not validate downstream
+        return CheckOutcome("error", text=f"cannot seal: {txn.header_cut}")
     key = next(k for k in ctx.config.signing.keys
                if k.domain == args.domain and k.algorithm == "rsa-sha256")
     try:

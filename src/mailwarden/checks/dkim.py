@@ -46,20 +46,6 @@ def parse_verify(section: Section, config: Config) -> VerifyArgs:
                       section.boolean("accept_body_length", True))
 
 
-# The milter records a header that went over `limits.header_*` as a result of this method, kept
-# out of Authentication-Results (it shows in the log line). Signing needs the whole header.
-HEADER_LIMIT = "headers"
-
-
-def header_limit_result(reason: str) -> CheckResult:
-    return CheckResult("", HEADER_LIMIT, "over_limit", reason, report=False)
-
-
-def header_cut(txn: Transaction) -> str:
-    """Why the checks do not see the whole header (fields over the limits), or ""."""
-    return next((r.reason for r in txn.results if r.method == HEADER_LIMIT), "")
-
-
 def _record(sig: SignatureResult) -> CheckResult:
     props = [("header.d", sig.domain), ("header.s", sig.selector)]
     if sig.algorithm:
@@ -130,9 +116,8 @@ def run_sign(ctx: Context, txn: Transaction, args: SignArgs) -> CheckOutcome:
     keys = ctx.config.signing.keys_for(domain) if domain else ()
     if not keys:
         return CheckOutcome("none", text=f"no signing key for {domain or 'the From domain'}")
-    cut = header_cut(txn)
-    if cut:  # a signature over the fields we kept would not verify downstream
-        return CheckOutcome("error", text=f"cannot sign: {cut}")
+    if txn.header_cut:  # a signature over the fields we kept would not verify downstream
+        return CheckOutcome("error", text=f"cannot sign: {txn.header_cut}")
     signing = ctx.config.signing
     options = SignOptions(signing.headers, signing.oversign, signing.canonicalization)
     try:

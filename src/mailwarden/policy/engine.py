@@ -228,6 +228,8 @@ def describe(txn: Transaction, stage: str, verdict: Verdict) -> str:
         f"results=[{results}]",
         f"verdict={verdict}",
     ]
+    if txn.header_cut:
+        parts.append("headers=over_limit")
     if txn.quarantine:
         parts.append(f'quarantine="{txn.quarantine}"')
     if txn.monitored:
