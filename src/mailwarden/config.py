@@ -7,6 +7,7 @@ by the check itself (`mailwarden.checks`), through the same `Section` reader.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import os
@@ -556,10 +557,7 @@ def _build(top: Section) -> Config:
             rules[stage] = tuple(parsed)
         rules_section.finish()
     top.finish()
-    return Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
-                  drain_timeout, dns, spf_budget, frozenset(domains), hosts, rules, signing,
-                  spool_threshold, dmarc, mode, metrics_listen, limits, socket_group,
-                  spool_directory)
+    return dataclasses.replace(partial, rules=rules)
 
 
 def _limits(top: Section) -> LimitsConfig:

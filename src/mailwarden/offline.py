@@ -17,9 +17,8 @@ from typing import Any
 
 from mailwarden import milterproto as mp
 from mailwarden.config import Config
-from mailwarden.dns import Nameserver, Resolver, system_nameservers
+from mailwarden.dns import Nameserver
 from mailwarden.milter import Runtime, Session
-from mailwarden.policy.engine import Engine
 from mailwarden.transaction import CheckResult
 
 # What Postfix offers: protocol version 6, every action, every protocol step.
@@ -164,10 +163,10 @@ def run_offline(runtime: Runtime, raw: bytes, envelope: Envelope) -> Report:
 
 
 def offline_runtime(config: Config) -> Runtime:
-    resolver = Resolver(nameservers=list(config.dns.nameservers) or system_nameservers(),
-                        timeout=config.dns.timeout, lifetime=config.dns.lifetime,
-                        cache_size=config.dns.cache_size)
-    return Runtime.build(config, Engine(config, resolver))
+    """The daemon's own runtime for `config` (its resolver, engine and negotiation plan)."""
+    from mailwarden.daemon import build_runtime
+
+    return build_runtime(config)
 
 
 def _run(session: Session, raw: bytes, envelope: Envelope) -> Report:
