@@ -10,46 +10,32 @@ import io
 import ipaddress
 import logging
 import tempfile
-import threading
 from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from mailwarden.dns import IPAddress
+from mailwarden.outage import Outage
 
 log = logging.getLogger("mailwarden.spool")
 
 
-class _SpoolHealth:
-    """Whether bodies could be written to the spool directory lately, per process: a failure
-    is logged once, with its cause, and a recovery once, with what was kept in memory meanwhile
-    (rather than a line per message while a disk is full)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.failing = False
-        self.kept_in_memory = 0
-
-    def failed(self, where: str, exc: OSError) -> None:
-        with self._lock:
-            first, self.failing = not self.failing, True
-            self.kept_in_memory += 1
-        if first:
-            log.error("cannot spool message bodies to %s (%s): keeping them in memory until "
-                      "spooling works again", where, exc.strerror or exc)
-
-    def worked(self, where: str) -> None:
-        if not self.failing:  # the usual case, without taking the lock
-            return
-        with self._lock:
-            was, kept = self.failing, self.kept_in_memory
-            self.failing, self.kept_in_memory = False, 0
-        if was:
-            log.warning("spooling message bodies to %s works again (%d bod%s kept in memory "
-                        "meanwhile)", where, kept, "y was" if kept == 1 else "ies were")
+# Spooling of this process, per spool directory alike: a failure and a recovery logged once.
+SPOOL_HEALTH = Outage()
 
 
-SPOOL_HEALTH = _SpoolHealth()
+def _spool_failed(where: str, exc: OSError) -> None:
+    SPOOL_HEALTH.miss()
+    if SPOOL_HEALTH.begin():
+        log.error("cannot spool message bodies to %s (%s): keeping them in memory until "
+                  "spooling works again", where, exc.strerror or exc)
+
+
+def _spool_worked(where: str) -> None:
+    kept = SPOOL_HEALTH.end()
+    if kept is not None:
+        log.warning("spooling message bodies to %s works again (%d bod%s kept in memory "
+                    "meanwhile)", where, kept, "y was" if kept == 1 else "ies were")
 
 
 class BodySpool:
@@ -116,7 +102,7 @@ class BodySpool:
             spool = tempfile.TemporaryFile(dir=self.directory, buffering=0)  # noqa: SIM115
         except OSError as exc:
             self._fell_back = True
-            SPOOL_HEALTH.failed(self._where(), exc)
+            _spool_failed(self._where(), exc)
             return
         assert isinstance(spool, io.FileIO)
         self._file, self._on_disk = spool, 0
@@ -133,7 +119,7 @@ class BodySpool:
         spool, self._file = self._file, None
         assert spool is not None
         self._fell_back = True
-        SPOOL_HEALTH.failed(self._where(), exc)
+        _spool_failed(self._where(), exc)
         try:
             if whole is None:
                 spool.seek(0)
@@ -172,7 +158,7 @@ class BodySpool:
             self._file.close()
             self._file = None
             if not self._fell_back:
-                SPOOL_HEALTH.worked(self._where())
+                _spool_worked(self._where())
         self._memory = None
 
 

@@ -24,7 +24,7 @@ from mailwarden.transaction import BodySpool, Transaction
 @pytest.fixture(autouse=True)
 def healthy_spool() -> Iterator[None]:
     transaction.SPOOL_HEALTH.failing = False
-    transaction.SPOOL_HEALTH.kept_in_memory = 0
+    transaction.SPOOL_HEALTH.missed = 0
     yield
     transaction.SPOOL_HEALTH.failing = False
 

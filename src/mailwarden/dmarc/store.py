@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from mailwarden.outage import Outage
+
 __all__ = [
     "LEDGER_STATES",
     "SCHEMA_VERSION",
@@ -743,11 +745,10 @@ class Recorder:
         self.url = url
         self.retry_open = retry_open
         self.clock = clock
-        self.skipped = 0  # evaluations not recorded since the last failure began
+        self.outage = Outage()  # its misses: evaluations not recorded
         self._store: Store | None = None
         self._lock = threading.Lock()
         self._next_open = float("-inf")
-        self._failing = False
 
     def store(self) -> Store | None:
         """The open store, opening it if it is time to try; None when it cannot be opened."""
@@ -757,35 +758,30 @@ class Recorder:
                     self._store = Store.open(self.url)
                 except Exception as exc:
                     self._next_open = self.clock() + self.retry_open
-                    self._failed_locked(exc, "cannot be opened")
+                    self._failed(exc, "cannot be opened")
             return self._store
 
     def record(self, evaluation: Evaluation) -> bool:
         """Record one evaluation; False when it was not recorded (and why is logged)."""
         store = self.store()
         if store is None:
-            with self._lock:
-                self.skipped += 1
+            self.outage.miss()
             return False
         try:
             store.record(evaluation)
         except Exception as exc:
-            with self._lock:
-                self.skipped += 1
-                self._failed_locked(exc, "cannot be written")
+            self.outage.miss()
+            self._failed(exc, "cannot be written")
             return False
-        if self._failing:
-            with self._lock:
-                was, skipped, self._failing, self.skipped = self._failing, self.skipped, False, 0
-            if was:
-                log.warning("the DMARC store %s is recording again; %d evaluation(s) were not "
-                            "recorded meanwhile", _redact(self.url), skipped)
+        skipped = self.outage.end()
+        if skipped is not None:
+            log.warning("the DMARC store %s is recording again; %d evaluation(s) were not "
+                        "recorded meanwhile", _redact(self.url), skipped)
         return True
 
-    def _failed_locked(self, exc: BaseException, what: str) -> None:
-        if self._failing:
+    def _failed(self, exc: BaseException, what: str) -> None:
+        if not self.outage.begin():
             return
-        self._failing = True
         root = next((c for c in _causes(exc) if not isinstance(c, StoreError)), exc)
         why = unavailable_for_now(self.url, exc)
         log.error("the DMARC store %s %s (%s%s): evaluations are not recorded for aggregate "
