@@ -75,7 +75,18 @@ ZONE: dict[str, list[object]] = {
     "_dmarc.disk.test": [{"TXT": "v=DMARC1; p=reject"}],
     "_dmarc.strict.test": [{"TXT": "v=DMARC1; p=reject"}],
     "strict.test": [{"A": "192.0.2.1"}],
+    # DMARC p=reject passed by DKIM alone (envelope at an ESP), SPF alone, or both; TTL 0, so
+    # that every message asks the DNS server again (an outage meets every message), but the
+    # ESP's SPF record stays cached, as a busy ESP's would: its mail meets the outage at the
+    # DKIM key, at the end of data
+    "esp.test": [{"TXT": SPF_PASS}],
+    "spfonly.test": [{"TXT": SPF_PASS, "ttl": 0}],
+    "both.test": [{"TXT": SPF_PASS, "ttl": 0}],
+    "_dmarc.signed.test": [{"TXT": "v=DMARC1; p=reject", "ttl": 0}],
+    "_dmarc.spfonly.test": [{"TXT": "v=DMARC1; p=reject", "ttl": 0}],
+    "_dmarc.both.test": [{"TXT": "v=DMARC1; p=reject", "ttl": 0}],
 }
+ALIGNED_BY_DKIM = ("signed.test", "both.test")
 # Every name the CHECKED messages make mailwarden look up: in the SERVFAIL zone each answers
 # SERVFAIL (a name missing from it would get NXDOMAIN, not a fault).
 LOOKED_UP = [*CHECKED, "sel._domainkey.dkim.test", "sel._domainkey.lenient.test",
@@ -197,7 +208,7 @@ def _key(workdir: Path, domain: str) -> SigningKey:
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     workdir = tmp_path_factory.mktemp("faults")
     keys = {domain: _key(workdir, domain) for domain in ("dkim.test", "lenient.test",
-                                                         "disk.test")}
+                                                         "disk.test", *ALIGNED_BY_DKIM)}
     dns = DevDNSServer(normal_zone(keys), host="127.0.0.1", port=0)
     dns.start()
     sockets = Path(tempfile.mkdtemp(prefix="mailwarden-faults-"))
@@ -219,7 +230,8 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 def normal_zone(keys: dict[str, SigningKey]) -> dict[str, list[object]]:
     zone = dict(ZONE)
     for key in keys.values():
-        zone[key.dns_name] = [{"TXT": key.public_record}]
+        ttl = {"ttl": 0} if key.domain in ALIGNED_BY_DKIM else {}
+        zone[key.dns_name] = [{"TXT": key.public_record, **ttl}]
     return zone
 
 
@@ -294,8 +306,8 @@ class RetryingSender:
     session, and retries a message that got a 4xx reply or lost its connection (a little later,
     like an MTA's deferred queue) until it is accepted or refused with a 5xx."""
 
-    def __init__(self, port: int, make: Callable[[int], bytes], mail_from: str,
-                 threads: int = 10) -> None:
+    def __init__(self, port: int, make: Callable[[int], bytes],
+                 mail_from: str | Callable[[int], str], threads: int = 10) -> None:
         self.port, self.make, self.mail_from = port, make, mail_from
         self.todo: queue.Queue[int | None] = queue.Queue()
         self.accepted: dict[int, int] = {}  # number -> attempts it took
@@ -328,7 +340,9 @@ class RetryingSender:
                 with smtplib.SMTP("127.0.0.1", self.port, source_address=(source, 0),
                                   timeout=90) as smtp:
                     smtp.ehlo(f"[{source}]")
-                    smtp.sendmail(self.mail_from, ["bob@ours.test"], self.make(number))
+                    sender = self.mail_from if isinstance(self.mail_from, str) \
+                        else self.mail_from(number)
+                    smtp.sendmail(sender, ["bob@ours.test"], self.make(number))
                 code = 250
             except smtplib.SMTPRecipientsRefused as exc:
                 code, text = next(iter(exc.recipients.values()))
@@ -521,6 +535,99 @@ def test_dns_down_servfail_or_late_tempfails_in_time_and_never_5xx(env: Env) -> 
         env.dns.delay = 0.0
         env.dns.load(normal_zone(env.keys))
         milter.stop()
+
+
+# ---- a DNS outage never becomes a DMARC rejection ---------------------------------------------
+
+# Every check at its defaults: SPF temperror tempfails at MAIL FROM, DMARC temperror continues.
+DEFAULT_RULES = {"mail": [{"name": "spf", "check": "spf", "header": "auth"}],
+                 "eom": [{"name": "dkim", "check": "dkim_verify"},
+                         {"name": "dmarc", "check": "dmarc"}]}
+# (MAIL FROM, From domain, signed?) of the three kinds of message that pass p=reject
+ALIGNMENT_KINDS = (("bounce@esp.test", "signed.test", True),
+                   ("x@spfonly.test", "spfonly.test", False),
+                   ("x@both.test", "both.test", True))
+
+
+def aligned_message(env: Env, tag: str, number: int) -> bytes:
+    _, domain, signed = ALIGNMENT_KINDS[number % 3]
+    return message(domain, f"{tag} {number}", key=env.keys[domain] if signed else None)
+
+
+@pytest.mark.parametrize("mode", ["rfc9989", "legacy"])
+def test_dns_outage_never_turns_into_a_dmarc_rejection(env: Env, mode: str) -> None:
+    """Mail whose DMARC pass rests on DKIM alone, SPF alone or both (p=reject), with every rule
+    at its defaults: a DKIM key that cannot be fetched is DKIM temperror (RFC 6376 §6.1.2) and
+    then DMARC temperror, never the policy's 550. Then a steady stream through a DNS server
+    stopped, and one frozen past dns.lifetime: no 5xx at all, and every message is delivered
+    exactly once (the sender retrying the 4xx ones)."""
+    milter = env.milter(f"outage-{mode}", {"rules": DEFAULT_RULES, "dmarc": {"mode": mode}})
+    milter.start()
+    try:
+        # the key alone fails: SPF passes (unaligned, at the ESP), DKIM cannot be verified
+        env.dns.load({**normal_zone(env.keys), "sel._domainkey.signed.test": ["SERVFAIL"]})
+        timed = transact(env.postfix.smtp_port, "127.0.0.9", "bounce@esp.test",
+                         message("signed.test", f"{mode} keyless", key=env.keys["signed.test"]))
+        assert timed.final[:2] == ("eom", 250), timed.replies
+        results = our_results(delivered(env, f"{mode} keyless"))
+        assert "dkim=temperror" in results and "dmarc=temperror" in results, results
+        env.dns.load(normal_zone(env.keys))
+
+        tag = f"outage{mode.replace('rfc', '')}"
+        sender = RetryingSender(env.postfix.smtp_port, lambda n: aligned_message(env, tag, n),
+                                lambda n: ALIGNMENT_KINDS[n % 3][0], threads=6)
+        numbers = itertools.count()
+        feeding = threading.Event()
+
+        def feed() -> None:
+            while not feeding.is_set():
+                if sender.todo.qsize() < 6:
+                    sender.send(itertools.islice(numbers, 6))
+                time.sleep(0.01)
+
+        feeder = threading.Thread(target=feed, daemon=True)
+        try:
+            feeder.start()
+            sender.wait_accepted(15, timeout=30)
+            env.dns.stop()  # down: nothing listens
+            try:
+                time.sleep(3)
+            finally:
+                env.dns.start()
+            sender.wait_accepted(len(sender.accepted) + 15, timeout=60)
+            env.dns.delay = DNS_LIFETIME * 3  # frozen: every query times out
+            try:
+                time.sleep(4)
+            finally:
+                env.dns.delay = 0.0
+            sender.wait_accepted(len(sender.accepted) + 15, timeout=60)
+        finally:
+            feeding.set()
+            feeder.join(10)
+        try:
+            sender.wait(timeout=90)
+        finally:
+            sender.close()
+    finally:
+        env.dns.delay = 0.0
+        env.dns.load(normal_zone(env.keys))
+        milter.stop()
+    assert not sender.permfails, sender.permfails[:5]
+    assert sender.tempfails, "no transaction met the outage"
+    total = next(numbers)
+    counts = wait_sink(env, tag, total, timeout=60)
+    assert sorted(counts) == list(range(total))
+    assert all(c == 1 for c in counts.values()), {n: c for n, c in counts.items() if c != 1}
+    for raw in env.postfix.messages():
+        if f"Subject: {tag} ".encode() in raw:
+            head = re.sub(r"\r\n[ \t]+", " ", raw.split(b"\r\n\r\n", 1)[0].decode())
+            found = re.search(r"dmarc=(\w+)", our_results(head))
+            assert found and found.group(1) in ("pass", "temperror"), head
+    kinds = Counter(reply.split(" ", 2)[1] for *_, reply in sender.tempfails
+                    if reply[:1] == "4")
+    print(f"\n{mode}: {total} messages through a stopped and a frozen DNS server: "
+          f"{len(sender.tempfails)} tempfailed attempts {dict(kinds)}, 0 refused, each "
+          "delivered once")
 
 
 # ---- kill -9 and restart under load -----------------------------------------------------------

@@ -84,19 +84,55 @@ def test_any_aligned_dkim_signature_is_enough() -> None:
     assert result.aligned_dkim_domain == "news.example.com"
 
 
-@pytest.mark.parametrize("spf_result", ["fail", "softfail", "neutral", "none", "temperror",
-                                        "permerror"])
+@pytest.mark.parametrize("spf_result", ["fail", "softfail", "neutral", "none", "permerror"])
 def test_aligned_spf_that_did_not_pass_does_not_count(spf_result: str) -> None:
     result, _ = run_eval(REJECT, spf="example.com", spf_result=spf_result)
     assert result.result == "fail"
     assert not result.spf_aligned
 
 
-@pytest.mark.parametrize("dkim_result", ["fail", "neutral", "temperror", "permerror", "policy"])
+@pytest.mark.parametrize("dkim_result", ["fail", "neutral", "permerror", "policy"])
 def test_aligned_dkim_that_did_not_pass_does_not_count(dkim_result: str) -> None:
     result, _ = run_eval(REJECT, spf="", dkim=(sig("example.com", dkim_result),))
     assert result.result == "fail"
     assert not result.dkim_aligned and result.aligned_dkim_domain == ""
+
+
+# An aligned identifier whose check failed temporarily might still pass: no final result, so
+# temperror (a 4xx or a delivery with dmarc=temperror), never the policy's rejection.
+@pytest.mark.parametrize("domain", ["example.com", "mail.example.com"])
+def test_aligned_dkim_temperror_is_temperror_not_fail(domain: str) -> None:
+    result, _ = run_eval(REJECT, spf="esp.example.net",
+                         dkim=(sig("esp.example.net"), sig(domain, "temperror")))
+    assert result.result == "temperror"
+    assert result.reason == (f"DKIM verification for d={domain} failed temporarily: "
+                             "no final result yet")
+    assert result.disposition == "none" and result.record is not None
+
+
+def test_aligned_spf_temperror_is_temperror_not_fail() -> None:
+    result, _ = run_eval(REJECT, spf="bounce.example.com", spf_result="temperror")
+    assert result.result == "temperror"
+    assert result.reason.startswith("SPF for bounce.example.com failed temporarily")
+
+
+def test_strict_alignment_temperror_of_a_subdomain_is_still_a_fail() -> None:
+    result, _ = run_eval({"example.com": "v=DMARC1; p=reject; adkim=s; aspf=s"},
+                         spf="bounce.example.com", spf_result="temperror",
+                         dkim=(sig("mail.example.com", "temperror"),))
+    assert result.result == "fail" and result.disposition == "reject"
+
+
+def test_unaligned_temperror_does_not_hold_up_the_verdict() -> None:
+    result, _ = run_eval(REJECT, spf="esp.example.net", spf_result="temperror",
+                         dkim=(sig("esp.example.net", "temperror"),))
+    assert result.result == "fail" and result.disposition == "reject"
+
+
+def test_an_aligned_pass_wins_over_an_aligned_temperror() -> None:
+    result, _ = run_eval(REJECT, spf="example.com", spf_result="temperror",
+                         dkim=(sig("example.com", "temperror"), sig("example.com", "pass", "s2")))
+    assert result.result == "pass"
 
 
 def test_dkim_pass_from_an_unaligned_domain_does_not_count() -> None:

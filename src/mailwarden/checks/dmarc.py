@@ -171,8 +171,9 @@ def _override(ctx: Context, txn: Transaction, args: DmarcArgs) -> str:
 
 def _record(ctx: Context, txn: Transaction, found: DmarcResult,
             spf_reported: list[tuple[str, str, str]], overrides: list[tuple[str, str]]) -> None:
-    """Every evaluation with a policy goes to the report store (RFC 9990)."""
-    if found.record is None or not ctx.config.dmarc.store:
+    """Every final evaluation with a policy goes to the report store (RFC 9990); a temperror
+    is not final (the message may be retried and evaluated again)."""
+    if found.record is None or found.result == "temperror" or not ctx.config.dmarc.store:
         return
     from mailwarden.dmarc.store import Evaluation
 

@@ -47,6 +47,21 @@ def non_existent(dns: DNSClient, domain: str, deadline: float | None = None) -> 
     return answer.status is Status.NXDOMAIN
 
 
+def _undecided(discovery: Discovery, author: str, record: DmarcRecord, spf_domain: str,
+               spf_result: str, dkim: Sequence[DkimInput]) -> str:
+    """An aligned identifier whose check could not finish (SPF or DKIM temperror: RFC 7208
+    §2.6.6, RFC 6376 §6.1.2) might still pass: DMARC has no final result then, which is
+    temperror ("a later attempt might produce a final result": RFC 9989's registration of
+    the dmarc result codes), never
+    the policy's fail. Names the first such identifier, or ''."""
+    for sig in dkim:
+        if sig.result == "temperror" and discovery.aligned(sig.domain, author, record.adkim):
+            return f"DKIM verification for d={sig.domain}"
+    if spf_result == "temperror" and discovery.aligned(spf_domain, author, record.aspf):
+        return f"SPF for {spf_domain}"
+    return ""
+
+
 def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result: str,
              dkim: Sequence[DkimInput], mode: str = "rfc9989",
              deadline: float | None = None) -> DmarcResult:
@@ -62,6 +77,13 @@ def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result:
         spf_ok = spf_result == "pass" and discovery.aligned(spf_domain, author, record.aspf)
         dkim_domain = next((sig.domain for sig in dkim if sig.result == "pass"
                             and discovery.aligned(sig.domain, author, record.adkim)), "")
+        if not (spf_ok or dkim_domain):
+            undecided = _undecided(discovery, author, record, spf_domain, spf_result, dkim)
+            if undecided:
+                return DmarcResult(
+                    "temperror", f"{undecided} failed temporarily: no final result yet",
+                    author, policy_domain=found.domain, record=record,
+                    queries=discovery.queries, warnings=record.warnings)
         tag, policy = "p", record.p
         if found.domain != author:
             tag, policy = "sp", record.sp
