@@ -38,6 +38,9 @@ class Recorder:
     def monitored(self, verdict: str, rule: str) -> None:
         """A rule in monitor mode would have given `verdict`; it was not applied."""
 
+    def signing(self, check: str, result: str) -> None:
+        """A signing or sealing rule ran: signed/sealed, none (nothing to sign with), error."""
+
     def check(self, check: str, seconds: float) -> None:
         """One run of a rule's check."""
 
@@ -78,6 +81,10 @@ class PrometheusRecorder(Recorder):
             "mailwarden_check_results_total",
             "Results recorded, by method (spf, dkim, dmarc, arc, iprev, relay) and result",
             ["method", "result"])
+        self._signing = Counter(
+            "mailwarden_signing_total",
+            "Signing and sealing rules run, by check (dkim_sign, arc_seal) and result "
+            "(signed, sealed, none, error)", ["check", "result"])
         self._check_seconds = Histogram(
             "mailwarden_check_duration_seconds", "Time one check took, DNS included",
             ["check"], buckets=LATENCY_BUCKETS)
@@ -104,6 +111,9 @@ class PrometheusRecorder(Recorder):
 
     def monitored(self, verdict: str, rule: str) -> None:
         self._monitored.labels(verdict, rule).inc()
+
+    def signing(self, check: str, result: str) -> None:
+        self._signing.labels(check, result).inc()
 
     def check(self, check: str, seconds: float) -> None:
         self._check_seconds.labels(check).observe(seconds)

@@ -21,6 +21,7 @@ from mailwarden.config import STAGES, Config, LimitsConfig
 from mailwarden.headers import AR, authserv_id_of
 from mailwarden.policy.engine import Engine, Verdict, describe
 from mailwarden.transaction import Transaction
+from mailwarden.verdict import Action
 
 log = logging.getLogger("mailwarden.milter")
 
@@ -274,7 +275,7 @@ class Session:
         try:
             if self.in_message:
                 log.warning(describe(self.txn, "close", Verdict(
-                    "continue", reason="connection closed in the middle of a message")))
+                    Action.CONTINUE, reason="connection closed in the middle of a message")))
         except Exception:
             log.exception("internal error at the end of a connection")
         self.in_message = False
@@ -459,7 +460,7 @@ class Session:
 
     def _abort(self, data: bytes) -> None:
         if self.in_message and log.isEnabledFor(logging.INFO):
-            log.info(describe(self.txn, "abort", Verdict("continue", reason="aborted by MTA")))
+            log.info(describe(self.txn, "abort", Verdict(Action.CONTINUE, reason="aborted by MTA")))
         self.in_message = False
         self._forget_message_macros()
         return None

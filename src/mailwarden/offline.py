@@ -18,6 +18,7 @@ from typing import Any
 from mailwarden import milterproto as mp
 from mailwarden.config import Config
 from mailwarden.dns import Nameserver
+from mailwarden.findings import SigningFinding, SignStatus
 from mailwarden.milter import Runtime, Session
 from mailwarden.transaction import CheckResult
 
@@ -58,6 +59,7 @@ class Report:
     removed: list[tuple[str, int]] = field(default_factory=list)  # (name, 1-based index)
     quarantine: str | None = None
     rcpts_refused: list[tuple[str, str]] = field(default_factory=list)
+    signing: list[SigningFinding] = field(default_factory=list)  # what signing/sealing did
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +70,7 @@ class Report:
                         "results": [_result_dict(r) for r in s.results]} for s in self.stages],
             "headers": {"added": [{"name": n, "value": v} for n, v in self.added],
                         "removed": [{"name": n, "index": i} for n, i in self.removed]},
+            "signing": [finding.as_dict() for finding in self.signing],
         }
 
 
@@ -268,6 +271,7 @@ def _run(session: Session, raw: bytes, envelope: Envelope) -> Report:
                 stage.results.append(result)
                 break
     report.monitored = [str(m) for m in txn.monitored]
+    report.signing = list(txn.findings.signing)
     return report
 
 
@@ -308,6 +312,8 @@ def format_report(report: Report) -> str:
         lines.append(f"quarantined: {report.quarantine}")
     for note in report.monitored:
         lines.append(f"monitor mode, not applied: {note}")
+    for finding in report.signing:
+        lines.append(_signing_line(finding))
     if report.removed:
         lines.append("headers removed:")
         lines.extend(f"  {name} #{index} (claims our authserv-id: forged)"
@@ -316,6 +322,13 @@ def format_report(report: Report) -> str:
         lines.append("headers added (top of the message):")
         lines.extend(f"  {name}: {value}" for name, value in report.added)
     return "\n".join(lines)
+
+
+def _signing_line(finding: SigningFinding) -> str:
+    head = f"{finding.check} by rule {finding.rule!r}: {finding.status}"
+    if finding.status in (SignStatus.SIGNED, SignStatus.SEALED):
+        return f"{head} d={finding.domain} s={finding.selector} a={finding.algorithm}"
+    return f"{head} ({finding.reason})"
 
 
 def quiet_logging() -> None:

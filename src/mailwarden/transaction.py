@@ -12,9 +12,9 @@ import logging
 import tempfile
 from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from mailwarden.dns import IPAddress
+from mailwarden.findings import Findings
 from mailwarden.outage import Outage
 
 log = logging.getLogger("mailwarden.spool")
@@ -221,11 +221,10 @@ class Transaction:
     spool_threshold: int = 1024 * 1024
     spool_dir: str | None = None  # where; None: $TMPDIR or /tmp
     authentication_results: str = ""  # our header's value, once written (for ARC sealing)
-    dkim: list[Any] = field(default_factory=list)  # DKIM SignatureResults, for DMARC
-    arc: tuple[str, tuple[str, ...]] | None = None  # ARC chain result and sealers
+    findings: Findings = field(default_factory=Findings)  # typed, filed by the engine
     results: list[CheckResult] = field(default_factory=list)
     add_headers: list[tuple[str, str]] = field(default_factory=list)  # in order, top first
-    accepted: bool = False  # an `accept` verdict for this message: no further rules
+    accepted: bool = False  # an `accept` (or quarantine) verdict: no further checks run
     quarantine: str | None = None
     header_cut: str = ""  # why the checks do not see the whole header (limits.header_*)
     monitored: list[Monitored] = field(default_factory=list)  # what enforcement would do
@@ -295,8 +294,7 @@ class Transaction:
         self.body = None
         self._message = None
         self.authentication_results = ""
-        self.dkim = []
-        self.arc = None
+        self.findings = Findings()
         self.results = list(self.connection_results)
         self.add_headers = []
         self.accepted = self.connection_accepted

@@ -16,6 +16,7 @@ from mailwarden.checks import Context
 from mailwarden.checks.arc import NoArgs, SealArgs, dnsfunc, run_seal, run_verify
 from mailwarden.config import Config, ConfigError, parse
 from mailwarden.dkim.keys import generate, public_record, write_private
+from mailwarden.findings import ArcFinding
 from mailwarden.policy.engine import Engine
 from mailwarden.transaction import Transaction
 
@@ -152,7 +153,7 @@ def test_verify_sealed_message_passes_and_names_the_sealer(ctx: Context,
     [result] = outcome.results
     assert (result.method, result.result, result.reason) == ("arc", "pass", "success")
     assert result.properties == (("arc.chain", "example.org"),)
-    assert txn.arc == ("pass", ("example.org",))
+    assert outcome.findings == (ArcFinding("pass", ("example.org",)),)
     assert outcome.text == "ARC pass"
 
 
@@ -170,7 +171,7 @@ def test_two_hop_chain_names_both_sealers_oldest_first(ctx: Context,
     outcome = run_verify(ctx, final, NoArgs())
     assert outcome.decisive == "pass"
     assert outcome.results[0].properties == (("arc.chain", "example.org:relay.example.net"),)
-    assert final.arc == ("pass", ("example.org", "relay.example.net"))
+    assert outcome.findings == (ArcFinding("pass", ("example.org", "relay.example.net")),)
 
 
 def test_unsealed_message_is_none(ctx: Context, dns: FakeDNS) -> None:
@@ -179,7 +180,7 @@ def test_unsealed_message_is_none(ctx: Context, dns: FakeDNS) -> None:
     assert outcome.decisive == "none"
     [result] = outcome.results
     assert (result.method, result.result, result.properties) == ("arc", "none", ())
-    assert txn.arc == ("none", ())
+    assert outcome.findings == (ArcFinding("none"),)
     assert dns.queries == []  # nothing to look up
 
 
@@ -199,7 +200,7 @@ def test_tampered_sealed_message_fails(ctx: Context, relay_ctx: Context, change:
     assert outcome.decisive == "fail"
     assert outcome.results[0].result == "fail"
     assert "ARC-Message-Signature" in outcome.results[0].reason
-    assert txn.arc is not None and txn.arc[0] == "fail"
+    assert [f.result for f in outcome.findings if isinstance(f, ArcFinding)] == ["fail"]
 
 
 def test_tampered_arc_seal_fails(ctx: Context, relay_ctx: Context) -> None:

@@ -695,7 +695,7 @@ def test_check_config_json_parses() -> None:
     mail = policy["rules"]["mail"]
     assert [r["name"] for r in mail] == ["no spoofing of our domains", "spf"]
     assert mail[1]["results"]["fail"] == "reject 550 5.7.23 SPF validation failed"
-    assert mail[1]["when"] == {"not": {"client_in": ["internal"]}}
+    assert mail[1]["when"] == {"authenticated": False, "not": {"client_in": ["internal"]}}
     assert policy["rules"]["connect"][0]["results"] == {
         "pass": "continue", "fail": "continue", "temperror": "continue",
         "permerror": "continue"}

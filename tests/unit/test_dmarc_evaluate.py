@@ -16,6 +16,7 @@ from mailwarden.config import Outcome, parse
 from mailwarden.dkim.verify import SignatureResult
 from mailwarden.dmarc.evaluate import DkimInput, DmarcResult, evaluate, non_existent
 from mailwarden.dmarc.orgdomain import TemporaryError
+from mailwarden.findings import ArcFinding, DkimFinding, SpfFinding, SpfIdentity
 from mailwarden.policy.engine import CONTINUE, Engine
 from mailwarden.transaction import CheckResult, Transaction
 
@@ -444,11 +445,12 @@ def message(*from_values: str, ip: str | None = CLIENT, spf: tuple[str, str] | N
     t.rcpts.append("rcpt@example.org")
     t.headers = [("Subject", " hello")] + [("From", f" {value}") for value in from_values]
     if spf is not None:
-        t.results.append(CheckResult("spf", "spf", spf[1], "",
-                                     (("smtp.mailfrom", f"bounce@{spf[0]}"),)))
+        t.findings.add(SpfFinding(SpfIdentity.MAILFROM, spf[0], spf[1]))
     if dkim is not None:
-        t.dkim = [SignatureResult(dkim[1], "", domain=dkim[0], selector="s1")]
-    t.arc = arc
+        t.findings.add(DkimFinding((SignatureResult(dkim[1], "", domain=dkim[0],
+                                                    selector="s1"),)))
+    if arc is not None:
+        t.findings.add(ArcFinding(*arc))
     return t
 
 
@@ -573,16 +575,20 @@ def test_run_unaligned_dkim_pass_fails() -> None:
 def test_run_helo_spf_pass_does_not_count() -> None:
     ctx, _ = context()
     t = message("a@example.com")
-    t.results.append(CheckResult("spf", "spf", "pass", "", (("smtp.helo", "example.com"),)))
-    t.results.append(CheckResult("spf", "spf", "none", "", (("smtp.mailfrom", "a@x.example"),)))
+    t.findings.add(SpfFinding(SpfIdentity.HELO, "example.com", "pass"))
+    t.findings.add(SpfFinding(SpfIdentity.MAILFROM, "x.example", "none"))
     assert dmarc_check.run(ctx, t, DmarcArgs()).decisive == "reject"
 
 
-def test_run_without_dkim_results_verifies_the_message_itself() -> None:
-    ctx, _ = context()
+def test_without_a_dkim_verify_rule_the_engine_verifies_once_for_dmarc() -> None:
+    """DMARC reads the pipeline's DKIM findings; with no dkim_verify rule the engine's own
+    verification step provides them (a signature that passes makes DMARC pass)."""
+    engine, _ = make()
     t = message("a@example.com", spf=("evil.example.net", "pass"))
-    assert t.dkim == []
-    assert dmarc_check.run(ctx, t, DmarcArgs()).decisive == "reject"
+    assert t.findings.dkim is None
+    verdict, _ = engine.end_of_message(t)
+    assert verdict.action == "reject"
+    assert t.findings.dkim is not None and t.findings.dkim.signatures == ()
 
 
 @pytest.mark.parametrize(("author", "result"), [("nobody.example", "none"),

@@ -13,6 +13,7 @@ from mailwarden.config import Config, Reply, parse
 from mailwarden.dns import Answer
 from mailwarden.policy.engine import CONTINUE, Engine, Verdict, describe
 from mailwarden.transaction import Transaction
+from mailwarden.verdict import Action
 
 from fakedns import FakeDNS
 
@@ -745,9 +746,9 @@ def test_long_reply_text_is_bounded() -> None:
 
 
 def test_verdict_refuses() -> None:
-    assert Verdict("reject").refuses and Verdict("tempfail").refuses
-    assert Verdict("discard").refuses
-    assert not Verdict("accept").refuses and not Verdict("quarantine").refuses
+    assert Verdict(Action.REJECT).refuses and Verdict(Action.TEMPFAIL).refuses
+    assert Verdict(Action.DISCARD).refuses
+    assert not Verdict(Action.ACCEPT).refuses and not Verdict(Action.QUARANTINE).refuses
     assert not CONTINUE.refuses
 
 

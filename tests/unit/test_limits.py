@@ -24,6 +24,7 @@ from mailwarden.config import ConfigError, LimitsConfig, parse
 from mailwarden.daemon import build_runtime
 from mailwarden.dkim.keys import generate, public_record, write_private
 from mailwarden.dkim.verify import verify_message
+from mailwarden.findings import ArcFinding
 from mailwarden.milter import AR_HEAD, HeaderBudget, Session
 from mailwarden.transaction import Transaction
 
@@ -406,4 +407,4 @@ def test_an_arc_chain_longer_than_the_limit_fails_without_a_lookup(
     if not looked_up:
         assert outcome.results[0].reason == (f"chain of {sets} ARC sets, more than {limit} "
                                              "(limits.arc_sets)")
-        assert txn.arc == ("fail", ())
+        assert outcome.findings == (ArcFinding("fail"),)

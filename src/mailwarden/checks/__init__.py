@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from mailwarden.config import Outcome, Reply
 from mailwarden.dns import DNSClient
+from mailwarden.findings import Finding
 from mailwarden.relay import HostGroup, Membership
 from mailwarden.transaction import CheckResult, Transaction
 
@@ -62,12 +63,14 @@ class Context:
 @dataclass(frozen=True, slots=True)
 class CheckOutcome:
     """What one run of a check found: the result the rule acts on, every result to record,
-    headers to add, and the text for an SMTP reply should the rule refuse."""
+    headers to add, the text for an SMTP reply should the rule refuse, and the typed findings
+    the engine files for the checks that depend on this one."""
 
     decisive: str
     results: tuple[CheckResult, ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
     text: str = ""
+    findings: tuple[Finding, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +85,11 @@ class CheckSpec:
     # macros the check reads, by stage, so that negotiation can ask the MTA for them
     macros: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     needs_body: bool = False  # the MTA must send the body (DKIM, ARC)
+    # A transformation (signing, sealing) gives no verdict: it runs after the verdict, for
+    # every message not refused, whatever let it through (`accept` included).
+    transform: bool = False
     after_headers: bool = False  # runs after our Authentication-Results is written (ARC seal)
+    needs_dkim: bool = False  # reads the DKIM findings: verified first if no rule did
 
 
 def _registry() -> dict[str, CheckSpec]:

@@ -15,6 +15,7 @@ import dkim as dkimpy
 from mailwarden.checks import CheckOutcome, CheckSpec, Context
 from mailwarden.config import Outcome
 from mailwarden.dns import DNSClient, Status
+from mailwarden.findings import ArcFinding, SigningFinding, SignStatus
 from mailwarden.headers import AR, forged_indices
 from mailwarden.transaction import CheckResult, Transaction
 
@@ -79,9 +80,8 @@ def run_verify(ctx: Context, txn: Transaction, args: NoArgs) -> CheckOutcome:
     if sets > limit:
         # Not validated at all: no key is looked up (RFC 8617 §4.2.1 allows 50 sets at most).
         reason = f"chain of {sets} ARC sets, more than {limit} (limits.arc_sets)"
-        txn.arc = ("fail", ())
         return CheckOutcome("fail", (CheckResult("", "arc", "fail", reason),),
-                            text=f"ARC fail: {reason}")
+                            text=f"ARC fail: {reason}", findings=(ArcFinding("fail"),))
     message = txn.message()
     failures: list[str] = []
     try:
@@ -90,7 +90,8 @@ def run_verify(ctx: Context, txn: Transaction, args: NoArgs) -> CheckOutcome:
         cv, results, comment = b"fail", [], str(exc)
     if failures:  # a key could not be fetched just now: no verdict (RFC 8601 §2.7.1)
         return CheckOutcome("temperror", (CheckResult("", "arc", "temperror", failures[0]),),
-                            text="ARC validation failed temporarily")
+                            text="ARC validation failed temporarily",
+                            findings=(ArcFinding("temperror"),))
     # dkimpy reports a chain whose latest seal says cv=fail as None: that chain fails
     # (RFC 8617 §5.2 step 2).
     result = (cv or b"fail").decode("ascii", "replace").lower()
@@ -98,9 +99,9 @@ def run_verify(ctx: Context, txn: Transaction, args: NoArgs) -> CheckOutcome:
                sorted(results, key=lambda r: int(r.get("instance", 0)))]
     props = (("arc.chain", ":".join(s for s in sealers if s)),) if sealers else ()
     reason = comment.decode("ascii", "replace") if isinstance(comment, bytes) else str(comment)
-    txn.arc = (result, tuple(s for s in sealers if s))
+    finding = ArcFinding(result, tuple(s for s in sealers if s))
     return CheckOutcome(result, (CheckResult("", "arc", result, reason, props),),
-                        text=f"ARC {result}")
+                        text=f"ARC {result}", findings=(finding,))
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +118,14 @@ def parse_seal(section: Section, config: Config) -> SealArgs:
     return SealArgs(domain)
 
 
+def _not_sealed(domain: str, reason: str) -> CheckOutcome:
+    finding = SigningFinding("", "arc_seal", SignStatus.ERROR, domain=domain, reason=reason)
+    return CheckOutcome("error", text=reason, findings=(finding,))
+
+
 def run_seal(ctx: Context, txn: Transaction, args: SealArgs) -> CheckOutcome:
     if txn.header_cut:  # a seal over the fields we kept would not validate downstream
-        return CheckOutcome("error", text=f"cannot seal: {txn.header_cut}")
+        return _not_sealed(args.domain, f"cannot seal: {txn.header_cut}")
     key = next(k for k in ctx.config.signing.keys
                if k.domain == args.domain and k.algorithm == "rsa-sha256")
     try:
@@ -127,12 +133,14 @@ def run_seal(ctx: Context, txn: Transaction, args: SealArgs) -> CheckOutcome:
                                 key.selector.encode(), key.domain.encode(),
                                 key.private, ctx.config.authserv_id.encode())
     except dkimpy.DKIMException as exc:
-        return CheckOutcome("error", text=f"cannot seal: {exc}")
+        return _not_sealed(args.domain, f"cannot seal: {exc}")
     fields = []
     for line in lines:
         name, _, value = line.decode("ascii").partition(":")
         fields.append((name, value.rstrip("\r\n").replace("\r\n", "\n")))
-    return CheckOutcome("sealed", headers=tuple(fields), text="sealed")
+    finding = SigningFinding("", "arc_seal", SignStatus.SEALED, key.domain, key.selector,
+                             key.algorithm)
+    return CheckOutcome("sealed", headers=tuple(fields), text="sealed", findings=(finding,))
 
 
 def _sealed_message(txn: Transaction, authserv_id: str) -> bytes:
@@ -150,4 +158,4 @@ VERIFY = CheckSpec(name="arc_verify", stages=("eom",),
                    run=run_verify, outcomes=no_outcomes, needs_body=True)
 SEAL = CheckSpec(name="arc_seal", stages=("eom",), results=("sealed", "error"),
                  parse_args=parse_seal, run=run_seal, outcomes=no_outcomes, needs_body=True,
-                 after_headers=True)
+                 transform=True, after_headers=True)

@@ -23,6 +23,7 @@ from mailwarden.checks import CheckOutcome, CheckSpec, Context
 from mailwarden.config import Outcome, Reply
 from mailwarden.dkim.sign import SignOptions, sign_message
 from mailwarden.dkim.verify import SignatureResult, verify_message
+from mailwarden.findings import DkimFinding, SigningFinding, SignStatus
 from mailwarden.relay import Membership
 from mailwarden.transaction import CheckResult, Transaction
 
@@ -59,20 +60,26 @@ def _record(sig: SignatureResult) -> CheckResult:
                        tuple((k, v) for k, v in props if v), comment=comment)
 
 
+def verify(ctx: Context, txn: Transaction, max_signatures: int,
+           accept_body_length: bool = True) -> DkimFinding:
+    """Every DKIM-Signature of the message, verified (RFC 6376 §6)."""
+    return DkimFinding(tuple(verify_message(
+        txn.header_block(), ctx.dns, body=txn.body_chunks, crlf=True,
+        max_signatures=max_signatures, accept_body_length=accept_body_length)))
+
+
 def run_verify(ctx: Context, txn: Transaction, args: VerifyArgs) -> CheckOutcome:
-    signatures = verify_message(txn.header_block(), ctx.dns, body=txn.body_chunks, crlf=True,
-                                max_signatures=args.max_signatures,
-                                accept_body_length=args.accept_body_length)
-    txn.dkim = signatures
+    finding = verify(ctx, txn, args.max_signatures, args.accept_body_length)
+    signatures = finding.signatures
     if not signatures:
         return CheckOutcome("none", (CheckResult("", "dkim", "none", "no signature"),),
-                            text="No DKIM signature")
+                            text="No DKIM signature", findings=(finding,))
     records = tuple(_record(sig) for sig in signatures)
     found = {sig.result for sig in signatures}
     decisive = next(word for word in _ORDER if word in found)
     first = next(sig for sig in signatures if sig.result == decisive)
     text = f"DKIM {decisive}: {first.domain or 'unknown domain'}: {first.reason}"
-    return CheckOutcome(decisive, records, text=text)
+    return CheckOutcome(decisive, records, text=text, findings=(finding,))
 
 
 def verify_outcomes(args: VerifyArgs) -> Mapping[str, Outcome]:
@@ -107,25 +114,34 @@ def author_domain(txn: Transaction) -> str:
     return ""
 
 
+def _unsigned(status: SignStatus, reason: str, domain: str = "") -> CheckOutcome:
+    finding = SigningFinding("", "dkim_sign", status, domain=domain, reason=reason)
+    return CheckOutcome(str(status), text=reason, findings=(finding,))
+
+
 def run_sign(ctx: Context, txn: Transaction, args: SignArgs) -> CheckOutcome:
+    """One DKIM-Signature per key of the From domain (RFC 6376 §5), or why none."""
     allowed = (not args.allowed_hosts and not args.authenticated) or \
         ctx.client_in(txn, args.allowed_hosts, args.authenticated) is Membership.IN
     if not allowed:
-        return CheckOutcome("none", text="sender not allowed to sign")
+        return _unsigned(SignStatus.NONE, "not an internal or authenticated client")
     domain = author_domain(txn)
     keys = ctx.config.signing.keys_for(domain) if domain else ()
     if not keys:
-        return CheckOutcome("none", text=f"no signing key for {domain or 'the From domain'}")
+        return _unsigned(SignStatus.NONE, f"no signing key for {domain or 'the From domain'}",
+                         domain)
     if txn.header_cut:  # a signature over the fields we kept would not verify downstream
-        return CheckOutcome("error", text=f"cannot sign: {txn.header_cut}")
+        return _unsigned(SignStatus.ERROR, f"cannot sign: {txn.header_cut}", domain)
     signing = ctx.config.signing
     options = SignOptions(signing.headers, signing.oversign, signing.canonicalization)
     try:
         fields = sign_message(txn.header_block(), keys, options, body=txn.body_chunks,
                               crlf=True)
     except dkimpy.DKIMException as exc:
-        return CheckOutcome("error", text=f"cannot sign: {exc}")
-    return CheckOutcome("signed", headers=tuple(fields),
+        return _unsigned(SignStatus.ERROR, f"cannot sign: {exc}", domain)
+    findings = tuple(SigningFinding("", "dkim_sign", SignStatus.SIGNED, key.domain,
+                                    key.selector, key.algorithm) for key in keys)
+    return CheckOutcome("signed", headers=tuple(fields), findings=findings,
                         text=f"signed for {keys[0].domain} with {len(keys)} key(s)")
 
 
@@ -147,4 +163,5 @@ VERIFY = CheckSpec(
 SIGN = CheckSpec(
     name="dkim_sign", stages=("eom",), results=("signed", "none", "error"),
     parse_args=parse_sign, run=run_sign, outcomes=sign_outcomes, needs_body=True,
+    transform=True,
 )

@@ -13,6 +13,7 @@ message through). Overrides are recorded as `local_policy`.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import logging
 import re
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING
 from mailwarden.checks import CheckOutcome, CheckSpec, Context
 from mailwarden.config import Outcome, Reply
 from mailwarden.dmarc.evaluate import DkimInput, DmarcResult, evaluate
+from mailwarden.findings import DmarcFinding, SpfIdentity
 from mailwarden.relay import Membership
 from mailwarden.transaction import CheckResult, Transaction
 
@@ -100,20 +102,16 @@ def author_domain(txn: Transaction) -> tuple[str, str]:
     return domain, ""
 
 
-def _spf(txn: Transaction) -> tuple[str, str, list[tuple[str, str, str]]]:
+def _spf(txn: Transaction) -> tuple[str, str, tuple[tuple[str, str, str], ...]]:
     """The MAIL FROM identity's domain and SPF result (RFC 9989 uses only that identity),
     and every SPF result for the report."""
-    mail_domain, mail_result, reported = "", "none", []
-    for result in txn.results:
-        if result.method != "spf":
-            continue
-        for key, value in result.properties:
-            domain = value.rpartition("@")[2].lower()
-            scope = "mfrom" if key == "smtp.mailfrom" else "helo"
-            reported.append((domain, scope, result.result))
-            if key == "smtp.mailfrom":
-                mail_domain, mail_result = domain, result.result
-    return mail_domain, mail_result, reported
+    found = txn.findings.spf
+    mailfrom = found.get(SpfIdentity.MAILFROM)
+    reported = tuple((f.domain, "mfrom" if f.identity is SpfIdentity.MAILFROM else "helo",
+                      f.result) for f in found.values())
+    if mailfrom is None:
+        return "", "none", reported
+    return mailfrom.domain, mailfrom.result, reported
 
 
 def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
@@ -122,13 +120,10 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
         record = CheckResult("", "dmarc", "permerror", problem)
         return CheckOutcome("unusable_from", (record,),
                             text=f"Message refused: {problem} (RFC 9989 needs one author domain)")
-    if not txn.dkim and not any(r.method == "dkim" for r in txn.results):
-        from mailwarden.dkim.verify import verify_message  # no dkim_verify rule ran
-
-        txn.dkim = verify_message(txn.header_block(), ctx.dns, body=txn.body_chunks,
-                                  crlf=True, max_signatures=ctx.config.limits.dkim_signatures)
     spf_domain, spf_result, spf_reported = _spf(txn)
-    dkim = [DkimInput(s.domain, s.selector, s.result) for s in txn.dkim if s.domain]
+    verified = txn.findings.dkim  # the engine verifies first when no dkim_verify rule did
+    signatures = verified.signatures if verified is not None else ()
+    dkim = [DkimInput(s.domain, s.selector, s.result) for s in signatures if s.domain]
     found = evaluate(ctx.dns, domain, spf_domain=spf_domain, spf_result=spf_result,
                      dkim=dkim, mode=ctx.config.dmarc.mode)
     decisive, overrides = found.result, []
@@ -138,57 +133,86 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
         if why and decisive != "fail":
             overrides.append(("local_policy", why))
             decisive = "fail"
-    _record(ctx, txn, found, spf_reported, overrides)
+    asked = decisive if decisive in ("reject", "quarantine") else "none"
+    finding = DmarcFinding("", found, asked, spf_reported, tuple(overrides))
     props = [("header.from", domain)]
     if found.record is not None:
         props += [("polrec.p", found.record.p), ("polrec.sp", found.record.sp),
                   ("polrec.np", found.record.np), ("polrec.domain", found.policy_domain)]
-    comment = f"{found.policy_tag}={getattr(found.record, found.policy_tag, '')} " \
-              f"dis={decisive if decisive in ('reject', 'quarantine') else 'none'}" \
-        if found.record is not None else None
-    if overrides:
-        comment = (comment or "") + f" override={overrides[0][0]}"
-    result = CheckResult("", "dmarc", found.result, found.reason, tuple(props), comment=comment)
+    result = CheckResult("", "dmarc", found.result, found.reason, tuple(props),
+                         comment=_comment(found, asked, bool(overrides)))
     text = f"DMARC {found.result} for {domain}: {found.reason}"
     if decisive == "reject":
         text = (f"Unauthenticated mail from {domain} is refused by its DMARC policy "
                 f"({found.reason})")
     elif decisive == "quarantine":
         text = f"DMARC quarantine: {domain} ({found.reason})"
-    return CheckOutcome(decisive, (result,), text=text)
+    return CheckOutcome(decisive, (result,), text=text, findings=(finding,))
+
+
+def _comment(found: DmarcResult, disposition: str, overridden: bool) -> str | None:
+    """The Authentication-Results comment: the policy that applied and the disposition."""
+    comment = None
+    if found.record is not None:
+        comment = f"{found.policy_tag}={getattr(found.record, found.policy_tag, '')} " \
+                  f"dis={disposition}"
+    if overridden:
+        comment = (comment or "") + " override=local_policy"
+    return comment
 
 
 def _override(ctx: Context, txn: Transaction, args: DmarcArgs) -> str:
     for group in args.never_reject:
         if ctx.client_in(txn, (group,)) is Membership.IN:
             return f"client in never_reject group {group}"
-    if txn.arc is not None and txn.arc[0] == "pass" and txn.arc[1]:
-        latest = txn.arc[1][-1].lower().rstrip(".")
+    arc = txn.findings.arc
+    if arc is not None and arc.result == "pass" and arc.sealers:
+        latest = arc.sealers[-1].lower().rstrip(".")
         if latest in args.trusted_sealers:
             return f"arc=pass, sealed by trusted {latest}"
     return ""
 
 
-def _record(ctx: Context, txn: Transaction, found: DmarcResult,
-            spf_reported: list[tuple[str, str, str]], overrides: list[tuple[str, str]]) -> None:
+def finish(ctx: Context, txn: Transaction, finding: DmarcFinding, applied: str | None) -> None:
+    """After the verdict: the disposition actually applied to the message (`applied`: none,
+    quarantine or reject; None when the message was tempfailed and will be tried again) goes
+    into our Authentication-Results and into the report store (RFC 9990 §2.1: the final
+    disposition). A refusal held back by monitor mode is recorded as `none`, with a
+    local_policy override saying so."""
+    overrides = finding.overrides
+    if applied is not None and applied != finding.asked and not overrides:
+        overrides = (("local_policy", "monitor mode: the policy was not enforced"),)
+    shown = applied if applied is not None else finding.asked
+    for index, result in enumerate(txn.results):
+        if result.method == "dmarc" and result.rule == finding.rule:
+            txn.results[index] = dataclasses.replace(
+                result, comment=_comment(finding.evaluation, shown, bool(overrides)))
+    if applied is not None:
+        _record(ctx, txn, finding, applied, overrides)
+
+
+def _record(ctx: Context, txn: Transaction, finding: DmarcFinding, disposition: str,
+            overrides: tuple[tuple[str, str], ...]) -> None:
     """Every final evaluation with a policy goes to the report store (RFC 9990); a temperror
     is not final (the message may be retried and evaluated again)."""
+    found = finding.evaluation
     if found.record is None or found.result == "temperror" or not ctx.config.dmarc.store:
         return
     from mailwarden.dmarc.store import Evaluation
 
     record = found.record
+    verified = txn.findings.dkim
+    signatures = verified.signatures if verified is not None else ()
     evaluation = Evaluation(
         time=time.time(), source_ip=str(txn.client_ip or ""), header_from=found.author_domain,
         envelope_from=txn.sender_domain, envelope_to=(txn.rcpt_domains or [""])[0],
         policy_domain=found.policy_domain, p=record.p, sp=record.sp, np=record.np,
         adkim=record.adkim, aspf=record.aspf, testing=record.testing, psd=record.psd,
-        disposition=("none" if overrides else found.disposition) if found.result == "fail"
-        else "none",
+        disposition=disposition,
         dkim_aligned="pass" if found.dkim_aligned else "fail",
         spf_aligned="pass" if found.spf_aligned else "fail",
-        dkim=tuple((s.domain, s.selector, s.result) for s in txn.dkim if s.domain),
-        spf=tuple(spf_reported), overrides=tuple(overrides), rua=record.rua,
+        dkim=tuple((s.domain, s.selector, s.result) for s in signatures if s.domain),
+        spf=finding.spf_reported, overrides=overrides, rua=record.rua,
     )
     try:
         ctx.store().record(evaluation)
@@ -199,7 +223,7 @@ def _record(ctx: Context, txn: Transaction, found: DmarcResult,
 
 SPEC = CheckSpec(
     name="dmarc", stages=("eom",), results=RESULTS, parse_args=parse_args, run=run,
-    outcomes=outcomes,
+    outcomes=outcomes, needs_dkim=True,
     replies={"reject": Reply(550, "5.7.1", "Message refused by the sender domain's DMARC policy"),
              "unusable_from": Reply(550, "5.7.1", "Message has no usable From header field"),
              "temperror": Reply(451, "4.7.1", "DMARC evaluation failed, try again later")},

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from mailwarden.checks import CheckOutcome, CheckSpec, Context
 from mailwarden.config import Outcome
+from mailwarden.findings import SpfFinding, SpfIdentity
 from mailwarden.policy import codes
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
 from mailwarden.spf.check import valid_domain
@@ -52,16 +53,23 @@ def run(ctx: Context, txn: Transaction, args: SPFArgs) -> CheckOutcome:
     receiver = ctx.config.authserv_id
     report = args.header in ("auth", "both")
     results: list[CheckResult] = []
+    findings: list[SpfFinding] = []
     if helo and valid_domain(helo) is None:
         helo_result = check_helo(ctx.dns, txn.client_ip, helo, receiver=receiver, limits=limits,
                                  clock=ctx.clock)
         results.append(_record(helo_result, "smtp.helo", helo, report))
+        findings.append(SpfFinding(SpfIdentity.HELO, helo.lower().rstrip("."),
+                                   str(helo_result.result)))
     mail_from = txn.mail_from or ""
     result = check_mailfrom(ctx.dns, txn.client_ip, mail_from, helo, receiver=receiver,
                             limits=limits, clock=ctx.clock)
     results.append(_record(result, "smtp.mailfrom", result.sender, report))
+    findings.append(SpfFinding(SpfIdentity.MAILFROM,
+                               result.sender.rpartition("@")[2].lower().rstrip("."),
+                               str(result.result)))
     headers = (result.header(),) if args.header in ("spf", "both") else ()
-    return CheckOutcome(str(result.result), tuple(results), headers, _reply_text(result))
+    return CheckOutcome(str(result.result), tuple(results), headers, _reply_text(result),
+                        tuple(findings))
 
 
 def spf_limits(config: Config) -> Limits:

@@ -1,4 +1,5 @@
-"""Rules per stage, in order; the first decisive verdict wins.
+"""Rules per stage, in order; the first decisive verdict wins; then, at end of message, the
+transformations.
 
 A rule in monitor mode (its own `mode:`, or the configuration's) runs and records everything,
 but a refusal or quarantine it decides is only noted on the transaction (for the log line and
@@ -6,7 +7,13 @@ the metrics) and the rules go on; an `accept` refuses nothing and is applied in 
 
 A rule runs when its `when:` holds, maps its check's result to an action (its own `on:` first,
 then the check's defaults, else continue), and refusals carry an SMTP reply. A DNS temporary
-error is never turned into a permanent refusal. The engine knows nothing of the milter protocol.
+error is never turned into a permanent refusal. An `accept` (or quarantine) ends the checks of
+the message, never its transformations. The engine knows nothing of the milter protocol.
+
+End of message is a pipeline: the verification checks (DKIM verified once, first, when a rule
+needs its findings and no dkim_verify rule gave them), the verdict, then for every message not
+refused: DKIM signing, the DMARC evaluations finished with the disposition actually applied
+(Authentication-Results and the report store), our Authentication-Results, ARC sealing.
 """
 
 from __future__ import annotations
@@ -19,41 +26,23 @@ from dataclasses import dataclass, field
 
 from mailwarden import metrics
 from mailwarden.checks import CHECKS, CheckOutcome, CheckSpec, Context
+from mailwarden.checks import dkim as dkim_check
+from mailwarden.checks import dmarc as dmarc_check
 from mailwarden.config import Condition, Config, Outcome, Reply, RuleConfig
 from mailwarden.dns import DNSClient
+from mailwarden.findings import DmarcFinding, SigningFinding, SignStatus
 from mailwarden.headers import AR, authentication_results, forged_indices
 from mailwarden.policy import codes
+from mailwarden.policy.logline import describe, printable
 from mailwarden.relay import HostGroup, Membership
 from mailwarden.transaction import Monitored, Transaction
+from mailwarden.verdict import CONTINUE, Action, Verdict
+
+__all__ = ["CONTINUE", "Engine", "HeaderEdits", "Verdict", "describe"]
 
 log = logging.getLogger("mailwarden.engine")
 
-DECISIVE = ("accept", "tempfail", "reject", "quarantine", "discard")
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    action: str  # continue | accept | tempfail | reject | quarantine | discard
-    reply: Reply | None = None
-    rule: str = ""
-    reason: str = ""
-
-    @property
-    def refuses(self) -> bool:
-        return self.action in ("tempfail", "reject", "discard")
-
-    def __str__(self) -> str:
-        text = self.action
-        if self.rule:
-            text += f" by rule {self.rule!r}"
-        if self.reply is not None:
-            text += f' reply="{self.reply}"'
-        elif self.reason:
-            text += f' reason="{self.reason}"'
-        return text
-
-
-CONTINUE = Verdict("continue")
+_UNRESOLVED = "a host group in when: could not be resolved"
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +52,17 @@ class HeaderEdits:
 
     delete: tuple[int, ...] = ()
     insert: tuple[tuple[str, str], ...] = ()
+
+
+def applied_disposition(verdict: Verdict, txn: Transaction) -> str | None:
+    """What was done with the message, in RFC 9990's words; None: tempfailed (it comes back)."""
+    if verdict.action is Action.TEMPFAIL:
+        return None
+    if verdict.action in (Action.REJECT, Action.DISCARD):
+        return "reject"
+    if verdict.action is Action.QUARANTINE or txn.quarantine:
+        return "quarantine"
+    return "none"
 
 
 @dataclass
@@ -78,30 +78,29 @@ class Engine:
         self.ctx = Context(self.config, self.dns, groups, self.clock)
 
     # -- stages ------------------------------------------------------------------------------
-    def run_stage(self, stage: str, txn: Transaction, *, sealing: bool = False) -> Verdict:
-        """Run the rules of `stage`; a refusal or an accept ends the stage. At eom the rules
-        that must see our Authentication-Results (ARC sealing) run in a second pass."""
-        if txn.accepted and not sealing:
+    def run_stage(self, stage: str, txn: Transaction) -> Verdict:
+        """Run the checks of `stage`; a refusal or an accept ends the stage. After an accept
+        (or quarantine) no check runs for this message."""
+        if txn.accepted:
             return CONTINUE
         for rule in self.config.stage_rules(stage):
-            if CHECKS[rule.check].after_headers != sealing:
+            if CHECKS[rule.check].transform:
                 continue
             holds = self._holds(rule.when, txn, stage)
             if holds is None:
-                verdict = Verdict("tempfail", codes.DNS_TEMPERROR, rule.name,
-                                  "a host group in when: could not be resolved")
+                verdict = Verdict(Action.TEMPFAIL, codes.DNS_TEMPERROR, rule.name, _UNRESOLVED)
             elif not holds:
                 continue
             else:
                 verdict = self._apply(rule, stage, txn)
-            if verdict.action == "continue":
+            if verdict.action is Action.CONTINUE:
                 continue
-            if rule.mode == "monitor" and verdict.action != "accept":
+            if rule.mode == "monitor" and verdict.action is not Action.ACCEPT:
                 self._monitor(verdict, stage, txn)
                 continue
-            if verdict.action in ("accept", "quarantine"):
+            if verdict.action in (Action.ACCEPT, Action.QUARANTINE):
                 txn.accepted = True
-                if verdict.action == "quarantine":
+                if verdict.action is Action.QUARANTINE:
                     txn.quarantine = verdict.reason
                 if stage in ("connect", "helo"):
                     txn.connection_accepted = True
@@ -110,42 +109,73 @@ class Engine:
         return CONTINUE
 
     def end_of_message(self, txn: Transaction) -> tuple[Verdict, HeaderEdits]:
-        """The eom rules, then the header edits: forged Authentication-Results out, ours in."""
+        """The end-of-message pipeline: checks and verdict, then the transformations of every
+        message not refused, and the header edits (forged Authentication-Results out, ours
+        in)."""
         verdict = self.run_stage("eom", txn)
+        transforms = [] if verdict.refuses else self._transforms(txn)
+        if transforms is None:
+            verdict = Verdict(Action.TEMPFAIL, codes.DNS_TEMPERROR, "", _UNRESOLVED)
+            transforms = []
+        applied = applied_disposition(verdict, txn)
+        for finding in txn.findings.dmarc:
+            dmarc_check.finish(self.ctx, txn, finding, applied)
         if verdict.refuses:
             return verdict, HeaderEdits()
+        below = list(txn.add_headers)  # Received-SPF, then the signatures
+        for rule in transforms:
+            if not CHECKS[rule.check].after_headers:
+                below.extend(self._transform(rule, txn))
         value = authentication_results(self.config.authserv_id, txn.results)
         txn.authentication_results = value
-        signatures = list(txn.add_headers)
-        txn.add_headers.clear()
-        self.run_stage("eom", txn, sealing=True)
-        insert = (*txn.add_headers, (AR, value), *signatures)
+        above: list[tuple[str, str]] = []
+        for rule in transforms:
+            if CHECKS[rule.check].after_headers:
+                above.extend(self._transform(rule, txn))
+        insert = (*above, (AR, value), *below)
         delete = tuple(forged_indices(txn.headers, self.config.authserv_id))
         return verdict, HeaderEdits(delete, insert)
+
+    def _transforms(self, txn: Transaction) -> list[RuleConfig] | None:
+        """The transformation rules whose `when:` holds; None if one cannot be decided now."""
+        chosen = []
+        for rule in self.config.stage_rules("eom"):
+            if not CHECKS[rule.check].transform:
+                continue
+            holds = self._holds(rule.when, txn, "eom")
+            if holds is None:
+                return None
+            if holds:
+                chosen.append(rule)
+        return chosen
 
     def _monitor(self, verdict: Verdict, stage: str, txn: Transaction) -> None:
         """Monitor mode: the refusal (or quarantine) is noted for the log and the metrics,
         and the rules go on as if the check had said continue."""
-        noted = Monitored(stage, verdict.action, verdict.rule,
+        noted = Monitored(stage, str(verdict.action), verdict.rule,
                           str(verdict.reply) if verdict.reply is not None else "",
                           verdict.reason)
         txn.monitored.append(noted)
         if stage in ("connect", "helo"):
             txn.connection_monitored.append(noted)
-        metrics.METRICS.monitored(verdict.action, verdict.rule)
+        metrics.METRICS.monitored(str(verdict.action), verdict.rule)
 
     # -- one rule ----------------------------------------------------------------------------
-    def _apply(self, rule: RuleConfig, stage: str, txn: Transaction) -> Verdict:
+    def _run(self, rule: RuleConfig, stage: str, txn: Transaction) -> CheckOutcome | None:
+        """Run the rule's check and file what it found; None when the check failed (a bug,
+        logged with its traceback)."""
         spec = CHECKS[rule.check]
         started = time.perf_counter()
         try:
+            if spec.needs_dkim and txn.findings.dkim is None:
+                # the pipeline's verification step: once per message, whoever needs it
+                txn.findings.dkim = dkim_check.verify(self.ctx, txn,
+                                                      self.config.limits.dkim_signatures)
             outcome = spec.run(self.ctx, txn, rule.args)
         except Exception:
-            # A bug must not lose mail: the message is tempfailed and the traceback logged.
             log.exception("check %s of rule %r failed", rule.check, rule.name)
             metrics.METRICS.error("check")
-            return Verdict("tempfail", Reply(451, "4.3.0", "Internal error, try again later"),
-                           rule.name, "internal error")
+            return None
         recorder = metrics.METRICS
         recorder.check(rule.check, time.perf_counter() - started)
         for result in outcome.results:
@@ -154,17 +184,42 @@ class Engine:
             recorder.result(result.method, result.result)
             if stage in ("connect", "helo"):
                 txn.connection_results.append(recorded)
+        for finding in outcome.findings:
+            if isinstance(finding, DmarcFinding | SigningFinding):
+                finding = dataclasses.replace(finding, rule=rule.name)
+            if isinstance(finding, SigningFinding):
+                recorder.signing(finding.check, str(finding.status))
+            txn.findings.add(finding)
+        return outcome
+
+    def _transform(self, rule: RuleConfig, txn: Transaction) -> tuple[tuple[str, str], ...]:
+        """A signing or sealing rule: the fields it adds (none if it failed: the message
+        still goes, unsigned, and the failure is logged)."""
+        outcome = self._run(rule, "eom", txn)
+        if outcome is None:
+            txn.findings.add(SigningFinding(rule.name, rule.check, SignStatus.ERROR,
+                                            reason="internal error"))
+            return ()
+        return outcome.headers
+
+    def _apply(self, rule: RuleConfig, stage: str, txn: Transaction) -> Verdict:
+        spec = CHECKS[rule.check]
+        outcome = self._run(rule, stage, txn)
+        if outcome is None:
+            # A bug must not lose mail: the message is tempfailed and the traceback logged.
+            return Verdict(Action.TEMPFAIL, Reply(451, "4.3.0", "Internal error, try again later"),
+                           rule.name, "internal error")
         txn.add_headers.extend(outcome.headers)
         chosen = rule.on.get(outcome.decisive) or spec.outcomes(rule.args).get(outcome.decisive)
         chosen = chosen or Outcome("continue")
-        action = chosen.action
-        if outcome.decisive == "temperror" and action == "reject":
-            action = "tempfail"  # a DNS temporary error never becomes a permanent rejection
-        if action not in ("reject", "tempfail"):
+        action = Action(chosen.action)
+        if outcome.decisive == "temperror" and action is Action.REJECT:
+            action = Action.TEMPFAIL  # a DNS temporary error never becomes a permanent rejection
+        if action not in (Action.REJECT, Action.TEMPFAIL):
             reason = f"{rule.check}={outcome.decisive}"
-            if action == "quarantine":
+            if action is Action.QUARANTINE:
                 # sent to the MTA as the quarantine reason: one printable line
-                reason = _printable(chosen.text or outcome.text or reason)
+                reason = printable(chosen.text or outcome.text or reason)
             return Verdict(action, None, rule.name, reason)
         return Verdict(action, _reply(spec, outcome, chosen, action), rule.name,
                        f"{rule.check}={outcome.decisive}")
@@ -207,35 +262,7 @@ class Engine:
         return False
 
 
-def _reply(spec: CheckSpec, outcome: CheckOutcome, chosen: Outcome, action: str) -> Reply:
-    reply = codes.reply_for(spec.replies.get(outcome.decisive), chosen, action)
+def _reply(spec: CheckSpec, outcome: CheckOutcome, chosen: Outcome, action: Action) -> Reply:
+    reply = codes.reply_for(spec.replies.get(outcome.decisive), chosen, str(action))
     return Reply(reply.code, reply.status,
                  codes.smtp_text(chosen.text or outcome.text or reply.text))
-
-
-def describe(txn: Transaction, stage: str, verdict: Verdict) -> str:
-    """The one log line for a transaction's decision."""
-    rcpts = ",".join(f"<{r}>" for r in txn.rcpts[:10]) + ("..." if len(txn.rcpts) > 10 else "")
-    results = " ".join(r.short() for r in txn.results)
-    sender = "-" if txn.mail_from is None else f"<{txn.mail_from}>"
-    parts = [
-        f"queue_id={txn.queue_id or '-'}",
-        f"client={txn.client}",
-        f"helo={txn.helo or '-'}",
-        f"from={sender}",
-        f"rcpts={rcpts or '-'}",
-        f"stage={stage}",
-        f"results=[{results}]",
-        f"verdict={verdict}",
-    ]
-    if txn.header_cut:
-        parts.append("headers=over_limit")
-    if txn.quarantine:
-        parts.append(f'quarantine="{txn.quarantine}"')
-    if txn.monitored:
-        parts.append(f"monitor=[{'; '.join(str(m) for m in txn.monitored)}]")
-    return " ".join(_printable(p) for p in parts)
-
-
-def _printable(text: str) -> str:
-    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
