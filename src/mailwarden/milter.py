@@ -1,113 +1,68 @@
-"""The milter adapter: protocol commands -> Transaction -> engine -> replies and header edits.
+"""The native transport's session: milter protocol commands -> the stage API -> reply packets.
 
 One `Session` per MTA connection, fed the decoded commands of `milterproto` by the server and
-answering with reply packets; it does no I/O itself. Negotiation asks only for the stages and
-macros the rules need and marks as no-reply every stage that never answers, so a message costs
-the MTA as few round trips as possible. Every command is guarded: an exception is logged and the
-message is tempfailed, never lost, and the process keeps serving.
+answering with reply packets; it does no I/O itself, and no policy: each stage goes to the
+transport-neutral `stage.Connection`, and its `Decision` is encoded here. Negotiation asks only
+for the stages and macros the rules need and marks as no-reply every stage that never answers,
+so a message costs the MTA as few round trips as possible.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailwarden import metrics
 from mailwarden import milterproto as mp
-from mailwarden.checks import CHECKS
-from mailwarden.config import STAGES, Config, LimitsConfig
-from mailwarden.headers import AR, authserv_id_of
-from mailwarden.policy.engine import Engine, Verdict, describe
+from mailwarden.config import Config
+from mailwarden.headerbudget import AR_HEAD, HeaderBudget
+from mailwarden.headers import AR
+from mailwarden.stage import ACTIVE, Connection, Decision, Runtime
+from mailwarden.stage import Plan as StagePlan
 from mailwarden.transaction import Transaction
-from mailwarden.verdict import Action
+from mailwarden.verdict import Action, Stage
+
+__all__ = ["ACTIVE", "AR_HEAD", "HeaderBudget", "Plan", "Runtime", "Session"]
 
 log = logging.getLogger("mailwarden.milter")
 
-# An Authentication-Results field over the header limits is kept as no more than this much of
-# its beginning: enough to read whose it is (RFC 8601 §5: ours are deleted, by position).
-AR_HEAD = 1024
-# From fields kept past the header limits: DMARC needs the author, and two tell it there are
-# several (RFC 9989 §4.4).
-FROM_OVER_LIMIT = 2
-
-_MACRO_STAGE = {"connect": mp.M_CONNECT, "helo": mp.M_HELO, "mail": mp.M_ENVFROM,
-                "rcpt": mp.M_ENVRCPT, "eom": mp.M_EOM}
-# Macros we always want: the queue id, our host name, the client's address as the MTA saw it.
-_BASE_MACROS = {"connect": ("j", "{daemon_name}", "{client_addr}"), "mail": ("i",),
-                "eom": ("i",)}
+_MACRO_STAGE = {Stage.CONNECT: mp.M_CONNECT, Stage.HELO: mp.M_HELO, Stage.MAIL: mp.M_ENVFROM,
+                Stage.RCPT: mp.M_ENVRCPT, Stage.EOM: mp.M_EOM}
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """What to negotiate, derived once from the configuration."""
+    """The stage plan in the milter protocol's words: SMFIP_* flags and macro lists."""
 
     protocol: int  # SMFIP_* flags to ask for: P_NO* (don't send that stage), P_NR_* (no reply)
     macros: dict[str, tuple[str, ...]]
-    message_macros: frozenset[str]  # those of one message, forgotten when the next starts
+    message_macros: frozenset[str]
 
     @classmethod
     def for_config(cls, config: Config) -> Plan:
-        stages_with_rules = {stage for stage in STAGES if config.stage_rules(stage)}
-        # connect: replies cannot be set there (smfi_setreply is not allowed in xxfi_connect),
-        # so a refusal decided at connect is given at HELO, or at MAIL FROM.
-        answers_helo = bool(stages_with_rules & {"connect", "helo"})
-        needs_body = any(CHECKS[rule.check].needs_body for rule in config.all_rules())
-        # Header values with their leading white space, exactly as received (DKIM "simple"
-        # canonicalization needs them), and ours sent back the same way.
-        off = mp.P_NR_CONN | mp.P_NR_HDR | mp.P_NOEOH | mp.P_HDR_LEADSPC
-        off |= mp.P_NOUNKNOWN | mp.P_NODATA | mp.P_NR_BODY
-        if not needs_body:
-            off |= mp.P_NOBODY
-        if not answers_helo:
-            off |= mp.P_NR_HELO
-        if "mail" not in stages_with_rules and not answers_helo:
-            off |= mp.P_NR_MAIL
-        if "rcpt" not in stages_with_rules:
-            off |= mp.P_NR_RCPT
-        macros: dict[str, set[str]] = {stage: set(names) for stage, names in
-                                       _BASE_MACROS.items()}
-        macros.setdefault("mail", set()).add("{auth_authen}")
-        for rule in config.all_rules():
-            for stage, names in CHECKS[rule.check].macros.items():
-                macros.setdefault(stage, set()).update(names)
-        per_message = frozenset().union(*(macros.get(stage, ()) for stage in
-                                          ("mail", "rcpt", "eom")))
-        return cls(off, {stage: tuple(sorted(names)) for stage, names in macros.items()},
-                   per_message)
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """What every session of one configuration shares."""
-
-    config: Config
-    engine: Engine
-    plan: Plan
+        return cls.of(StagePlan.for_config(config))
 
     @classmethod
-    def build(cls, config: Config, engine: Engine) -> Runtime:
-        return cls(config, engine, Plan.for_config(config))
+    def of(cls, plan: StagePlan) -> Plan:
+        return cls(protocol_flags(plan), {str(k): v for k, v in plan.macros.items()},
+                   plan.message_macros)
 
 
-class SessionCount:
-    """Connections in progress in this process (a drain waits for zero)."""
+def protocol_flags(plan: StagePlan) -> int:
+    """Header values with their leading white space, exactly as received (DKIM "simple"
+    canonicalization needs them), and ours sent back the same way; no reply where the policy
+    has nothing to say; DATA, end of headers and unknown commands not sent at all."""
+    off = mp.P_NR_CONN | mp.P_NR_HDR | mp.P_NOEOH | mp.P_HDR_LEADSPC
+    off |= mp.P_NOUNKNOWN | mp.P_NODATA | mp.P_NR_BODY
+    if not plan.needs_body:
+        off |= mp.P_NOBODY
+    for stage, flag in ((Stage.HELO, mp.P_NR_HELO), (Stage.MAIL, mp.P_NR_MAIL),
+                        (Stage.RCPT, mp.P_NR_RCPT)):
+        if stage not in plan.answers:
+            off |= flag
+    return off
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.value = 0
-        self.publish: Callable[[int], None] | None = None  # tells the other workers
-
-    def add(self, delta: int) -> None:
-        metrics.METRICS.connections(delta)
-        with self._lock:
-            self.value += delta
-            if self.publish is not None:
-                self.publish(self.value)
-
-
-ACTIVE = SessionCount()
 
 # Actions we may ask for: add our header, delete forged ones, quarantine, choose the macros.
 WANTED_ACTIONS = mp.F_ADDHDRS | mp.F_CHGHDRS | mp.F_QUARANTINE | mp.F_SETSYMLIST
@@ -125,97 +80,16 @@ _MESSAGE_MACROS = (mp.C_MAIL, mp.C_RCPT, mp.C_DATA, mp.C_EOH, mp.C_EOB, mp.C_HEA
 _REFUSABLE = frozenset({mp.C_HELO, mp.C_MAIL, mp.C_RCPT, mp.C_EOB})
 
 
-class HeaderBudget:
-    """The header fields of one message as `limits.header_*` lets the checks keep them.
-
-    A field longer than `header_field_bytes` is cut to that length. From the first field past
-    `header_fields` fields or `header_bytes` bytes on, fields are counted and not kept (so what
-    the checks see is the top of the header, whole), except the first two From fields
-    (DMARC must see the author) and every Authentication-Results field (its position decides
-    which to delete), which is then kept as its first `AR_HEAD` bytes; one whose authserv-id
-    cannot be read there counts as claiming ours, so that a forgery cannot hide behind its
-    size. The message itself is never refused for its header."""
-
-    def __init__(self) -> None:
-        self.fields = 0  # seen
-        self.kept = 0
-        self.size = 0  # bytes kept
-        self.dropped = 0  # fields not kept (or kept as a stand-in)
-        self.cut = 0  # fields cut to header_field_bytes
-        self.from_fields = 0
-        self.full = False  # a field did not fit: no later one is kept either (but see above)
-
-    @property
-    def over(self) -> bool:
-        return bool(self.dropped or self.cut)
-
-    def take(self, data: bytes, limits: LimitsConfig, authserv_id: str
-             ) -> tuple[str, str] | None:
-        """The (name, value) to keep of one SMFIC_HEADER packet, or None."""
-        self.fields += 1
-        name_end = data.find(b"\0")
-        whole = name_end < 0 or len(data) - name_end - 2 <= limits.header_field_bytes
-        if not whole:  # cut before decoding: a huge field costs no more than a long one
-            self.cut += 1
-            data = data[: name_end + 1 + limits.header_field_bytes] + b"\0"
-        name, value = mp.parse_header(data)
-        size = len(data)
-        lower = name.lower()
-        self.full = self.full or self.kept >= limits.header_fields or \
-            self.size + size > limits.header_bytes
-        fits = not self.full
-        if lower == "from":
-            self.from_fields += 1
-            fits = fits or self.from_fields <= FROM_OVER_LIMIT
-        elif lower == _AR_LOWER and (not fits or not whole):
-            value = _ar_stand_in(value, whole, authserv_id)
-            size = len(name) + len(value)
-            fits = True
-            self.dropped += 1
-        if not fits:
-            self.dropped += 1
-            return None
-        self.kept += 1
-        self.size += size
-        return name, value
-
-    def describe(self) -> str:
-        parts = []
-        if self.dropped:
-            parts.append(f"{self.dropped} of {self.fields} header fields left out of the "
-                         "checks (limits.header_fields, limits.header_bytes)")
-        if self.cut:
-            parts.append(f"{self.cut} header fields cut to limits.header_field_bytes")
-        return "; ".join(parts)
-
-
-_AR_LOWER = AR.lower()
-
-
-def _ar_stand_in(value: str, whole: bool, authserv_id: str) -> str:
-    """What is kept of an Authentication-Results field over the limits: its first AR_HEAD
-    characters when they show its authserv-id, else a value that claims ours."""
-    head = value[:AR_HEAD]
-    claimed = authserv_id_of(head)
-    complete = whole and len(head) == len(value)
-    if claimed and (complete or not head.rstrip().lower().endswith(claimed)):
-        return head
-    return f" {authserv_id}; none"
-
-
 class Session:
     """One MTA connection: `handle()` takes each command and returns the reply bytes."""
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.engine = runtime.engine
-        self.txn = Transaction()
-        self.pending: Verdict | None = None
-        self.in_message = False
-        self.header_budget = HeaderBudget()
+        self.connection = Connection(runtime)
         self._protocol = 0
         self._actions = 0
         self._symbols: dict[int, dict[str, str]] = {}
+        self._refused_actions: set[str] = set()
         self._handlers: dict[int, Callable[[bytes], bytes | None]] = {
             mp.C_OPTNEG: self._negotiate, mp.C_MACRO: self._macro, mp.C_CONNECT: self._connect,
             mp.C_HELO: self._helo, mp.C_MAIL: self._mail, mp.C_RCPT: self._rcpt,
@@ -226,8 +100,10 @@ class Session:
             mp.C_EOH: lambda data: self._answer(mp.C_EOH),
             mp.C_UNKNOWN: lambda data: self._answer(mp.C_UNKNOWN),
         }
-        self._closed = False
-        ACTIVE.add(1)
+
+    @property
+    def txn(self) -> Transaction:
+        return self.connection.txn
 
     # -- the server's interface --------------------------------------------------------------
     def handle(self, command: int, data: bytes) -> bytes | None:
@@ -238,9 +114,8 @@ class Session:
             if command == mp.C_QUIT:
                 raise EOFError
             if command == mp.C_QUIT_NC:  # this SMTP session ends, another one follows
-                self._end_connection()
-                self.txn = Transaction()
-                self.pending = None
+                self.connection.close()
+                self.connection = Connection(self.runtime)
                 self._symbols.clear()
                 return None
             raise mp.ProtocolError(f"unknown command {command!r}")
@@ -248,45 +123,39 @@ class Session:
             return handler(data)
         except mp.ProtocolError:
             raise
-        except Exception:
+        except Exception:  # a bug of this codec: the stage API guards its own
             log.exception("internal error at command %r (client %s)", chr(command),
                           self.txn.client)
             metrics.METRICS.error("session")
             if self._no_reply(command) or command in (mp.C_MACRO, mp.C_ABORT):
                 return None
             if command in _REFUSABLE and self.runtime.config.mode != "monitor":
-                if command in (mp.C_MAIL, mp.C_EOB):
-                    self.in_message = False
                 return _INTERNAL_ERROR
             return _CONTINUE
 
     def close(self) -> None:
         """The connection is gone (or the MTA quit)."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            self._end_connection()
-        finally:
-            ACTIVE.add(-1)
+        self.connection.close()
 
     # -- helpers -----------------------------------------------------------------------------
-    def _end_connection(self) -> None:
-        try:
-            if self.in_message:
-                log.warning(describe(self.txn, "close", Verdict(
-                    Action.CONTINUE, reason="connection closed in the middle of a message")))
-        except Exception:
-            log.exception("internal error at the end of a connection")
-        self.in_message = False
-        self.txn.new_message()  # removes a spooled body now
-
     def _no_reply(self, command: int) -> bool:
         return bool(self._protocol & mp.NO_REPLY_BIT.get(command, 0))
 
     def _answer(self, command: int, reply: bytes = _CONTINUE) -> bytes | None:
         """Nothing where the stage was negotiated as no-reply, else `reply`."""
         return None if self._no_reply(command) else reply
+
+    def _decided(self, command: int, decision: Decision) -> bytes | None:
+        if self._no_reply(command):
+            return None
+        if decision.action is Action.DISCARD:
+            return _DISCARD
+        if decision.refuses:
+            if decision.reply is not None:
+                reply = decision.reply
+                return mp.reply_code(reply.code, reply.status, reply.text)
+            return _REJECT if decision.action is Action.REJECT else _TEMPFAIL
+        return _ACCEPT if decision.action is Action.ACCEPT else _CONTINUE
 
     def _symval(self, name: str) -> str | None:
         key = mp.macro_key(name)
@@ -296,34 +165,19 @@ class Session:
                 return values[key]
         return None
 
-    def _macros(self, stage: str) -> None:
+    def _macros(self, stage: Stage) -> dict[str, str]:
+        found = {}
         for name in self.runtime.plan.macros.get(stage, ()):
             value = self._symval(name)
             if value is not None:
-                self.txn.macros[name] = value
-
-    def _refuse(self, verdict: Verdict, stage: str) -> bytes:
-        metrics.METRICS.transaction(verdict.action, stage)
-        if log.isEnabledFor(logging.INFO):
-            log.info(describe(self.txn, stage, verdict))
-        if verdict.action == "discard":
-            return _DISCARD
-        if verdict.reply is not None:
-            return mp.reply_code(verdict.reply.code, verdict.reply.status, verdict.reply.text)
-        return _REJECT if verdict.action == "reject" else _TEMPFAIL
-
-    def _pending(self, command: int) -> bytes | None:
-        """A refusal decided at connect, given at the first stage that can answer."""
-        if self.pending is None or self._no_reply(command):
-            return None
-        verdict, self.pending = self.pending, None
-        return self._refuse(verdict, "connect")
+                found[name] = value
+        return found
 
     # -- commands ----------------------------------------------------------------------------
     def _negotiate(self, data: bytes) -> bytes:
         offer = mp.parse_options(data)
         self._actions = offer.actions & WANTED_ACTIONS
-        self._protocol = offer.protocol & self.runtime.plan.protocol
+        self._protocol = offer.protocol & protocol_flags(self.runtime.plan)
         macros = None
         if self._actions & mp.F_SETSYMLIST:
             macros = {_MACRO_STAGE[stage]: " ".join(names)
@@ -342,95 +196,48 @@ class Session:
     def _connect(self, data: bytes) -> bytes | None:
         info = mp.parse_connect(data)
         address = info.address if info.family in ("4", "6") else None
-        self.txn = Transaction.for_client(address, info.hostname, info.port)
-        self._macros("connect")
-        if self.txn.client_ip is None and self.txn.macros.get("{client_addr}"):
-            self.txn = Transaction.for_client(self.txn.macros["{client_addr}"], info.hostname)
-            self._macros("connect")
-        verdict = self.engine.run_stage("connect", self.txn)
-        if verdict.refuses:
-            self.pending = verdict
+        self.connection.connect(info.hostname, address, info.port,
+                                self._macros(Stage.CONNECT))
         return self._answer(mp.C_CONNECT)
 
     def _helo(self, data: bytes) -> bytes | None:
         names = mp.strings(data)
-        self.txn.helo = names[0] if names else ""
-        self._macros("helo")
-        pending = self._pending(mp.C_HELO)
-        if pending is not None:
-            return pending
-        verdict = self.engine.run_stage("helo", self.txn)
-        if verdict.refuses and not self._no_reply(mp.C_HELO):
-            return self._refuse(verdict, "helo")
-        if verdict.refuses:
-            self.pending = verdict
-        return self._answer(mp.C_HELO)
+        decision = self.connection.helo(names[0] if names else "", self._macros(Stage.HELO))
+        return self._decided(mp.C_HELO, decision)
 
     def _mail(self, data: bytes) -> bytes | None:
         args = mp.strings(data) or [""]
-        self.txn.new_message()
-        self.txn.spool_threshold = self.runtime.config.spool_threshold
-        self.txn.spool_dir = self.runtime.config.spool_directory
-        self.in_message = True
-        self.header_budget = HeaderBudget()
-        self.txn.mail_from = args[0].strip().removeprefix("<").removesuffix(">")
-        self.txn.mail_params = tuple(args[1:])
-        for name in self.runtime.plan.message_macros:  # the previous message's values
-            self.txn.macros.pop(name, None)
-        self._macros("mail")
-        self.txn.queue_id = self.txn.macros.get("i", "")
-        pending = self._pending(mp.C_MAIL)
-        if pending is not None:
-            return pending
-        verdict = self.engine.run_stage("mail", self.txn)
-        if verdict.refuses:
-            self.in_message = False
-            return self._refuse(verdict, "mail")
-        return self._answer(mp.C_MAIL)
+        decision = self.connection.mail(args[0], args[1:], self._macros(Stage.MAIL))
+        return self._decided(mp.C_MAIL, decision)
 
     def _rcpt(self, data: bytes) -> bytes | None:
         args = mp.strings(data) or [""]
-        self.txn.rcpts.append(args[0].strip().removeprefix("<").removesuffix(">"))
-        try:
-            self._macros("rcpt")
-            verdict = self.engine.run_stage("rcpt", self.txn)
-        except Exception:
-            self.txn.rcpts.pop()  # answered with a tempfail: the MTA drops this recipient
-            raise
-        if verdict.refuses:
-            reply = self._refuse(verdict, "rcpt")
-            if verdict.action != "discard":
-                self.txn.rcpts.pop()  # the MTA drops this recipient only
-            return reply
-        return self._answer(mp.C_RCPT)
+        decision = self.connection.rcpt(args[0], args[1:], self._macros(Stage.RCPT))
+        return self._decided(mp.C_RCPT, decision)
 
     def _header(self, data: bytes) -> bytes | None:
-        config = self.runtime.config
-        kept = self.header_budget.take(data, config.limits, config.authserv_id)
-        if kept is not None:
-            self.txn.headers.append(kept)
+        limit = self.runtime.config.limits.header_field_bytes
+        if len(data) > limit + 1024:  # cut before decoding: a huge field costs no more than
+            data = data[:data.find(b"\0") + 2 + limit] + b"\0"  # a long one (still cut)
+        name, value = mp.parse_header(data)
+        self.connection.header(name, value)
         return self._answer(mp.C_HEADER)
 
     def _body(self, data: bytes) -> bytes | None:
-        self.txn.add_body(data)
+        self.connection.body(data)
         return self._answer(mp.C_BODY)
 
     def _eob(self, data: bytes) -> bytes:
         if data:
-            self.txn.add_body(data)
-        self._macros("eom")
-        self.txn.queue_id = self.txn.macros.get("i", self.txn.queue_id)
-        if self.header_budget.over:
-            reason = self.header_budget.describe()
-            self.txn.header_cut = reason
-            log.info("queue_id=%s client=%s: %s", self.txn.queue_id or "-", self.txn.client,
-                     reason)
-        self.in_message = False
+            self.connection.body(data)
+        decision = self.connection.end_of_message(self._macros(Stage.EOM))
         self._forget_message_macros()
-        verdict, edits = self.engine.end_of_message(self.txn)
-        if verdict.refuses:
-            return self._refuse(verdict, "eom")
+        if decision.action is not Action.CONTINUE and decision.action is not Action.ACCEPT:
+            reply = self._decided(mp.C_EOB, decision)
+            assert reply is not None
+            return reply
         replies: list[bytes] = []
+        edits = decision.edits
         if edits.delete and self._granted(mp.F_CHGHDRS, "delete forged headers"):
             for position in sorted(edits.delete, reverse=True):
                 replies.append(mp.header_edit(mp.R_CHGHEADER, AR, "", position))
@@ -442,26 +249,23 @@ class Session:
                 elif not leading:
                     value = value.lstrip(" \t")
                 replies.append(mp.header_edit(mp.R_INSHEADER, name, value, 0))
-        if self.txn.quarantine and self._granted(mp.F_QUARANTINE, "quarantine"):
-            replies.append(mp.quarantine(self.txn.quarantine))
-        if log.isEnabledFor(logging.INFO):  # the line is not built when nobody reads it
-            log.info(describe(self.txn, "eom", verdict))
-        applied = "quarantine" if self.txn.quarantine else verdict.action
-        metrics.METRICS.transaction(applied, "eom")
-        replies.append(_ACCEPT if verdict.action == "accept" else _CONTINUE)
+        if decision.quarantine and self._granted(mp.F_QUARANTINE, "quarantine"):
+            replies.append(mp.quarantine(decision.quarantine))
+        replies.append(_ACCEPT if decision.action is Action.ACCEPT else _CONTINUE)
         return b"".join(replies)
 
     def _granted(self, action: int, what: str) -> bool:
+        """Whether the MTA lets us do this; a refusal is logged once per connection."""
         if self._actions & action:
             return True
-        log.warning("the MTA does not let milters %s; skipped (client %s)", what,
-                    self.txn.client)
+        if what not in self._refused_actions:
+            self._refused_actions.add(what)
+            log.warning("the MTA does not let milters %s; skipped (client %s)", what,
+                        self.txn.client)
         return False
 
     def _abort(self, data: bytes) -> None:
-        if self.in_message and log.isEnabledFor(logging.INFO):
-            log.info(describe(self.txn, "abort", Verdict(Action.CONTINUE, reason="aborted by MTA")))
-        self.in_message = False
+        self.connection.abort()
         self._forget_message_macros()
         return None
 
@@ -470,3 +274,4 @@ class Session:
         come without any, as Postfix sends no queue id before the queue file exists)."""
         for stale in _MESSAGE_MACROS:
             self._symbols.pop(stale, None)
+

@@ -1,9 +1,9 @@
 """`mailwarden test`: one message file through the configured policy, as the daemon would judge it.
 
-The message goes through the daemon's own milter session (`milter.Session`, the same engine and
-rules) stage by stage, the way Postfix drives a milter: option negotiation, connect, HELO, MAIL
-FROM, each RCPT TO, the header fields, the body, end of message. The replies are decoded back
-into verdicts and header edits. Nothing is written to the DMARC store.
+The message goes through the daemon's own stage API (`stage.Connection`, the same engine, rules
+and negotiation plan) stage by stage, the way an MTA drives a milter: connect, HELO, MAIL FROM,
+each RCPT TO, the header fields, the body, end of message; each stage's Decision is reported
+with the results its rules recorded. Nothing is written to the DMARC store.
 """
 
 from __future__ import annotations
@@ -11,20 +11,20 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailwarden import milterproto as mp
-from mailwarden.config import Config
+from mailwarden.config import Config, Reply
 from mailwarden.dns import Nameserver
 from mailwarden.findings import SigningFinding, SignStatus
-from mailwarden.milter import Runtime, Session
+from mailwarden.stage import Connection, Decision, Runtime
 from mailwarden.transaction import CheckResult
+from mailwarden.verdict import Action, Stage
 
-# What Postfix offers: protocol version 6, every action, every protocol step.
-_OFFER = struct.pack(">III", mp.VERSION, 0x1FF, 0x1FFFFF)
 _BODY_CHUNK = 65535
+# What the MTA answers for a refusal without a reply of ours (Postfix's words).
+_MTA_DEFAULT = {Action.REJECT: "550 5.7.1 Command rejected",
+                Action.TEMPFAIL: "451 4.7.1 Service unavailable"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +39,7 @@ class Envelope:
 
 
 @dataclass
-class Stage:
+class StageReport:
     """One SMTP stage: what was sent, the rules' results, and the reply."""
 
     name: str
@@ -50,7 +50,7 @@ class Stage:
 
 @dataclass
 class Report:
-    stages: list[Stage] = field(default_factory=list)
+    stages: list[StageReport] = field(default_factory=list)
     verdict: str = "continue"  # continue | accept | reject | tempfail | discard
     reply: str = ""  # the SMTP reply of a refusal
     stage: str = ""  # where the verdict fell
@@ -110,59 +110,20 @@ def split_message(raw: bytes) -> tuple[list[tuple[str, str]], bytes]:
     return fields, body.replace(b"\n", b"\r\n")
 
 
-def _z(*parts: str) -> bytes:
-    return b"".join(part.encode("utf-8", "surrogateescape") + b"\0" for part in parts)
-
-
-def _macros(command: int, values: dict[str, str]) -> bytes:
-    pairs = [item for name, value in values.items() for item in (name, value)]
-    return bytes([command]) + _z(*pairs)
-
-
-class _Driver:
-    """Feeds one Session like an MTA and decodes its replies."""
-
-    def __init__(self, session: Session) -> None:
-        self.session = session
-        self.protocol = 0
-
-    def send(self, command: int, data: bytes) -> list[tuple[bytes, bytes]]:
-        reply = self.session.handle(command, data)
-        if reply is None:
-            return []
-        return [(bytes([code]), body) for code, body in mp.split_packets(bytearray(reply))]
-
-    def negotiate(self) -> None:
-        (reply,) = self.send(mp.C_OPTNEG, _OFFER)
-        _, _, self.protocol = struct.unpack_from(">III", reply[1])
-
-    def has(self, bit: int) -> bool:
-        """The session negotiated this protocol bit (a stage not sent, or not answered)."""
-        return bool(self.protocol & bit)
-
-
-def _decision(replies: list[tuple[bytes, bytes]]) -> tuple[str, str]:
-    """(action, SMTP reply) of a stage's final reply."""
-    for code, data in replies:
-        if code == mp.R_REPLYCODE:
-            text = data.rstrip(b"\0").decode("utf-8", "replace").replace("%%", "%")
-            return ("reject" if text.startswith("5") else "tempfail"), text
-        if code in (mp.R_REJECT, mp.R_TEMPFAIL, mp.R_DISCARD, mp.R_ACCEPT, mp.R_CONTINUE):
-            action = {mp.R_REJECT: "reject", mp.R_TEMPFAIL: "tempfail", mp.R_DISCARD: "discard",
-                      mp.R_ACCEPT: "accept", mp.R_CONTINUE: "continue"}[code]
-            default = {"reject": "550 5.7.1 Command rejected",
-                       "tempfail": "451 4.7.1 Service unavailable"}.get(action, "")
-            return action, default
-    return "continue", ""
+def _reply_text(decision: Decision) -> str:
+    reply: Reply | None = decision.reply
+    if reply is None:
+        return _MTA_DEFAULT.get(decision.action, "")
+    return f"{reply.code} {reply.status} {reply.text.replace('%%', '%')}"
 
 
 def run_offline(runtime: Runtime, raw: bytes, envelope: Envelope) -> Report:
     """Judge one message as the daemon would; `runtime` from `offline_runtime`."""
-    session = Session(runtime)
+    connection = Connection(runtime)
     try:
-        return _run(session, raw, envelope)
+        return _run(connection, raw, envelope)
     finally:
-        session.close()
+        connection.close()
 
 
 def offline_runtime(config: Config) -> Runtime:
@@ -172,125 +133,91 @@ def offline_runtime(config: Config) -> Runtime:
     return build_runtime(config)
 
 
-def _run(session: Session, raw: bytes, envelope: Envelope) -> Report:
-    report = Report()
-    driver = _Driver(session)
-    driver.negotiate()
-    ip = ipaddress.ip_address(envelope.ip)
-    family = "4" if ip.version == 4 else "6"
-    client = f"{envelope.client_name}[{ip}]"
-    stage_of = {rule.name: rule.stage for rule in session.runtime.config.all_rules()}
+class _Recorder:
+    """Each stage's Decision into the report, with the results its rules recorded."""
 
-    def step(name: str, sent: str, command: int, data: bytes, macros: dict[str, str],
-             no_reply: int) -> tuple[str, str]:
-        driver.send(mp.C_MACRO, _macros(command, macros))
-        replies = driver.send(command, data)
-        stage = Stage(name, sent)
-        report.stages.append(stage)
-        if driver.has(no_reply):
+    def __init__(self, connection: Connection, report: Report) -> None:
+        self.connection, self.report = connection, report
+        self.seen = 0
+
+    def stage(self, name: Stage, sent: str, decision: Decision) -> Decision:
+        results = self.connection.txn.results
+        stage = StageReport(str(name), sent, list(results[self.seen:]))
+        self.seen = len(results)
+        self.report.stages.append(stage)
+        if name not in self.connection.runtime.plan.answers:
             stage.reply = "(no reply asked: the policy has nothing to say here)"
-            return "continue", ""
-        action, text = _decision(replies)
-        stage.reply = f"{action} {text}".strip()
-        return action, text
+        else:
+            stage.reply = f"{decision.action} {_reply_text(decision)}".strip()
+        return decision
 
-    def refused(action: str, text: str, stage: str) -> bool:
-        if action in ("reject", "tempfail", "discard"):
-            report.verdict, report.reply, report.stage = action, text, stage
-            return True
-        if action == "accept":  # the MTA asks this milter nothing more about the message
-            report.verdict, report.stage = action, stage
-            return True
-        return False
+    def final(self, decision: Decision) -> bool:
+        """Whether the message ends here (refused, or accepted: no more questions)."""
+        if decision.action is Action.CONTINUE:
+            return False
+        report = self.report
+        report.verdict, report.stage = str(decision.action), str(decision.stage)
+        report.reply = _reply_text(decision) if decision.refuses else ""
+        return True
 
-    connect = {"j": session.runtime.config.authserv_id, "{daemon_name}": "mailwarden-test",
+
+def _run(connection: Connection, raw: bytes, envelope: Envelope) -> Report:
+    report = Report()
+    record = _Recorder(connection, report)
+    config = connection.runtime.config
+    ip = ipaddress.ip_address(envelope.ip)
+    client = f"{envelope.client_name}[{ip}]"
+    connect = {"j": config.authserv_id, "{daemon_name}": "mailwarden-test",
                "_": f"{envelope.client_name} [{ip}]", "{client_addr}": str(ip),
                "{client_name}": envelope.client_name, "{client_port}": "25000"}
-    done = False
-    action, text = step("connect", client, mp.C_CONNECT,
-                        _z(envelope.client_name) + family.encode()
-                        + struct.pack(">H", 25000) + _z(str(ip)), connect, mp.P_NR_CONN)
-    done = refused(action, text, "connect")
-    if not done:
-        action, text = step("helo", envelope.helo, mp.C_HELO, _z(envelope.helo), {},
-                            mp.P_NR_HELO)
-        done = refused(action, text, "helo")
-    if not done:
-        mail = {"i": envelope.queue_id, "{mail_addr}": envelope.mail_from}
-        if envelope.auth_user:
-            mail["{auth_authen}"] = envelope.auth_user
-            mail["{auth_type}"] = "PLAIN"
-        action, text = step("mail", f"<{envelope.mail_from}>", mp.C_MAIL,
-                            _z(f"<{envelope.mail_from}>"), mail, mp.P_NR_MAIL)
-        done = refused(action, text, "mail")
-    if not done:
-        accepted = 0
-        for rcpt in envelope.rcpts:
-            action, text = step("rcpt", f"<{rcpt}>", mp.C_RCPT, _z(f"<{rcpt}>"),
-                                {"{rcpt_addr}": rcpt}, mp.P_NR_RCPT)
-            if action in ("reject", "tempfail"):
-                report.rcpts_refused.append((rcpt, text))
-                continue
-            if refused(action, text, "rcpt"):
-                break
-            accepted += 1
-        if report.verdict in ("discard", "accept"):
-            done = True
-        elif not accepted:
-            report.verdict, report.stage = "reject", "rcpt"
-            report.reply = report.rcpts_refused[-1][1] if report.rcpts_refused else ""
-            done = True
-    if not done:
-        fields, body = split_message(raw)
-        if not driver.has(mp.P_NODATA):
-            driver.send(mp.C_DATA, b"")
-        leading = driver.has(mp.P_HDR_LEADSPC)
-        if not driver.has(mp.P_NOHDRS):
-            for name, value in fields:
-                driver.send(mp.C_HEADER, _z(name, value if leading else value.lstrip(" \t")))
-        if not driver.has(mp.P_NOEOH):
-            driver.send(mp.C_EOH, b"")
-        if not driver.has(mp.P_NOBODY):
-            for start in range(0, len(body), _BODY_CHUNK):
-                driver.send(mp.C_BODY, body[start:start + _BODY_CHUNK])
-        driver.send(mp.C_MACRO, _macros(mp.C_EOB, {"i": envelope.queue_id}))
-        replies = driver.send(mp.C_EOB, b"")
-        eom = Stage("eom", f"{len(fields)} header fields, {len(body)} body bytes")
-        report.stages.append(eom)
-        action, text = _decision(replies)
-        eom.reply = f"{action} {text}".strip()
-        if not refused(action, text, "eom"):
-            _edits(replies, report)
-            if report.stage == "":
-                report.stage = "eom"
-    txn = session.txn
-    for result in txn.results:
-        stage_name = stage_of.get(result.rule, "")
-        for stage in reversed(report.stages):
-            if stage.name == stage_name:
-                stage.results.append(result)
-                break
+    record.stage(Stage.CONNECT, client,
+                 connection.connect(envelope.client_name, str(ip), 25000, connect))
+    if record.final(record.stage(Stage.HELO, envelope.helo, connection.helo(envelope.helo))):
+        return _finish(connection, report)
+    mail = {"i": envelope.queue_id, "{mail_addr}": envelope.mail_from}
+    if envelope.auth_user:
+        mail["{auth_authen}"] = envelope.auth_user
+        mail["{auth_type}"] = "PLAIN"
+    decision = connection.mail(f"<{envelope.mail_from}>", (), mail)
+    if record.final(record.stage(Stage.MAIL, f"<{envelope.mail_from}>", decision)):
+        return _finish(connection, report)
+    accepted = 0
+    for rcpt in envelope.rcpts:
+        decision = record.stage(Stage.RCPT, f"<{rcpt}>",
+                                connection.rcpt(f"<{rcpt}>", (), {"{rcpt_addr}": rcpt}))
+        if decision.action in (Action.REJECT, Action.TEMPFAIL):
+            report.rcpts_refused.append((rcpt, _reply_text(decision)))
+            continue
+        if record.final(decision):  # discard or accept: no more recipients are asked about
+            return _finish(connection, report)
+        accepted += 1
+    if not accepted:
+        report.verdict, report.stage = "reject", "rcpt"
+        report.reply = report.rcpts_refused[-1][1] if report.rcpts_refused else ""
+        return _finish(connection, report)
+    fields, body = split_message(raw)
+    for name, value in fields:
+        connection.header(name, value)
+    connection.end_of_headers()
+    if connection.runtime.plan.needs_body:
+        for start in range(0, len(body), _BODY_CHUNK):
+            connection.body(body[start:start + _BODY_CHUNK])
+    decision = connection.end_of_message({"i": envelope.queue_id})
+    record.stage(Stage.EOM, f"{len(fields)} header fields, {len(body)} body bytes", decision)
+    if not record.final(decision) or not decision.refuses:
+        report.stage = report.stage or "eom"
+        report.added = [(name, value.strip()) for name, value in decision.edits.insert]
+        report.removed = [("Authentication-Results", index)
+                          for index in sorted(decision.edits.delete, reverse=True)]
+        report.quarantine = decision.quarantine
+    return _finish(connection, report)
+
+
+def _finish(connection: Connection, report: Report) -> Report:
+    txn = connection.txn
     report.monitored = [str(m) for m in txn.monitored]
     report.signing = list(txn.findings.signing)
     return report
-
-
-def _edits(replies: list[tuple[bytes, bytes]], report: Report) -> None:
-    for code, data in replies:
-        if code in (mp.R_INSHEADER, mp.R_CHGHEADER):
-            (index,) = struct.unpack_from(">I", data)
-            name, value = mp.strings(data[4:]) + [""] * (2 - len(mp.strings(data[4:])))
-            if code == mp.R_CHGHEADER and not value:
-                report.removed.append((name, index))
-            else:
-                report.added.append((name, value.strip()))
-        elif code == mp.R_ADDHEADER:
-            name, value = mp.strings(data)
-            report.added.append((name, value.strip()))
-        elif code == mp.R_QUARANTINE:
-            report.quarantine = mp.strings(data)[0] if data else ""
-    # insertions at index 0 arrive bottom-up; show them as they will stand, top first
-    report.added.reverse()
 
 
 def format_report(report: Report) -> str:

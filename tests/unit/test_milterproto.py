@@ -465,7 +465,7 @@ def test_abort_forgets_the_message_macros(session: Session) -> None:
     session.handle(mp.C_MAIL, cstr("<alice@sender.example>"))
     assert session.txn.queue_id == "Q1"
     assert session.handle(mp.C_ABORT, b"") is None
-    assert not session.in_message
+    assert not session.connection.in_message
     assert session.handle(mp.C_MAIL, cstr("<alice@sender.example>")) is None
     assert session._symval("i") is None
 
@@ -508,7 +508,7 @@ def test_quit_nc_forgets_the_connection(session: Session, caplog: pytest.LogCapt
     assert "queue_id=Q1" in caplog.text
     assert "connection closed in the middle of a message" in caplog.text
     assert ACTIVE.value == active  # the MTA connection itself goes on
-    assert not session.in_message
+    assert not session.connection.in_message
     # the next SMTP session on the same milter connection: another client, no AUTH
     assert session.handle(mp.C_CONNECT, connect4("198.51.100.9", "other.example.net")) is None
     assert session.txn.client == "other.example.net[198.51.100.9]"
@@ -550,9 +550,9 @@ def test_quit_nc_drops_a_refusal_pending_from_connect() -> None:
         assert (command, data[:10]) == ("y", b"550 5.7.25")  # given at HELO (see milter.Plan)
         # the same refusal again, but the MTA ends that session before HELO
         s.handle(mp.C_CONNECT, connect4("192.0.2.2", "liar.example.net"))
-        assert s.pending is not None
+        assert s.connection.pending is not None
         assert s.handle(mp.C_QUIT_NC, b"") is None
-        assert s.pending is None
+        assert s.connection.pending is None
         s.handle(mp.C_CONNECT, connect4("192.0.2.1", "good.example.net"))
         assert replies(s.handle(mp.C_HELO, cstr("good.example.net"))) == [("c", b"")]
     finally:
@@ -589,8 +589,8 @@ class Boom(RuntimeError):
 
 def one_shot_failure(session: Session, monkeypatch: pytest.MonkeyPatch, method: str,
                      stage: str | None = None) -> list[bool]:
-    """Make `session.engine.<method>` raise once (for `stage` only, if given)."""
-    original = getattr(session.engine, method)
+    """Make `session.connection.engine.<method>` raise once (for `stage` only, if given)."""
+    original = getattr(session.connection.engine, method)
     fired: list[bool] = []
 
     def failing(*args: Any, **kwargs: Any) -> Any:
@@ -599,7 +599,7 @@ def one_shot_failure(session: Session, monkeypatch: pytest.MonkeyPatch, method: 
             raise Boom("a check blew up")
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(session.engine, method, failing)
+    monkeypatch.setattr(session.connection.engine, method, failing)
     return fired
 
 
@@ -618,7 +618,7 @@ def test_an_exception_in_a_check_is_a_451_and_the_session_goes_on(
             mail = s.handle(mp.C_MAIL, cstr("<alice@sender.example>"))
             if stage == "mail":
                 assert replies(mail) == [INTERNAL_ERROR]
-                assert not s.in_message
+                assert not s.connection.in_message
             else:
                 assert replies(mail) == [("c", b"")]
                 rcpt = replies(s.handle(mp.C_RCPT, cstr("<bob@ours.example>")))
@@ -632,11 +632,11 @@ def test_an_exception_in_a_check_is_a_451_and_the_session_goes_on(
                 eom = replies(s.handle(mp.C_EOB, b""))
                 if stage == "eom":
                     assert eom == [INTERNAL_ERROR]
-                    assert not s.in_message
+                    assert not s.connection.in_message
                 else:
                     assert eom[-1] == ("c", b"")
         assert fired == [True]
-        assert "internal error at command" in caplog.text
+        assert f"internal error at {stage}" in caplog.text
         assert "Boom: a check blew up" in caplog.text  # with its traceback
         # the next message on the same connection is served normally
         assert replies(s.handle(mp.C_MAIL, cstr("<alice@sender.example>"))) == [("c", b"")]
