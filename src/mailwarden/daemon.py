@@ -33,10 +33,10 @@ from mailwarden import metrics
 from mailwarden.config import Config, ConfigError, configure_logging, load
 from mailwarden.dns import Resolver, system_nameservers
 from mailwarden.metrics import Endpoint
-from mailwarden.milter import Session
 from mailwarden.policy.engine import Engine
 from mailwarden.server import LoadBoard, open_listener, serve, socket_path
 from mailwarden.stage import ACTIVE, Runtime
+from mailwarden.transports.native import Session
 
 log = logging.getLogger("mailwarden.daemon")
 

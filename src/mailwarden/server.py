@@ -29,7 +29,7 @@ from pathlib import Path
 
 from mailwarden import metrics
 from mailwarden import milterproto as mp
-from mailwarden.milter import Session
+from mailwarden.transports.native import Session
 
 log = logging.getLogger("mailwarden.server")
 

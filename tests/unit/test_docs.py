@@ -334,7 +334,7 @@ def reply_rows() -> list[list[str]]:
 def source_replies() -> set[tuple[str, str]]:
     """Every (code, enhanced status) literal in the code that builds replies."""
     files = [*sorted((SRC / "checks").glob("*.py")), *sorted((SRC / "policy").glob("*.py")),
-             SRC / "milter.py"]
+             SRC / "stage.py", *sorted((SRC / "transports").glob("*.py"))]
     found = set()
     for file in files:
         found |= set(re.findall(r"\b([245]\d\d), \"([245]\.\d{1,3}\.\d{1,3})\"",

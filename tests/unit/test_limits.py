@@ -25,8 +25,8 @@ from mailwarden.daemon import build_runtime
 from mailwarden.dkim.keys import generate, public_record, write_private
 from mailwarden.dkim.verify import verify_message
 from mailwarden.findings import ArcFinding
-from mailwarden.milter import AR_HEAD, HeaderBudget, Session
 from mailwarden.transaction import Transaction
+from mailwarden.transports.native import AR_HEAD, HeaderBudget, Session
 
 from fakedns import FakeDNS
 

@@ -1,5 +1,5 @@
 """The milter wire protocol: the pure codec (`mailwarden.milterproto`) and the per-connection
-state machine (`mailwarden.milter.Session`) driven directly with packets, no socket.
+state machine (`mailwarden.transports.native.Session`) driven directly with packets, no socket.
 
 Packets sent to the Session and replies read back are built and decoded here with `struct`,
 independently of the codec under test, so an error in `milterproto` cannot hide itself."""
@@ -16,8 +16,8 @@ import pytest
 from mailwarden import milterproto as mp
 from mailwarden.config import parse
 from mailwarden.daemon import build_runtime
-from mailwarden.milter import ACTIVE, Runtime, Session
 from mailwarden.policy.engine import Engine
+from mailwarden.transports.native import ACTIVE, Runtime, Session
 
 from fakedns import FakeDNS
 
@@ -547,7 +547,7 @@ def test_quit_nc_drops_a_refusal_pending_from_connect() -> None:
         assert struct.unpack_from(">III", data)[2] & mp.P_NR_HELO == 0  # HELO answers
         assert s.handle(mp.C_CONNECT, connect4("192.0.2.2", "liar.example.net")) is None
         [(command, data)] = replies(s.handle(mp.C_HELO, cstr("liar.example.net")))
-        assert (command, data[:10]) == ("y", b"550 5.7.25")  # given at HELO (see milter.Plan)
+        assert (command, data[:10]) == ("y", b"550 5.7.25")  # given at HELO (see stage.Plan)
         # the same refusal again, but the MTA ends that session before HELO
         s.handle(mp.C_CONNECT, connect4("192.0.2.2", "liar.example.net"))
         assert s.connection.pending is not None

@@ -1,4 +1,5 @@
-"""Host groups (`mailwarden.relay`) and the milter negotiation plan (`mailwarden.milter.Plan`)."""
+"""Host groups (`mailwarden.relay`) and the native negotiation plan
+(`mailwarden.transports.native.Plan`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 
 from mailwarden import milterproto as mp
 from mailwarden.config import load, parse
-from mailwarden.milter import Plan
 from mailwarden.relay import HostGroup, Membership, check_host_entry
+from mailwarden.transports.native import Plan
 
 from fakedns import FakeDNS
 
