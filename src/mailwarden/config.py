@@ -25,6 +25,7 @@ T = TypeVar("T")
 
 STAGES = ("connect", "helo", "mail", "rcpt", "eom")
 ACTIONS = ("continue", "accept", "tempfail", "reject", "quarantine", "discard")
+TRANSPORTS = ("libmilter", "native")
 MODES = ("enforce", "monitor")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 _STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
@@ -366,6 +367,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     socket_group: str | None = None  # group of the unix socket (the MTA's); default: `group`
     spool_directory: str | None = None  # where large bodies are spooled; default: $TMPDIR
+    transport: str = "libmilter"  # or "native": our own milter protocol implementation
 
     def stage_rules(self, stage: str) -> tuple[RuleConfig, ...]:
         return self.rules.get(stage, ())
@@ -534,10 +536,11 @@ def _build(top: Section) -> Config:
     mode = top.string("mode", "enforce", choices=MODES)
     metrics_listen = _metrics(top)
     limits = _limits(top)
+    transport = top.string("transport", "libmilter", choices=TRANSPORTS)
     partial = Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
                      drain_timeout, dns, spf_budget, frozenset(domains), hosts, {}, signing,
                      spool_threshold, dmarc, mode, metrics_listen, limits, socket_group,
-                     spool_directory)
+                     spool_directory, transport)
     rules: dict[str, tuple[RuleConfig, ...]] = {}
     rules_section = top.section("rules")
     if rules_section is not None:

@@ -34,7 +34,7 @@ from mailwarden.config import Config, ConfigError, configure_logging, load
 from mailwarden.dns import Resolver, system_nameservers
 from mailwarden.metrics import Endpoint
 from mailwarden.policy.engine import Engine
-from mailwarden.server import LoadBoard, open_listener, serve, socket_path
+from mailwarden.server import LISTEN_BACKLOG, LoadBoard, open_listener, serve, socket_path
 from mailwarden.stage import ACTIVE, Runtime
 from mailwarden.transports.native import Session
 
@@ -113,7 +113,15 @@ class Master:
             path.parent.mkdir(parents=True, exist_ok=True)
         previous = os.umask(0o177)
         try:
-            self.listener = open_listener(self.config.listen)
+            if self.config.transport == "libmilter":
+                from mailwarden.transports import libmilter
+
+                self.listener = libmilter.open_socket(self.config.listen, LISTEN_BACKLOG)
+                if self.listener.family in (socket.AF_INET, socket.AF_INET6):
+                    # inherited by the accepted sockets: no Nagle/delayed-ACK stall per reply
+                    self.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            else:
+                self.listener = open_listener(self.config.listen)
         finally:
             os.umask(previous)
         if self.config.metrics_listen:
@@ -283,7 +291,7 @@ class Master:
             return False
         metrics.METRICS.reload(True)
         for key in ("listen", "user", "group", "socket_group", "socket_mode", "workers",
-                    "metrics_listen"):
+                    "metrics_listen", "transport"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect only after a restart", key)
         configure_logging(new.log_level)
@@ -394,29 +402,39 @@ def _store_problems(path: str) -> list[str]:
 
 def _worker(config_path: str, runtime: Runtime, control: int, listener: socket.socket,
             loads: LoadBoard, slot: int) -> int:
-    """Accept and serve connections; the control pipe brings reload and drain requests."""
+    """Serve connections with the configured transport; the control pipe brings reload and
+    drain requests."""
     # Only the master reacts to a terminal's ^C or to SIGHUP; it tells the workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     current = [runtime]
 
-    def on_command(command: bytes) -> bool:
-        if command != RELOAD:
-            return False  # DRAIN, or the master is gone
+    def reload() -> Runtime:
         try:
             config = load(config_path)
         except ConfigError as exc:
             log.error("reload failed in worker, keeping the running policy: %s", exc)
-            return True
+            return current[0]
         configure_logging(config.log_level)
         current[0] = build_runtime(config)
-        return True
+        return current[0]
 
     ACTIVE.publish = lambda value: loads.set(slot, value)
-    serve(listener, control, lambda: Session(current[0]), on_command,
-          lambda: loads.least_loaded(slot))
-    _drain(current[0].config.drain_timeout)
+    if runtime.config.transport == "libmilter":
+        from mailwarden.transports import libmilter
+
+        # SIGTERM is the master's: a stray one must not make libmilter stop (and drop the
+        # connections in progress); the master's drain request comes through the pipe
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        libmilter.serve(runtime, control, listener,
+                        lambda command: reload() if command == RELOAD else None,
+                        lambda: _drain(current[0].config.drain_timeout))
+    else:
+        serve(listener, control, lambda: Session(current[0]),
+              lambda command: command == RELOAD and bool(reload()),
+              lambda: loads.least_loaded(slot))
+        _drain(current[0].config.drain_timeout)
     return 0
 
 

@@ -105,6 +105,13 @@ class PrometheusRecorder(Recorder):
             "mailwarden_errors_total",
             "Internal errors (check, session), MTA protocol errors (protocol), lost workers",
             ["kind"])
+        # every known series from the start, at 0, so that rates and alerts see them
+        for kind in ("check", "session", "protocol", "worker"):
+            self._errors.labels(kind)
+        for check, results in (("dkim_sign", ("signed", "none", "error")),
+                               ("arc_seal", ("sealed", "error"))):
+            for result in results:
+                self._signing.labels(check, result)
 
     def transaction(self, verdict: str, stage: str) -> None:
         self._transactions.labels(verdict, stage).inc()

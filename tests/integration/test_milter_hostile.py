@@ -32,8 +32,9 @@ MAX_PACKET = 1024 * 1024 + 64
 HOSTILE_IP, HOSTILE_NAME = "192.0.2.66", "hostile.example"
 
 
-def config_for(listen: str, dns_port: int) -> dict[str, object]:
+def config_for(listen: str, dns_port: int, transport: str = "libmilter") -> dict[str, object]:
     return {
+        "transport": transport,
         "listen": listen,
         "authserv_id": AUTHSERV,
         "workers": 2,
@@ -50,11 +51,12 @@ def config_for(listen: str, dns_port: int) -> dict[str, object]:
     }
 
 
-@pytest.fixture(scope="module")
-def daemon(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[Daemon]:
+@pytest.fixture(scope="module", params=["libmilter", "native"])
+def daemon(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> Iterator[Daemon]:
     workdir = tmp_path_factory.mktemp("hostile")
-    with Daemon(workdir, config_for(f"unix:{workdir}/milter.sock", dns_server.port)) as running:
+    with Daemon(workdir, config_for(f"unix:{workdir}/milter.sock", dns_server.port,
+                                    request.param)) as running:
         yield running
 
 
@@ -194,6 +196,17 @@ def normal_message(listen: str, queue_id: str, client: MilterClient | None = Non
                                      f" {AUTHSERV}; dkim=none")], result.modifications
 
 
+def native(daemon: Daemon) -> bool:
+    """Our own protocol implementation: it logs and counts what libmilter handles silently
+    (libmilter closes a broken connection and tells its callbacks nothing)."""
+    return daemon.config["transport"] == "native"
+
+
+# A message cut off by a vanishing MTA: the native transport logs the close in the middle of
+# the message; libmilter first calls xxfi_abort (logged as an abort), then xxfi_close.
+CUT_OFF = r"(stage=close .*connection closed in the middle of a message|stage=abort )"
+
+
 def still_healthy(daemon: Daemon, pids: set[int], queue_id: str) -> None:
     normal_message(daemon.socket, queue_id)
     log = daemon.wait_for_log(f"queue_id={queue_id} client=client.example.org[192.0.2.1]")
@@ -239,11 +252,12 @@ def test_a_protocol_error_closes_only_that_connection(daemon: Daemon, name: str,
             begin_message(sock, "HOSTILE1")
         sock.sendall(hostile)
         assert closed_by_daemon(sock)
-    log = daemon.wait_for_log(logged, count=before + 1)
-    line = [x for x in log.splitlines() if logged in x][-1]
-    assert "WARNING closing the MTA connection" in line
-    if when == IN_MESSAGE:  # the log says which client broke the protocol
-        assert f"(client {HOSTILE_NAME}[{HOSTILE_IP}])" in line
+    if native(daemon):
+        log = daemon.wait_for_log(logged, count=before + 1)
+        line = [x for x in log.splitlines() if logged in x][-1]
+        assert "WARNING closing the MTA connection" in line
+        if when == IN_MESSAGE:  # the log says which client broke the protocol
+            assert f"(client {HOSTILE_NAME}[{HOSTILE_IP}])" in line
     try:
         normal_message(daemon.socket, f"BYSTANDER-{name}", bystander)
     finally:
@@ -261,12 +275,14 @@ def test_a_connection_cut_in_the_middle_of_a_packet(daemon: Daemon) -> None:
     log = daemon.wait_for_log("queue_id=TRUNC1")
     [line] = [x for x in log.splitlines() if "queue_id=TRUNC1" in x]
     assert f"client={HOSTILE_NAME}[{HOSTILE_IP}]" in line
-    assert 'stage=close' in line
-    assert 'reason="connection closed in the middle of a message"' in line
+    assert re.search(CUT_OFF, line), line
     still_healthy(daemon, pids, "AFTERCUT")
 
 
 def test_a_body_chunk_of_the_maximum_packet_size_is_served(daemon: Daemon) -> None:
+    if not native(daemon):
+        pytest.skip("libmilter takes packets of up to 64 KiB unless the MTA offers "
+                    "SMFIP_MDS_256K/1M (Sendmail does, Postfix does not)")
     pids = workers(daemon)
     line = b"The quick brown fox jumps over the lazy dog.\r\n"
     body = (line * (MAX_PACKET // len(line) + 1))[:MAX_PACKET - 1]
@@ -295,7 +311,8 @@ def test_fifty_connections_that_vanish_mid_message(daemon: Daemon) -> None:
     # an idle worker has its main thread and at most IDLE_THREADS waiting for connections
     idle = len(pids)
     kept = idle * (1 + IDLE_THREADS)
-    wait_for_threads(pids, idle, kept)
+    if native(daemon):  # the native server's thread pool; libmilter has a pool of its own
+        wait_for_threads(pids, idle, kept)
     socks = []
     try:
         for _ in range(50):
@@ -303,7 +320,14 @@ def test_fifty_connections_that_vanish_mid_message(daemon: Daemon) -> None:
             socks.append(sock)
             negotiate(sock, protocol=0x1FFFFF)  # the usual no-reply steps: no waiting below
         # all 50 are open at once, each with its own thread in a worker
-        wait_for_threads(pids, idle + 50, kept + 50)
+        if native(daemon):
+            wait_for_threads(pids, idle + 50, kept + 50)
+        # Natively, each ends in the middle of a packet. Debian's libmilter (workers pool)
+        # gives a connection whose next packet is half there a pool thread until its I/O
+        # timeout, and grows the pool slowly: a burst of 50 such connections takes longer
+        # than this test waits. No MTA stops in the middle of a packet; with libmilter they
+        # vanish between two packets.
+        cut = pkt(b"B", b"the rest never comes")[:12] if native(daemon) else b""
         for n, sock in enumerate(socks):
             connect = cstr(HOSTILE_NAME) + b"4" + struct.pack(">H", 40000 + n) \
                 + cstr(HOSTILE_IP)
@@ -312,8 +336,7 @@ def test_fifty_connections_that_vanish_mid_message(daemon: Daemon) -> None:
                          + pkt(b"M", cstr("<eve@sender.example>"))
                          + pkt(b"R", cstr("<bob@ours.example>"))
                          + pkt(b"L", cstr("Subject") + cstr(" half"))
-                         + pkt(b"B", b"half a body\r\n")
-                         + pkt(b"B", b"the rest never comes")[:12])
+                         + pkt(b"B", b"half a body\r\n") + cut)
         for sock in socks:  # the RCPT answer proves the daemon took the message so far
             assert read_packet(sock) == (b"c", b"")
     finally:
@@ -322,13 +345,14 @@ def test_fifty_connections_that_vanish_mid_message(daemon: Daemon) -> None:
     seen: set[str] = set()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        seen = set(re.findall(r"queue_id=(HALF\d\d) .*connection closed in the middle",
-                              daemon.log()))
+        seen = {found.group(1) for line in daemon.log().splitlines()
+                if (found := re.search(r"queue_id=(HALF\d\d) ", line)) and re.search(CUT_OFF, line)}
         if len(seen) == 50:
             break
         time.sleep(0.05)
     assert seen == {f"HALF{n:02d}" for n in range(50)}
-    wait_for_threads(pids, idle, kept)  # the threads beyond the idle ones have ended
+    if native(daemon):
+        wait_for_threads(pids, idle, kept)  # the threads beyond the idle ones have ended
     still_healthy(daemon, pids, "AFTERFIFTY")
     assert workers(daemon) == pids
 
@@ -340,22 +364,26 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def test_inet_garbage_and_a_reset_mid_message(dns_server: DevDNSServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["libmilter", "native"])
+def test_inet_garbage_and_a_reset_mid_message(dns_server: DevDNSServer, tmp_path: Path,
+                                              transport: str) -> None:
     listen = f"inet:{free_port()}@127.0.0.1"
-    with Daemon(tmp_path, config_for(listen, dns_server.port)) as daemon:
+    with Daemon(tmp_path, config_for(listen, dns_server.port, transport)) as daemon:
         pids = workers(daemon)
         with raw_socket(listen) as sock:
             sock.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\xaa" * 64)  # TLS
             assert closed_by_daemon(sock)
-        daemon.wait_for_log("protocol error: packet length 369295618 out of range")
+        if native(daemon):
+            daemon.wait_for_log("protocol error: packet length 369295618 out of range")
         with raw_socket(listen) as sock:
             begin_message(sock, "RESET1")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         # closed with SO_LINGER 0: a TCP reset, not a FIN
         log = daemon.wait_for_log("queue_id=RESET1")
-        assert f"MTA connection lost (client {HOSTILE_NAME}[{HOSTILE_IP}])" in log
+        if native(daemon):
+            assert f"MTA connection lost (client {HOSTILE_NAME}[{HOSTILE_IP}])" in log
         [line] = [x for x in log.splitlines() if "queue_id=RESET1" in x]
-        assert "connection closed in the middle of a message" in line
+        assert re.search(CUT_OFF, line), line
         normal_message(listen, "INET1")
         log = daemon.wait_for_log("queue_id=INET1 client=client.example.org[192.0.2.1]")
         assert workers(daemon) == pids
@@ -365,8 +393,10 @@ def test_inet_garbage_and_a_reset_mid_message(dns_server: DevDNSServer, tmp_path
 def test_long_lived_connections_are_spread_over_the_workers(
         dns_server: DevDNSServer, tmp_path: Path) -> None:
     """Left to the kernel, every connection went to the worker that was waiting first; the
-    load board keeps the workers within one open connection of each other."""
-    with Daemon(tmp_path, config_for(f"unix:{tmp_path}/milter.sock", dns_server.port)) as fresh:
+    native transport's load board keeps the workers within one open connection of each
+    other (libmilter's accept loop has no such board)."""
+    with Daemon(tmp_path, config_for(f"unix:{tmp_path}/milter.sock", dns_server.port,
+                                     "native")) as fresh:
         pids = workers(fresh)
         assert len(pids) == 2
         socks = []
