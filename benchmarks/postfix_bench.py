@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import re
@@ -330,8 +331,9 @@ class Result:
 
 
 def mailwarden_daemon(setup: Setup, workdir: Path, socket_dir: Path, rules: dict[str, Any],
-                      extra: dict[str, Any]) -> Daemon:
+                      extra: dict[str, Any], transport: str) -> Daemon:
     return Daemon(workdir / "mailwarden", {
+        "transport": transport,
         "listen": f"unix:{socket_dir}/mailwarden.sock", "socket_mode": "0666",
         "authserv_id": MYHOSTNAME, "log_level": "warning", "drain_timeout": 5,
         # workers: not set, the default (2 per core)
@@ -352,13 +354,20 @@ def opendkim_signing(setup: Setup, workdir: Path, socket_dir: Path) -> Stack:
                  lambda m: check_signed(m, setup.dns_host), [odk])
 
 
-def mailwarden_signing(setup: Setup, workdir: Path, socket_dir: Path) -> Stack:
+def mailwarden_noop(setup: Setup, workdir: Path, socket_dir: Path, transport: str) -> Stack:
+    """mailwarden with no rules: the cost of being a milter of this transport at all."""
+    daemon = mailwarden_daemon(setup, workdir, socket_dir, {}, {}, transport)
+    return Stack(f"unix:{socket_dir}/mailwarden.sock", setup.unsigned,
+                 lambda messages: f"{len(messages)} sampled: delivered", [daemon])
+
+
+def mailwarden_signing(setup: Setup, workdir: Path, socket_dir: Path, transport: str) -> Stack:
     key = setup.key
     daemon = mailwarden_daemon(setup, workdir, socket_dir, {"eom": [
         {"name": "sign", "check": "dkim_sign", "allowed_hosts": "all"}]}, {
         "hosts": {"all": ["0.0.0.0/0", "::/0"]},
         "signing": {"keys": [{"domain": key.domain, "selector": key.selector,
-                              "key": key.path}]}})
+                              "key": key.path}]}}, transport)
     return Stack(f"unix:{socket_dir}/mailwarden.sock", setup.unsigned,
                  lambda m: check_signed(m, setup.dns_host), [daemon])
 
@@ -381,22 +390,34 @@ def reference_inbound(setup: Setup, workdir: Path, socket_dir: Path) -> Stack:
                  setup.presigned, check_inbound, [odk, odmarc])
 
 
-def mailwarden_inbound(setup: Setup, workdir: Path, socket_dir: Path) -> Stack:
+def mailwarden_inbound(setup: Setup, workdir: Path, socket_dir: Path, transport: str) -> Stack:
     daemon = mailwarden_daemon(setup, workdir, socket_dir, {
         "mail": [{"name": "spf", "check": "spf", "header": "auth"}],
         "eom": [{"name": "dkim", "check": "dkim_verify"},
                 {"name": "dmarc", "check": "dmarc", "enforce": True}],
-    }, {"dmarc": {"store": str(workdir / "dmarc.db")}})
+    }, {"dmarc": {"store": str(workdir / "dmarc.db")}}, transport)
     return Stack(f"unix:{socket_dir}/mailwarden.sock", setup.presigned, check_inbound, [daemon])
 
 
 CASES: dict[str, tuple[str, Callable[[Setup, Path, Path], Stack]]] = {
     "none": ("no milter (ceiling)", no_milter),
     "opendkim-sign": ("OpenDKIM signing", opendkim_signing),
-    "mailwarden-sign": ("mailwarden signing", mailwarden_signing),
     "reference-inbound": ("OpenDKIM verify + OpenDMARC", reference_inbound),
-    "mailwarden-inbound": ("mailwarden SPF+DKIM+DMARC", mailwarden_inbound),
 }
+# mailwarden's cases for each transport: a do-nothing daemon (the ceiling of that transport on
+# these shared cores), signing, and the inbound checks
+TRANSPORTS = ("libmilter", "native")
+for _transport in TRANSPORTS:
+    _suffix = "" if _transport == "libmilter" else "-native"
+    CASES[f"mailwarden-noop{_suffix}"] = (f"mailwarden no rules [{_transport}]",
+                                          functools.partial(mailwarden_noop,
+                                                            transport=_transport))
+    CASES[f"mailwarden-sign{_suffix}"] = (f"mailwarden signing [{_transport}]",
+                                          functools.partial(mailwarden_signing,
+                                                            transport=_transport))
+    CASES[f"mailwarden-inbound{_suffix}"] = (f"mailwarden SPF+DKIM+DMARC [{_transport}]",
+                                             functools.partial(mailwarden_inbound,
+                                                               transport=_transport))
 
 
 @contextlib.contextmanager
@@ -589,20 +610,28 @@ def main() -> int:
     print()
     print(f"median of {args.rounds} round(s); ratios are medians of the per-round ratios "
           f"(each case against the ceiling measured in the same round)")
-    print(f"{'case':<30}{'delivered/s':>12}{'runs':>12}  {'vs ceiling (runs)':<20}  check")
+    print(f"{'case':<42}{'delivered/s':>12}{'runs':>12}  {'vs ceiling (runs)':<20}  check")
     for case, row in results.items():
         if row.delivered_per_s is None:
-            print(f"{row.name:<30}{'-':>12}{'':>12}  {'-':<20}  {row.note}")
+            print(f"{row.name:<42}{'-':>12}{'':>12}  {'-':<20}  {row.note}")
             continue
         rates = [r.delivered_per_s for r in runs[case] if r.delivered_per_s]
         spread = f"{min(rates):,.0f}-{max(rates):,.0f}"
-        print(f"{row.name:<30}{row.delivered_per_s:>12,.0f}{spread:>12}  "
+        print(f"{row.name:<42}{row.delivered_per_s:>12,.0f}{spread:>12}  "
               f"{round_ratio(runs, case, 'none'):<20}  {row.note}")
     print()
-    print(f"mailwarden / OpenDKIM, signing:             "
-          f"{round_ratio(runs, 'mailwarden-sign', 'opendkim-sign')}")
-    print(f"mailwarden / OpenDKIM+OpenDMARC, inbound:   "
-          f"{round_ratio(runs, 'mailwarden-inbound', 'reference-inbound')}")
+    for transport in TRANSPORTS:
+        suffix = "" if transport == "libmilter" else "-native"
+        print(f"[{transport}] signing / OpenDKIM:                 "
+              f"{round_ratio(runs, 'mailwarden-sign' + suffix, 'opendkim-sign')}")
+        print(f"[{transport}] inbound / OpenDKIM+OpenDMARC:       "
+              f"{round_ratio(runs, 'mailwarden-inbound' + suffix, 'reference-inbound')}")
+        print(f"[{transport}] signing / no rules, same transport: "
+              f"{round_ratio(runs, 'mailwarden-sign' + suffix, 'mailwarden-noop' + suffix)}")
+        print(f"[{transport}] inbound / no rules, same transport: "
+              f"{round_ratio(runs, 'mailwarden-inbound' + suffix, 'mailwarden-noop' + suffix)}")
+    print(f"no rules, libmilter / native:                 "
+          f"{round_ratio(runs, 'mailwarden-noop', 'mailwarden-noop-native')}")
     failed = [row for row in results.values() if row.delivered_per_s is None
               and not row.note.startswith("skipped:")]
     summary = {row.name: row.delivered_per_s for row in results.values()}

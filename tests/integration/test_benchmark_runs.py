@@ -39,14 +39,20 @@ def test_postfix_benchmark_runs_every_case_end_to_end() -> None:
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "postfix_bench.py"), "--messages", "50",
          "--sample", "5", "--rounds", "2"],
-        capture_output=True, text=True, timeout=180, check=False,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    for transport in ("libmilter", "native"):
+        assert re.search(rf"^\[{transport}\] inbound / no rules, same transport: +\d+\.\d\dx",
+                         done.stdout, re.MULTILINE), done.stdout
     signed = "5 sampled: DKIM-Signature d=bench.example, verifies"
     inbound = "5 sampled: Authentication-Results spf=pass dkim=pass dmarc=pass"
     expected = {"no milter (ceiling)": "5 sampled: delivered", "OpenDKIM signing": signed,
-                "mailwarden signing": signed, "OpenDKIM verify + OpenDMARC": inbound,
-                "mailwarden SPF+DKIM+DMARC": inbound}
+                "OpenDKIM verify + OpenDMARC": inbound}
+    for transport in ("libmilter", "native"):
+        expected[f"mailwarden no rules [{transport}]"] = "5 sampled: delivered"
+        expected[f"mailwarden signing [{transport}]"] = signed
+        expected[f"mailwarden SPF+DKIM+DMARC [{transport}]"] = inbound
     assert len(re.findall(r"^round \d of 2$", done.stdout, re.MULTILINE)) == 2, done.stdout
     for name, check in expected.items():
         # median rate, the rounds' range, the median same-round ratio and its range
@@ -65,7 +71,10 @@ def test_postfix_benchmark_runs_every_case_end_to_end() -> None:
         assert row.group(7) == check, done.stdout
     assert re.search(r"^no milter \(ceiling\) .* 1\.00x \(1\.00-1\.00\) ", done.stdout,
                      re.MULTILINE)
-    assert re.search(r"^mailwarden / OpenDKIM, signing: +\d+\.\d\dx \(", done.stdout,
+    for transport in ("libmilter", "native"):
+        assert re.search(rf"^\[{transport}\] signing / OpenDKIM: +\d+\.\d\dx \(", done.stdout,
+                         re.MULTILINE), done.stdout
+    assert re.search(r"^no rules, libmilter / native: +\d+\.\d\dx \(", done.stdout,
                      re.MULTILINE), done.stdout
 
 

@@ -185,9 +185,12 @@ def test_bad_config_and_missing_file(world: dict[str, Any]) -> None:
     assert done.returncode == 1 and "cannot read" in done.stderr
 
 
-@pytest.fixture(scope="module")
-def daemon(world: dict[str, Any]) -> Iterator[Daemon]:
-    with Daemon(world["dir"] / "daemon", world["config"]) as running:
+@pytest.fixture(scope="module", params=["libmilter", "native"])
+def daemon(world: dict[str, Any], request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    """The daemon on each transport: both must give what the stage API gives offline."""
+    config = {**world["config"], "transport": request.param,
+              "listen": f"unix:{world['dir']}/milter-{request.param}.sock"}
+    with Daemon(world["dir"] / f"daemon-{request.param}", config) as running:
         yield running
 
 

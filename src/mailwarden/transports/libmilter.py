@@ -12,7 +12,7 @@ Process model (`daemon`): the master registers the callbacks and opens libmilter
 (`smfi_opensocket`) with its start-up privileges, drops them, then forks the workers; each
 worker runs `smfi_main`, libmilter's accept loop and thread per connection, while a thread of
 ours reads the master's control pipe: a reload swaps the runtime that new connections get, a
-drain calls `smfi_stop` and the worker waits for the connections in progress.
+drain stops the accepting, waits for the connections in progress and ends the worker.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def serve(runtime: Runtime, control: int, listener: socket.socket,
     pool) drops every connection that is between two commands when it stops, which would cut
     the transactions in progress. Instead libmilter's listening socket is swapped for one
     nobody can reach (no new connection comes), the connections in progress finish (`drain`),
-    and only then is libmilter stopped."""
+    and then the worker exits."""
     listen_fd = listener.detach()  # libmilter owns the socket in this process
     Callbacks.current = runtime
 
@@ -252,7 +252,10 @@ def serve(runtime: Runtime, control: int, listener: socket.socket,
             Callbacks.current = new
         _stop_accepting(listen_fd)
         drain()
-        milter.stop()
+        # Nothing is left to finish; libmilter's loop would notice an smfi_stop only at its
+        # next poll timeout (5 s).
+        logging.shutdown()
+        os._exit(0)
 
     threading.Thread(target=control_loop, name="control", daemon=True).start()
     milter.main()
