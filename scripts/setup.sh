@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(gcc python3 python3-dev python3-venv libmilter-dev)
 if [ "${1:-}" = "--test" ]; then
     APT_PACKAGES+=(postfix miltertest opendkim opendkim-tools opendmarc dbconfig-no-thanks
-                   libxml2-utils postgresql)
+                   libxml2-utils postgresql
+                   # a private Sendmail (unpacked below, not installed: it conflicts with
+                   # postfix): m4 builds its sendmail.cf, and the libraries it links
+                   m4 libdb5.3 liblockfile1 libnsl2 libsasl2-2 libldap-2.5-0 libssl3)
 fi
 
 missing=()
@@ -31,6 +34,20 @@ if [ "${#missing[@]}" -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     [ "$made_policy" = 1 ] && rm -f "$policy"
+fi
+
+# Sendmail 8.17 for the tests: Debian's sendmail-bin conflicts with postfix, so its packages
+# are downloaded and unpacked into .cache/sendmail/root (tests/integration/sendmail.py).
+SENDMAIL=.cache/sendmail
+if [ "${1:-}" = "--test" ] && [ ! -x "$SENDMAIL/root/usr/libexec/sendmail/sendmail" ]; then
+    echo "setup: unpacking Sendmail into $SENDMAIL for the tests"
+    rm -rf "$SENDMAIL" && mkdir -p "$SENDMAIL/debs"
+    fetch() { (cd "$SENDMAIL/debs" && apt-get download -qq sendmail-bin sendmail-cf libwrap0) \
+        2>/dev/null; }
+    fetch || { apt-get update -qq && fetch; }
+    for deb in "$SENDMAIL"/debs/*.deb; do dpkg-deb -x "$deb" "$SENDMAIL/root"; done
+    # setgid would make ld.so ignore LD_LIBRARY_PATH (the unpacked libwrap)
+    chmod g-s "$SENDMAIL/root/usr/libexec/sendmail/sendmail"
 fi
 
 if ! getent passwd mailwarden >/dev/null; then
