@@ -231,7 +231,8 @@ def _cmd_dmarc_check(args: argparse.Namespace) -> int:
 
 def _load_config(path: str) -> Config | None:
     """The configuration, or None after printing its error (file:line: key: message)."""
-    from mailwarden.config import ConfigError, load
+    from mailwarden.config import ConfigError
+    from mailwarden.config.build import load
 
     try:
         return load(path)

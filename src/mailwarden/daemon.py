@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailwarden import metrics
-from mailwarden.config import Config, ConfigError, configure_logging, load
+from mailwarden.config import Config, ConfigError, configure_logging
+from mailwarden.config.build import load
 from mailwarden.dns import Resolver, system_nameservers
 from mailwarden.metrics import Endpoint
 from mailwarden.policy.engine import Engine

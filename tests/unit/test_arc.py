@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from mailwarden.checks import Context
 from mailwarden.checks.arc import NoArgs, SealArgs, dnsfunc, run_seal, run_verify
-from mailwarden.config import Config, ConfigError, parse
+from mailwarden.config import Config, ConfigError
+from mailwarden.config.build import parse
 from mailwarden.dkim.keys import generate, public_record, write_private
 from mailwarden.findings import ArcFinding
 from mailwarden.policy.engine import Engine

@@ -14,15 +14,8 @@ import pytest
 import yaml
 
 from mailwarden.checks import CHECKS
-from mailwarden.config import (
-    ConfigError,
-    Outcome,
-    Section,
-    load,
-    parse,
-    parse_listen,
-    parse_status,
-)
+from mailwarden.config import ConfigError, Outcome, Section
+from mailwarden.config.build import load, parse, parse_listen, parse_status
 from mailwarden.dns import Nameserver
 
 ROOT = Path(__file__).resolve().parents[2]

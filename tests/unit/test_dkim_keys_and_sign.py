@@ -28,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mailwarden.config import ConfigError, parse
+from mailwarden.config import ConfigError
+from mailwarden.config.build import parse
 from mailwarden.dkim import fastrsa
 from mailwarden.dkim.keys import (
     KeyError_,

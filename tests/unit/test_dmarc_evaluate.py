@@ -12,7 +12,8 @@ import pytest
 from mailwarden.checks import Context
 from mailwarden.checks import dmarc as dmarc_check
 from mailwarden.checks.dmarc import DmarcArgs, author_domain, outcomes
-from mailwarden.config import Outcome, parse
+from mailwarden.config import Outcome
+from mailwarden.config.build import parse
 from mailwarden.dkim.verify import SignatureResult
 from mailwarden.dmarc.evaluate import DkimInput, DmarcResult, evaluate, non_existent
 from mailwarden.dmarc.orgdomain import TemporaryError

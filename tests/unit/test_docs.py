@@ -21,7 +21,8 @@ import pytest
 import yaml
 
 from mailwarden.checks import CHECKS
-from mailwarden.config import STAGES, Config, ConfigError, Outcome, Section, as_section, parse
+from mailwarden.config import STAGES, Config, ConfigError, Outcome, Section, as_section
+from mailwarden.config.build import parse
 from mailwarden.dkim.keys import generate, write_private
 from mailwarden.policy import codes
 

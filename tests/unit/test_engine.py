@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from mailwarden.config import Config, Reply, parse
+from mailwarden.config import Config, Reply
+from mailwarden.config.build import parse
 from mailwarden.dns import Answer
 from mailwarden.policy.engine import CONTINUE, Engine, Verdict, describe
 from mailwarden.transaction import Transaction

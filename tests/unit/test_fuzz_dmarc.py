@@ -19,7 +19,7 @@ from test_fuzz_headers import check_ar
 
 from mailwarden.checks import CHECKS, CheckOutcome, Context
 from mailwarden.checks.dmarc import DmarcArgs
-from mailwarden.config import parse as parse_config
+from mailwarden.config.build import parse as parse_config
 from mailwarden.dmarc.record import POLICIES, DmarcRecord, NotARecord, is_dmarc, parse
 from mailwarden.policy.engine import Engine
 from mailwarden.transaction import CheckResult, Transaction

@@ -22,7 +22,7 @@ from test_fuzz_headers import check_ar, strict_received_spf
 
 from mailwarden.checks import CHECKS, Context
 from mailwarden.checks.spf import SPFArgs
-from mailwarden.config import parse
+from mailwarden.config.build import parse
 from mailwarden.policy.engine import Engine
 from mailwarden.spf.macro import (
     Macro,

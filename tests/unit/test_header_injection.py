@@ -25,7 +25,8 @@ from test_fuzz_headers import (
     strict_received_spf,
 )
 
-from mailwarden.config import Config, parse
+from mailwarden.config import Config
+from mailwarden.config.build import parse
 from mailwarden.dkim.keys import public_record, write_private
 from mailwarden.headers import authserv_id_of
 from mailwarden.policy.engine import Engine, HeaderEdits, Verdict, describe

@@ -20,7 +20,8 @@ from mailwarden import milterproto as mp
 from mailwarden.checks import CHECKS, Context
 from mailwarden.checks.arc import chain_length
 from mailwarden.checks.spf import spf_limits
-from mailwarden.config import ConfigError, LimitsConfig, parse
+from mailwarden.config import ConfigError, LimitsConfig
+from mailwarden.config.build import parse
 from mailwarden.daemon import build_runtime
 from mailwarden.dkim.keys import generate, public_record, write_private
 from mailwarden.dkim.verify import verify_message

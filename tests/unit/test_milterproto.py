@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from mailwarden import milterproto as mp
-from mailwarden.config import parse
+from mailwarden.config.build import parse
 from mailwarden.daemon import build_runtime
 from mailwarden.policy.engine import Engine
 from mailwarden.transports.native import ACTIVE, Runtime, Session

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from mailwarden import metrics
-from mailwarden.config import ConfigError, parse
+from mailwarden.config import ConfigError
+from mailwarden.config.build import parse
 from mailwarden.policy.engine import Engine, describe
 from mailwarden.transaction import Transaction
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from mailwarden import milterproto as mp
-from mailwarden.config import load, parse
+from mailwarden.config.build import load, parse
 from mailwarden.relay import HostGroup, Membership, check_host_entry
 from mailwarden.transports.native import Plan
 

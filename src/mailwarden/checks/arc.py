@@ -12,15 +12,16 @@ from typing import TYPE_CHECKING
 
 import dkim as dkimpy
 
-from mailwarden.checks import CheckOutcome, CheckSpec, Context
-from mailwarden.config import Outcome
+from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
+from mailwarden.config.model import Outcome
 from mailwarden.dns import DNSClient, Status
 from mailwarden.findings import ArcFinding, SigningFinding, SignStatus
 from mailwarden.headers import AR, forged_indices
 from mailwarden.transaction import CheckResult, Transaction
 
 if TYPE_CHECKING:
-    from mailwarden.config import Config, Section
+    from mailwarden.config.model import Config
+    from mailwarden.config.reader import Section
 
 
 class _Temporary(dkimpy.DKIMException):  # type: ignore[misc]

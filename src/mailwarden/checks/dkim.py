@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 
 import dkim as dkimpy
 
-from mailwarden.checks import CheckOutcome, CheckSpec, Context
-from mailwarden.config import Outcome, Reply
+from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
+from mailwarden.config.model import Outcome, Reply
 from mailwarden.dkim.sign import SignOptions, sign_message
 from mailwarden.dkim.verify import SignatureResult, verify_message
 from mailwarden.findings import DkimFinding, SigningFinding, SignStatus
@@ -28,7 +28,8 @@ from mailwarden.relay import Membership
 from mailwarden.transaction import CheckResult, Transaction
 
 if TYPE_CHECKING:
-    from mailwarden.config import Config, Section
+    from mailwarden.config.model import Config
+    from mailwarden.config.reader import Section
 
 VERIFY_RESULTS = ("pass", "fail", "policy", "neutral", "none", "temperror", "permerror")
 _ORDER = ("pass", "temperror", "fail", "policy", "permerror", "neutral")

@@ -22,15 +22,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mailwarden.checks import CheckOutcome, CheckSpec, Context
-from mailwarden.config import Outcome, Reply
+from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
+from mailwarden.config.model import Outcome, Reply
 from mailwarden.dmarc.evaluate import DkimInput, DmarcResult, evaluate
 from mailwarden.findings import DmarcFinding, SpfIdentity
 from mailwarden.relay import Membership
 from mailwarden.transaction import CheckResult, Transaction
 
 if TYPE_CHECKING:
-    from mailwarden.config import Config, Section
+    from mailwarden.config.model import Config
+    from mailwarden.config.reader import Section
 
 log = logging.getLogger("mailwarden.dmarc")
 

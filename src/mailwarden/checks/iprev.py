@@ -14,14 +14,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mailwarden.checks import CheckOutcome, CheckSpec, Context
-from mailwarden.config import Outcome
+from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
+from mailwarden.config.model import Outcome
 from mailwarden.dns import DNSClient, IPAddress, Status
 from mailwarden.policy import codes
 from mailwarden.transaction import CheckResult, Transaction
 
 if TYPE_CHECKING:
-    from mailwarden.config import Config, Section
+    from mailwarden.config.model import Config
+    from mailwarden.config.reader import Section
 
 RESULTS = ("pass", "fail", "temperror", "permerror")
 

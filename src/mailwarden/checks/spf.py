@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mailwarden.checks import CheckOutcome, CheckSpec, Context
-from mailwarden.config import Outcome
+from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
+from mailwarden.config.model import Outcome
 from mailwarden.findings import SpfFinding, SpfIdentity
 from mailwarden.policy import codes
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
@@ -21,7 +21,8 @@ from mailwarden.spf.check import valid_domain
 from mailwarden.transaction import CheckResult, Transaction
 
 if TYPE_CHECKING:
-    from mailwarden.config import Config, Section
+    from mailwarden.config.model import Config
+    from mailwarden.config.reader import Section
 
 RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
 

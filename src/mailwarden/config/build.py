@@ -1,396 +1,42 @@
-"""YAML configuration to a typed, frozen `Config`.
-
-Every error names the file, the line and the key path (`rules.mail[1].policy`); unknown keys are
-errors, so that a typo never silently turns a check off. Check-specific arguments are validated
-by the check itself (`mailwarden.checks`), through the same `Section` reader.
-"""
+"""YAML configuration to a typed, frozen `Config` (`config.model`), through the node reader
+(`config.reader`). Check-specific arguments are validated by the check itself
+(`mailwarden.checks`), through the same `Section` reader."""
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import logging
-import os
 import re
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
+from mailwarden.checks import CHECKS
+from mailwarden.config.model import (
+    ACTIONS,
+    LIMIT_RANGES,
+    LOG_LEVELS,
+    MODES,
+    STAGES,
+    TRANSPORTS,
+    Condition,
+    Config,
+    DmarcConfig,
+    DNSConfig,
+    LimitsConfig,
+    Outcome,
+    RuleConfig,
+    SigningConfig,
+    default_workers,
+)
+from mailwarden.config.reader import ConfigError, Section, _line, as_section
 from mailwarden.dns import Nameserver, parse_nameserver
 
-T = TypeVar("T")
-
-STAGES = ("connect", "helo", "mail", "rcpt", "eom")
-ACTIONS = ("continue", "accept", "tempfail", "reject", "quarantine", "discard")
-TRANSPORTS = ("libmilter", "native")
-MODES = ("enforce", "monitor")
-LOG_LEVELS = ("debug", "info", "warning", "error")
 _STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
 _DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
                      r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
-
-
-class ConfigError(Exception):
-    """A configuration problem, located: `file:line: key: message`."""
-
-    def __init__(self, file: str, line: int, key: str, message: str) -> None:
-        self.file, self.line, self.key, self.message = file, line, key, message
-        where = f"{file}:{line}" if line else file
-        super().__init__(f"{where}: {key + ': ' if key else ''}{message}")
-
-
-# -- the node reader ---------------------------------------------------------------------------
-class Section:
-    """A YAML mapping being read: typed getters that record what was used, and `finish()` to
-    reject every key that nobody asked for."""
-
-    # When a set: every key path the reader asks about is added to it (the configuration
-    # reference is tested against what the parser reads, so that the two cannot drift).
-    trace: set[str] | None = None
-
-    def __init__(self, node: yaml.MappingNode, file: str, path: str) -> None:
-        self.node, self.file, self.path = node, file, path
-        self._items: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-            if not isinstance(key, str):
-                raise ConfigError(file, _line(key_node), path, "keys must be strings")
-            if key in self._items:
-                raise ConfigError(file, _line(key_node), self.key(key), "duplicate key")
-            self._items[key] = (key_node, value_node)
-        self._used: set[str] = set()
-
-    # -- locating ----------------------------------------------------------------------------
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def error(self, name: str | None, message: str) -> ConfigError:
-        if name is not None and name in self._items:
-            return ConfigError(self.file, _line(self._items[name][1]), self.key(name), message)
-        return ConfigError(self.file, _line(self.node), self.key(name) if name else self.path,
-                           message)
-
-    def key_error(self, name: str, message: str) -> ConfigError:
-        """An error located at the key itself (for keys that should not be there)."""
-        return ConfigError(self.file, _line(self._items[name][0]), self.key(name), message)
-
-    def has(self, name: str) -> bool:
-        if Section.trace is not None:
-            Section.trace.add(self.key(name))
-        return name in self._items
-
-    def names(self) -> list[str]:
-        return list(self._items)
-
-    def node_of(self, name: str) -> yaml.Node:
-        if Section.trace is not None:
-            Section.trace.add(self.key(name))
-        self._used.add(name)
-        return self._items[name][1]
-
-    def finish(self) -> None:
-        for name, (key_node, _) in self._items.items():
-            if name not in self._used:
-                raise ConfigError(self.file, _line(key_node), self.key(name), "unknown key")
-
-    # -- typed getters -------------------------------------------------------------------------
-    def _scalar(self, name: str) -> Any:
-        node = self.node_of(name)
-        if not isinstance(node, yaml.ScalarNode):
-            raise self.error(name, "expected a single value")
-        return _construct(node)
-
-    def raw(self, name: str) -> str:
-        """A scalar exactly as written (`0660` stays `0660`, not YAML's octal 432)."""
-        node = self.node_of(name)
-        if not isinstance(node, yaml.ScalarNode):
-            raise self.error(name, "expected a single value")
-        return str(node.value)
-
-    def string(self, name: str, default: str | None = None, *, choices: tuple[str, ...] = (),
-            required: bool = False) -> str:
-        if not self.has(name):
-            if required or default is None:
-                raise self.error(name, "is required")
-            return default
-        value = self._scalar(name)
-        if value is None or isinstance(value, (dict, list)):
-            raise self.error(name, "expected a string")
-        text = value if isinstance(value, str) else _to_text(value)
-        if choices and text not in choices:
-            raise self.error(name, f"must be one of {', '.join(choices)} (got {text!r})")
-        return text
-
-    def optional_str(self, name: str) -> str | None:
-        return self.string(name) if self.has(name) else None
-
-    def boolean(self, name: str, default: bool) -> bool:
-        if not self.has(name):
-            return default
-        value = self._scalar(name)
-        if not isinstance(value, bool):
-            raise self.error(name, f"expected true or false (got {value!r})")
-        return value
-
-    def number(self, name: str, default: float, *, minimum: float = 0.0,
-               maximum: float | None = None) -> float:
-        if not self.has(name):
-            return default
-        value = self._scalar(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(name, f"expected a number (got {value!r})")
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum:g} and {maximum:g}" if maximum is not None else \
-                f"at least {minimum:g}"
-            raise self.error(name, f"must be {bound} (got {value!r})")
-        return float(value)
-
-    def integer(self, name: str, default: int, *, minimum: int = 0,
-            maximum: int | None = None) -> int:
-        value = self.number(name, default, minimum=minimum, maximum=maximum)
-        if value != int(value):
-            raise self.error(name, f"expected a whole number (got {value!r})")
-        return int(value)
-
-    def str_list(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
-        """A list of strings; a single string counts as a one-element list."""
-        if not self.has(name):
-            return default
-        node = self.node_of(name)
-        if isinstance(node, yaml.ScalarNode):
-            value = self._scalar(name)
-            return (value if isinstance(value, str) else _to_text(value),)
-        if not isinstance(node, yaml.SequenceNode):
-            raise self.error(name, "expected a list")
-        items: list[str] = []
-        for index, item in enumerate(node.value):
-            if not isinstance(item, yaml.ScalarNode):
-                raise ConfigError(self.file, _line(item), f"{self.key(name)}[{index}]",
-                                  "expected a string")
-            value = _construct(item)
-            if value is None:
-                raise ConfigError(self.file, _line(item), f"{self.key(name)}[{index}]",
-                                  "empty value")
-            items.append(value if isinstance(value, str) else _to_text(value))
-        return tuple(items)
-
-    def section(self, name: str) -> Section | None:
-        if not self.has(name):
-            return None
-        node = self.node_of(name)
-        if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null"):
-            return Section(yaml.MappingNode("tag:yaml.org,2002:map", []), self.file,
-                           self.key(name))
-        if not isinstance(node, yaml.MappingNode):
-            raise self.error(name, "expected a mapping")
-        return Section(node, self.file, self.key(name))
-
-    def sequence(self, name: str) -> list[tuple[str, yaml.Node]]:
-        """The items of a list as (key path, node)."""
-        if not self.has(name):
-            return []
-        node = self.node_of(name)
-        if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null"):
-            return []
-        if not isinstance(node, yaml.SequenceNode):
-            raise self.error(name, "expected a list")
-        return [(f"{self.key(name)}[{i}]", item) for i, item in enumerate(node.value)]
-
-    def parsed(self, name: str, default: T, parse: Callable[[str], T]) -> T:
-        """A string value turned into something else by `parse` (ValueError = bad value)."""
-        if not self.has(name):
-            return default
-        text = self.string(name)
-        try:
-            return parse(text)
-        except ValueError as exc:
-            raise self.error(name, str(exc)) from None
-
-
-def _construct(node: yaml.ScalarNode) -> Any:
-    return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
-
-
-def _line(node: yaml.Node) -> int:
-    return node.start_mark.line + 1 if node.start_mark is not None else 0
-
-
-def _to_text(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def as_section(node: yaml.Node, file: str, path: str) -> Section:
-    if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(file, _line(node), path, "expected a mapping")
-    return Section(node, file, path)
-
-
-# -- the configuration ---------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """An SMTP reply: code, RFC 3463 enhanced status code and text."""
-
-    code: int
-    status: str
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.status} {self.text}"
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What a rule does with one result: an action and, for reject/tempfail, its reply
-    (None fields take the check's defaults)."""
-
-    action: str
-    code: int | None = None
-    status: str | None = None
-    text: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Condition:
-    """`when:` — every given test must hold."""
-
-    client_in: tuple[str, ...] = ()  # host group names
-    authenticated: bool | None = None
-    sender_domain_in: tuple[str, ...] = ()
-    rcpt_domain_in: tuple[str, ...] = ()
-    negate: Condition | None = None  # `not: {...}`
-
-
-@dataclass(frozen=True, slots=True)
-class RuleConfig:
-    name: str
-    stage: str
-    check: str
-    args: Any  # the check's own frozen dataclass
-    when: Condition | None
-    on: Mapping[str, Outcome]
-    line: int
-    mode: str = "enforce"  # monitor: the verdict is logged and counted, never applied
-
-
-@dataclass(frozen=True, slots=True)
-class DNSConfig:
-    nameservers: tuple[Nameserver, ...] = ()  # empty: /etc/resolv.conf
-    timeout: float = 2.0
-    lifetime: float = 5.0
-    cache_size: int = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class SigningConfig:
-    keys: tuple[Any, ...] = ()  # mailwarden.dkim.keys.SigningKey
-    headers: tuple[str, ...] = ()
-    oversign: tuple[str, ...] = ()
-    canonicalization: tuple[str, str] = ("relaxed", "relaxed")
-    parent_domains: bool = True
-
-    def keys_for(self, domain: str) -> tuple[Any, ...]:
-        """The keys of `domain`, or (parent_domains) of its closest parent that has keys."""
-        domain = domain.lower().rstrip(".")
-        while domain:
-            found = tuple(k for k in self.keys if k.domain == domain)
-            if found or not self.parent_domains:
-                return found
-            _, _, domain = domain.partition(".")
-        return ()
-
-
-@dataclass(frozen=True, slots=True)
-class DmarcConfig:
-    mode: str = "rfc9989"  # or "legacy": RFC 7489's Public Suffix List
-    store: str = ""  # sqlite path/URL or postgresql://...; empty: evaluations are not stored
-    reports: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class LimitsConfig:
-    """`limits:`: what one transaction may cost in DNS queries and work, whatever the sender
-    publishes or sends. The SPF limits are RFC 7208 §4.6.4's and can only be lowered."""
-
-    spf_dns_lookups: int = 10  # DNS-querying terms per SPF evaluation (past it: permerror)
-    spf_void_lookups: int = 2  # lookups answering NXDOMAIN/no data (past it: permerror)
-    spf_mx_names: int = 10  # names of one `mx` term's MX answer (more: permerror)
-    spf_ptr_names: int = 10  # PTR names a `ptr` term or %{p} looks up (the rest ignored)
-    iprev_names: int = 10  # PTR names iprev looks up (the rest ignored)
-    dkim_signatures: int = 8  # DKIM-Signature fields verified per message (the rest: neutral)
-    arc_sets: int = 50  # ARC sets validated (more: arc=fail, RFC 8617 §4.2.1's maximum)
-    header_fields: int = 1000  # header fields kept for the checks (the rest are not)
-    header_bytes: int = 4 * 1024 * 1024  # bytes of header fields kept for the checks
-    header_field_bytes: int = 64 * 1024  # bytes kept of one header field (the rest cut off)
-
-
-# limits: key, minimum, maximum, and why the maximum when it is a standard's.
-_LIMIT_RANGES: tuple[tuple[str, int, int, str], ...] = (
-    ("spf_dns_lookups", 1, 10, "RFC 7208 §4.6.4 allows at most 10"),
-    ("spf_void_lookups", 0, 10, ""),
-    ("spf_mx_names", 1, 10, "RFC 7208 §4.6.4 allows at most 10"),
-    ("spf_ptr_names", 1, 10, "RFC 7208 §4.6.4 allows at most 10"),
-    ("iprev_names", 1, 50, ""),
-    ("dkim_signatures", 1, 64, ""),
-    ("arc_sets", 1, 50, "RFC 8617 §4.2.1 allows at most 50"),
-    ("header_fields", 10, 1_000_000, ""),
-    ("header_bytes", 64 * 1024, 64 * 1024 * 1024, ""),
-    ("header_field_bytes", 1024, 1024 * 1024, ""),
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    path: str
-    listen: str
-    authserv_id: str
-    user: str | None = None
-    group: str | None = None
-    socket_mode: int = 0o660
-    log_level: str = "info"
-    workers: int = 2
-    drain_timeout: float = 30.0
-    dns: DNSConfig = DNSConfig()
-    spf_budget: float = 20.0
-    domains: frozenset[str] = frozenset()
-    hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    rules: Mapping[str, tuple[RuleConfig, ...]] = field(default_factory=dict)
-    signing: SigningConfig = SigningConfig()
-    spool_threshold: int = 1024 * 1024
-    dmarc: DmarcConfig = DmarcConfig()
-    mode: str = "enforce"  # the rules' default; monitor: nothing is refused
-    metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; empty: none
-    limits: LimitsConfig = LimitsConfig()
-    socket_group: str | None = None  # group of the unix socket (the MTA's); default: `group`
-    spool_directory: str | None = None  # where large bodies are spooled; default: $TMPDIR
-    transport: str = "libmilter"  # or "native": our own milter protocol implementation
-
-    def stage_rules(self, stage: str) -> tuple[RuleConfig, ...]:
-        return self.rules.get(stage, ())
-
-    def all_rules(self) -> Iterator[RuleConfig]:
-        for stage in STAGES:
-            yield from self.stage_rules(stage)
-
-    def is_our_domain(self, domain: str) -> bool:
-        """A domain we receive mail for: one listed, or a subdomain of one listed."""
-        domain = domain.lower().rstrip(".")
-        while domain:
-            if domain in self.domains:
-                return True
-            _, _, domain = domain.partition(".")
-        return False
-
-
-def default_workers() -> int:
-    """Two worker processes per core: each spends part of its time waiting for its sockets and
-    for the GIL, so a second one per core keeps the core busy (measured: verify at 16
-    connections on 2 cores, 2 workers ~2,200 msg/s, 4 workers ~2,400-2,700)."""
-    return 2 * (os.cpu_count() or 1)
 
 
 def parse_listen(text: str) -> str:
@@ -459,8 +105,6 @@ def parse(text: str, file: str = "<config>") -> Config:
 
 
 def _build(top: Section) -> Config:
-    from mailwarden.checks import CHECKS  # the checks validate their own arguments
-
     listen = top.parsed("listen", "inet:8894@127.0.0.1", parse_listen)
     authserv_id = top.parsed("authserv_id", "", _domain) if top.has("authserv_id") else ""
     if not authserv_id:
@@ -571,7 +215,7 @@ def _limits(top: Section) -> LimitsConfig:
         section = Section(empty, top.file, top.key("limits"))
     defaults = LimitsConfig()
     values: dict[str, int] = {}
-    for name, minimum, maximum, why in _LIMIT_RANGES:
+    for name, minimum, maximum, why in LIMIT_RANGES:
         value = section.integer(name, getattr(defaults, name), minimum=minimum)
         if value > maximum:
             bound = f"at most {maximum}" + (f": {why}, it can only be lowered" if why else "")
@@ -764,6 +408,3 @@ def _domain_or_ours(section: Section, name: str) -> list[str]:
     return out
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()),
-                        format="mailwarden[%(process)d]: %(levelname)s %(message)s", force=True)
