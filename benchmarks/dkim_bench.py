@@ -46,12 +46,12 @@ OUTSIDE = "192.0.2.10"
 
 def start_dns(zone: dict[str, Any], workdir: Path, host: str = "127.0.0.1", port: int = 0
               ) -> tuple[subprocess.Popen[str], int]:
-    """mailwarden.devdns serving `zone` in its own process on HOST:PORT (0: any free port;
+    """mailwarden.devtools.devdns serving `zone` in its own process on HOST:PORT (0: any free port;
     OpenDMARC can only ask port 53); returns the process and its port."""
     path = workdir / "zone.yaml"
     path.write_text(yaml.safe_dump(zone))
     process = subprocess.Popen(
-        [sys.executable, "-m", "mailwarden.devdns", str(path), "--host", host,
+        [sys.executable, "-m", "mailwarden.devtools.devdns", str(path), "--host", host,
          "--port", str(port)], stdout=subprocess.PIPE, text=True)
     assert process.stdout is not None
     line = process.stdout.readline()

@@ -9,8 +9,9 @@
       -> smtp-sink (Postfix's counting test server, storing nothing)
 
 The pieces are benchmarks/postfix_bench.py's: the pre-signed message (RSA-2048, published in a
-loopback mailwarden.devdns), the SPF and DMARC records (every verdict is pass), the counting
-sink, the check of delivered samples (Authentication-Results spf=pass dkim=pass dmarc=pass).
+loopback mailwarden.devtools.devdns), the SPF and DMARC records (every verdict is pass), the
+counting sink, the check of delivered samples (Authentication-Results spf=pass dkim=pass
+dmarc=pass).
 
 The run has two phases, with Postfix started afresh for each:
 

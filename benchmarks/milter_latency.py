@@ -22,7 +22,7 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests" / "integration"),
 from daemon import Daemon  # noqa: E402
 from milterload import Message, make_message, run_load  # noqa: E402
 
-from mailwarden.devdns import DevDNSServer  # noqa: E402
+from mailwarden.devtools.devdns import DevDNSServer  # noqa: E402
 from mailwarden.dkim.keys import generate, load_key, write_private  # noqa: E402
 from mailwarden.dkim.sign import sign_message  # noqa: E402
 

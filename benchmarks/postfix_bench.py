@@ -21,9 +21,10 @@ cases) and the milters are new:
                               aggregate-report data), and Authentication-Results
 
 The signing cases send an unsigned message; the inbound cases send one pre-signed with an
-RSA-2048 key published in the loopback DNS server (mailwarden.devdns, its own process), from
-127.0.0.1, which SPF authorises for the envelope domain and the HELO name, and the DMARC
-record asks p=reject: every verdict is pass. smtp-source sends the prepared file with -F (it
+RSA-2048 key published in the loopback DNS server (mailwarden.devtools.devdns, its own
+process), from 127.0.0.1, which SPF authorises for the envelope domain and the HELO name, and
+the DMARC record asks p=reject: every verdict is pass. smtp-source sends the prepared file
+with -F (it
 sends the file's lines as they are, CRLF-terminated and dot-stuffed, and adds no header of its
 own); the file is sized so that what the client sends is --size bytes, signature included.
 

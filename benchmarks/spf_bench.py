@@ -1,8 +1,9 @@
 """SPF evaluations per second: mailwarden against pyspf, in one run, through real DNS.
 
-A loopback DNS server (mailwarden.devdns, in its own process so it does not share the GIL with
-the evaluators) serves a realistic mix of records: provider include chains three and four deep
-with long ip4/ip6 lists, mx and a mechanisms, and plain ip4 lists. Both implementations evaluate
+A loopback DNS server (mailwarden.devtools.devdns, in its own process so it does not share the
+GIL with the evaluators) serves a realistic mix of records: provider include chains three and
+four deep with long ip4/ip6 lists, mx and a mechanisms, and plain ip4 lists. Both
+implementations evaluate
 the same transactions through the same server:
 
   cold  every evaluation starts with an empty cache (a new resolver / default resolver cache off)
@@ -102,7 +103,8 @@ def start_dns(zone: dict[str, Any]) -> tuple[subprocess.Popen[str], int, Path]:
     with os.fdopen(handle, "w") as out:
         yaml.safe_dump(zone, out)
     process = subprocess.Popen(
-        [sys.executable, "-m", "mailwarden.devdns", name, "--host", "127.0.0.1", "--port", "0"],
+        [sys.executable, "-m", "mailwarden.devtools.devdns", name, "--host", "127.0.0.1",
+         "--port", "0"],
         stdout=subprocess.PIPE, text=True,
     )
     assert process.stdout is not None

@@ -15,9 +15,9 @@ publishes p=reject:
               through OpenDKIM, its modifications are applied (MilterResult.apply), and the
               result goes through OpenDMARC. A "connection" is one connection to each milter.
 
-All three milters resolve from one loopback DNS server (mailwarden.devdns, its own process) on
-port 53 of a random 127.53.x.y address, because OpenDMARC can only use /etc/resolv.conf: it
-runs in a private mount namespace with its own resolv.conf bind-mounted (see
+All three milters resolve from one loopback DNS server (mailwarden.devtools.devdns, its own
+process) on port 53 of a random 127.53.x.y address, because OpenDMARC can only use
+/etc/resolv.conf: it runs in a private mount namespace with its own resolv.conf bind-mounted (see
 tests/integration/opendmarc.py); mailwarden uses `nameservers: [ADDR:53]`, OpenDKIM
 `Nameservers ADDR@53`. mailwarden and OpenDKIM (libunbound) cache answers; OpenDMARC (libresolv)
 does not and asks 2 queries per message, whose cost lands in the DNS server: its CPU per message

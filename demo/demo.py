@@ -3,7 +3,7 @@
 
 Brings up, all on loopback and all private to a temporary directory:
 
-* a DNS server (`python -m mailwarden.devdns`) serving demo/zone.yaml plus the DKIM and ARC
+* a DNS server (`python -m mailwarden.devtools.devdns`) serving demo/zone.yaml plus the DKIM and ARC
   public keys generated for this run;
 * the mailwarden daemon (`python -m mailwarden run`) with demo/mailwarden.yaml: SPF, relay
   checks, DKIM verification and signing, ARC, DMARC with a trusted ARC sealer;
@@ -40,7 +40,7 @@ from typing import Any, TextIO
 import dkim
 import yaml
 
-from mailwarden.devdns import load_zone_file
+from mailwarden.devtools.devdns import load_zone_file
 from mailwarden.dkim.keys import SigningKey, generate, load_key, write_private
 from mailwarden.dkim.sign import SignOptions, sign_message
 from mailwarden.dkim.verify import verify_message
@@ -251,11 +251,12 @@ def make_key(workdir: Path, domain: str, selector: str) -> SigningKey:
 
 
 def start_dns(zone: dict[str, Any], workdir: Path) -> tuple[subprocess.Popen[str], int]:
-    """mailwarden.devdns serving `zone` on a free port of 127.0.0.1; the process and port."""
+    """mailwarden.devtools.devdns serving `zone` on a free port of 127.0.0.1; the process and
+    port."""
     path = workdir / "zone.yaml"
     path.write_text(yaml.safe_dump(zone, sort_keys=False))
     process = subprocess.Popen(
-        [sys.executable, "-m", "mailwarden.devdns", str(path), "--host", "127.0.0.1",
+        [sys.executable, "-m", "mailwarden.devtools.devdns", str(path), "--host", "127.0.0.1",
          "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert process.stdout is not None
     line = process.stdout.readline()
@@ -424,7 +425,8 @@ def run_demo(out: TextIO = sys.stdout, keep: bool = False) -> list[Outcome]:
             raise DemoError(str(exc)) from None
         postfix.start()
         out.write(f"mailwarden demo (work directory {workdir})\n"
-                  f"  DNS:        mailwarden.devdns on 127.0.0.1:{dns_port} (demo/zone.yaml "
+                  f"  DNS:        mailwarden.devtools.devdns on 127.0.0.1:{dns_port} "
+                  f"(demo/zone.yaml "
                   f"+ {len(keys)} generated DKIM/ARC keys)\n"
                   f"  mailwarden: pid {daemon.process.pid if daemon.process else '?'}, "
                   f"{daemon.socket} (demo/mailwarden.yaml)\n"

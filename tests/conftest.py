@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 
 from helpers import SUITE_SCORE
 

@@ -242,7 +242,8 @@ def _load_config(path: str) -> Config | None:
 
 
 def _cmd_dmarc_report(args: argparse.Namespace) -> int:
-    from mailwarden.dmarc.report import ReportSettings, run_report_command
+    from mailwarden.dmarc.report import ReportSettings
+    from mailwarden.dmarc.sending import run_report_command
 
     config = _load_config(args.config)
     if config is None:

@@ -164,7 +164,8 @@ class Master:
         and try again."""
         if not self.config.dmarc.store:
             return
-        from mailwarden.dmarc.store import Store, unavailable_for_now
+        from mailwarden.dmarc.recorder import unavailable_for_now
+        from mailwarden.dmarc.store import Store
 
         try:
             Store.open(self.config.dmarc.store).close()

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from daemon import Daemon
 
 from mailwarden.config import LimitsConfig
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dkim.keys import public_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))

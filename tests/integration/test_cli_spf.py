@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mailwarden.devdns import DevDNSServer, load_zone_file
+from mailwarden.devtools.devdns import DevDNSServer, load_zone_file
 
 ROOT = Path(__file__).resolve().parents[2]
 

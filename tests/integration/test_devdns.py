@@ -21,7 +21,7 @@ import dns.rcode
 import dns.rdatatype
 import pytest
 
-from mailwarden.devdns import DevDNSServer, load_zone_file
+from mailwarden.devtools.devdns import DevDNSServer, load_zone_file
 
 ZONE: dict[str, Any] = {
     "Example.COM.": [
@@ -260,7 +260,7 @@ def test_cli(tmp_path: Path) -> None:
         "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mailwarden.devdns", str(zone), "--host", "127.0.0.1"],
+        [sys.executable, "-m", "mailwarden.devtools.devdns", str(zone), "--host", "127.0.0.1"],
         stdout=subprocess.PIPE,
         text=True,
         env=env,

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from opendkim import OpenDKIM, opendkim_available
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dkim.keys import SigningKey, generate, load_key, write_private
 from mailwarden.dkim.sign import SignOptions, sign_message
 from mailwarden.dkim.verify import verify_message

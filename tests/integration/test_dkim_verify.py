@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import HASH_ALGORITHMS
 
-from mailwarden.devdns import DevDNSServer, load_zone_file
+from mailwarden.devtools.devdns import DevDNSServer, load_zone_file
 from mailwarden.dkim.keys import public_record
 from mailwarden.dkim.verify import SignatureResult, verify_message
 from mailwarden.dns import Resolver

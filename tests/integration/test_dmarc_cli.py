@@ -14,7 +14,7 @@ import pytest
 import yaml
 from test_dmarc_reports import evaluation, xmllint
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dmarc.store import Store
 
 

@@ -27,9 +27,10 @@ from typing import Any
 
 import pytest
 
-from mailwarden.devdns import DevDNSServer
-from mailwarden.dmarc import store as store_module
-from mailwarden.dmarc.report import ReportSettings, build_reports, send_reports
+from mailwarden.devtools.devdns import DevDNSServer
+from mailwarden.dmarc import backends as store_backends
+from mailwarden.dmarc.report import ReportSettings, build_reports
+from mailwarden.dmarc.sending import send_reports
 from mailwarden.dmarc.store import (
     SCHEMA_VERSION,
     Evaluation,
@@ -148,8 +149,8 @@ def test_schema_is_created_once_by_concurrent_opens_and_migrates(
     extra = (SCHEMA_VERSION + 1, ("CREATE TABLE migration_probe (n INTEGER)",
                                   "INSERT INTO migration_probe VALUES (1)"))
     with monkeypatch.context() as patch:
-        patch.setattr(store_module, "MIGRATIONS",
-                      {"postgresql": [*store_module.MIGRATIONS["postgresql"], extra]})
+        patch.setattr(store_backends, "MIGRATIONS",
+                      {"postgresql": [*store_backends.MIGRATIONS["postgresql"], extra]})
         for _ in range(2):
             store = Store.open(url)
             assert store.schema_version() == SCHEMA_VERSION + 1

@@ -26,14 +26,9 @@ from pathlib import Path
 
 import pytest
 
-from mailwarden.devdns import DevDNSServer
-from mailwarden.dmarc.report import (
-    ReportSettings,
-    build_reports,
-    parse_period,
-    run_report_command,
-    send_reports,
-)
+from mailwarden.devtools.devdns import DevDNSServer
+from mailwarden.dmarc.report import ReportSettings, build_reports
+from mailwarden.dmarc.sending import parse_period, run_report_command, send_reports
 from mailwarden.dmarc.store import Evaluation, LedgerEntry, Store, StoreError
 
 from helpers import make_resolver
@@ -392,7 +387,8 @@ def test_a_refused_destination_is_sent_on_the_rerun_and_nothing_twice(
 CRASHER = textwrap.dedent("""
     import os, signal, sys
     from mailwarden.dmarc import store as store_module
-    from mailwarden.dmarc.report import ReportSettings, build_reports, send_reports
+    from mailwarden.dmarc.report import ReportSettings, build_reports
+    from mailwarden.dmarc.sending import send_reports
     from mailwarden.dns import Nameserver, Resolver
 
     url, smtp_port, dns_port, mode, start, end = sys.argv[1:]

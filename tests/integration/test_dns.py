@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dns import MX, Nameserver, Resolver, Status, parse_nameserver
 
 from helpers import make_resolver

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "conf" / "mailwarden.yaml"
 HOTEL = "203.0.113.77"

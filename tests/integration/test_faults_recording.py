@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 import mailwarden.transaction as transaction
-from mailwarden.dmarc.store import Evaluation, Recorder, Store, StoreError, unavailable_for_now
+from mailwarden.dmarc.recorder import Recorder, unavailable_for_now
+from mailwarden.dmarc.store import Evaluation, Store, StoreError
 from mailwarden.transaction import BodySpool, Transaction
 
 

@@ -12,7 +12,7 @@ import pytest
 from daemon import Daemon
 from miltertest import lua_string, miltertest_available, run_miltertest
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 
 pytestmark = pytest.mark.skipif(not miltertest_available(),
                                 reason="Debian's miltertest is not installed")

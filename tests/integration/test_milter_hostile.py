@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from daemon import Daemon
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.server import IDLE_THREADS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))

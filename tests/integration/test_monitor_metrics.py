@@ -20,7 +20,7 @@ import pytest
 from daemon import Daemon
 from prometheus_client.parser import text_string_to_metric_families
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from milterload import MilterClient, make_message

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from daemon import Daemon
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dkim.keys import generate, load_key, public_record, write_private
 from mailwarden.dkim.sign import sign_message
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from opendmarc import OpenDMARC, loopback_dns_host, namespace_problem, opendmarc_available
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from milterload import MilterClient, MilterResult, make_message

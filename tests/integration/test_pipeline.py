@@ -19,7 +19,7 @@ import pytest
 import yaml
 from daemon import Daemon
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dkim.keys import generate, public_record, write_private
 from mailwarden.dmarc.report import ReportSettings, build_reports
 from mailwarden.dmarc.store import Store

@@ -18,7 +18,7 @@ import pytest
 from daemon import Daemon
 from postfix import PostfixInstance
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dkim.keys import SigningKey, generate, load_key, write_private
 from mailwarden.dkim.sign import SignOptions, sign_message
 from mailwarden.dkim.verify import verify_message

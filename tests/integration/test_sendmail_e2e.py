@@ -23,7 +23,7 @@ import pytest
 from daemon import Daemon
 from sendmail import SendmailInstance, sendmail_problem
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dkim.keys import SigningKey, generate, load_key, write_private
 from mailwarden.dkim.verify import verify_message
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mailwarden.devdns import DevDNSServer
+from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.spf import check_mailfrom
 
 from helpers import SUITE_SCORE, make_resolver

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mailwarden.dmarc import store as store_module
+from mailwarden.dmarc import backends as store_backends
 from mailwarden.dmarc.store import (
     SCHEMA_VERSION,
     Evaluation,
@@ -78,9 +78,9 @@ def test_a_new_migration_is_applied_once_and_a_newer_schema_is_refused(
     extra = (SCHEMA_VERSION + 1,
              ("CREATE TABLE migration_probe (n INTEGER)",
               "INSERT INTO migration_probe VALUES (1)"))
-    newer = {"sqlite": [*store_module.MIGRATIONS["sqlite"], extra]}
+    newer = {"sqlite": [*store_backends.MIGRATIONS["sqlite"], extra]}
     with monkeypatch.context() as patch:
-        patch.setattr(store_module, "MIGRATIONS", newer)
+        patch.setattr(store_backends, "MIGRATIONS", newer)
         for _ in range(3):
             store = Store.open(str(path))
             assert store.schema_version() == SCHEMA_VERSION + 1

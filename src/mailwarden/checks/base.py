@@ -48,13 +48,13 @@ class Context:
         return Membership.UNKNOWN if unknown else Membership.OUT
 
     def store(self) -> Any:
-        """The recording path into the DMARC report store (a `mailwarden.dmarc.store.Recorder`:
+        """The recording path into the DMARC report store (a `mailwarden.dmarc.recorder.Recorder`:
         its `record()` never raises), made on first use; it opens the store in this process
         (never across fork), and a store that cannot be opened or written costs report rows,
         never a verdict."""
         with self._store_lock:
             if self._store is None:
-                from mailwarden.dmarc.store import Recorder
+                from mailwarden.dmarc.recorder import Recorder
 
                 self._store = Recorder(self.config.dmarc.store)
             return self._store

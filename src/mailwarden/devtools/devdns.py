@@ -568,7 +568,8 @@ def load_zone_file(path: str | Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve a zone file in the foreground until SIGTERM or SIGINT."""
-    parser = argparse.ArgumentParser(prog="python -m mailwarden.devdns", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m mailwarden.devtools.devdns",
+                                     description=__doc__)
     parser.add_argument("zone", help="YAML zone file")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
