@@ -85,9 +85,16 @@ NO_REPLY_BIT = {C_CONNECT: P_NR_CONN, C_HELO: P_NR_HELO, C_MAIL: P_NR_MAIL, C_RC
                 C_DATA: P_NR_DATA, C_UNKNOWN: P_NR_UNKN, C_HEADER: P_NR_HDR, C_EOH: P_NR_EOH,
                 C_BODY: P_NR_BODY}
 
-# The largest packet accepted. The MTA sends body chunks of at most 64 KiB (1 MiB when the
-# filter negotiates SMFIP_MDS_1M, which we do not); anything far larger is a broken peer.
+# Larger body chunks (libmilter's mfdef.h): offered by the MTA, taken by the filter.
+P_MDS_256K = 0x10000000
+P_MDS_1M = 0x20000000
+# The body chunk a packet may carry: 64 KiB - 1 (MILTER_CHUNK_SIZE), or what was negotiated.
+CHUNK_DEFAULT, CHUNK_256K, CHUNK_1M = 65535, 256 * 1024 - 1, 1024 * 1024 - 1
+# The largest packet read at all (a 1 MiB body chunk and some room); anything larger is a
+# broken peer, before the negotiated limit is even looked at.
 MAX_PACKET = 1024 * 1024 + 64
+# The oldest protocol version taken (libmilter's SMFI_PROT_VERSION_MIN).
+MIN_VERSION = 2
 
 _LENGTH = struct.Struct(">I")
 _OPTNEG = struct.Struct(">III")

@@ -730,3 +730,89 @@ def test_load_board_lets_the_least_loaded_workers_take_connections() -> None:
     assert board.least_loaded(2)
     board.set(2, -1)  # worker 2 died: its slot no longer counts
     assert board.least_loaded(0)
+
+
+# == Session: the command order and the negotiated limits (libmilter's engine) ===================
+BODY_CONFIG = CONFIG + "  eom:\n    - name: dkim\n      check: dkim_verify\n"
+
+
+def test_commands_before_the_option_negotiation_are_a_protocol_error(session: Session) -> None:
+    with pytest.raises(mp.ProtocolError, match="before option negotiation"):
+        session.handle(mp.C_CONNECT, connect4())
+
+
+def test_a_second_option_negotiation_is_a_protocol_error(session: Session) -> None:
+    start(session)
+    with pytest.raises(mp.ProtocolError, match="option negotiation again"):
+        session.handle(mp.C_OPTNEG, optneg())
+    # QUIT_NC starts another SMTP session on the same negotiation: CONNECT comes next
+    other = Session(session.runtime)
+    try:
+        start(other)
+        assert other.handle(mp.C_QUIT_NC, b"") is None
+        assert other.handle(mp.C_CONNECT, connect4()) is None  # no reply negotiated
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("command", [mp.C_EOB, mp.C_HEADER, mp.C_RCPT, mp.C_BODY])
+def test_message_commands_without_mail_are_a_protocol_error(session: Session,
+                                                             command: int) -> None:
+    start(session)
+    data = header("Subject", "x") if command == mp.C_HEADER else cstr("<b@ours.example>")
+    with pytest.raises(mp.ProtocolError, match="outside a message"):
+        session.handle(command, b"" if command == mp.C_EOB else data)
+
+
+def test_a_message_ended_by_its_end_or_abort_takes_no_more_message_commands(
+        session: Session) -> None:
+    start(session)
+    session.handle(mp.C_MAIL, cstr("<alice@sender.example>"))
+    session.handle(mp.C_RCPT, cstr("<bob@ours.example>"))
+    replies(session.handle(mp.C_EOB, b""))
+    with pytest.raises(mp.ProtocolError, match="outside a message"):
+        session.handle(mp.C_HEADER, header("Subject", "late"))
+    session.handle(mp.C_MAIL, cstr("<alice@sender.example>"))
+    assert session.handle(mp.C_ABORT, b"") is None
+    with pytest.raises(mp.ProtocolError, match="outside a message"):
+        session.handle(mp.C_EOB, b"")
+
+
+def test_a_protocol_version_older_than_2_is_refused(session: Session) -> None:
+    with pytest.raises(mp.ProtocolError, match="version 1 is older than 2"):
+        session.handle(mp.C_OPTNEG, optneg(version=1))
+
+
+def test_body_chunks_are_limited_to_what_was_negotiated() -> None:
+    runtime = build_runtime(parse(BODY_CONFIG))
+    for offered, largest in ((0, mp.CHUNK_DEFAULT), (mp.P_MDS_256K, mp.CHUNK_256K),
+                             (mp.P_MDS_256K | mp.P_MDS_1M, mp.CHUNK_1M)):
+        s = Session(runtime)
+        try:
+            [(_, data)] = replies(s.handle(mp.C_OPTNEG, optneg(protocol=ALL_STEPS | offered)))
+            taken = struct.unpack_from(">III", data)[2]
+            assert taken & (mp.P_MDS_256K | mp.P_MDS_1M) == (offered & mp.P_MDS_1M or offered)
+            s.handle(mp.C_CONNECT, connect4())
+            s.handle(mp.C_HELO, cstr("helo.example.net"))
+            s.handle(mp.C_MAIL, cstr("<alice@sender.example>"))
+            s.handle(mp.C_RCPT, cstr("<bob@ours.example>"))
+            assert s.handle(mp.C_BODY, b"x" * largest) is None  # no reply for the body
+            with pytest.raises(mp.ProtocolError, match=f"more than the {largest} negotiated"):
+                s.handle(mp.C_BODY, b"x" * (largest + 1))
+        finally:
+            s.close()
+
+
+def test_an_mta_without_leading_space_headers_is_warned_about(
+        session: Session, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, "mailwarden.milter"):
+        session.handle(mp.C_OPTNEG, optneg(protocol=ALL_STEPS & ~mp.P_HDR_LEADSPC))
+    assert "SMFIP_HDR_LEADSPC" in caplog.text
+    caplog.clear()
+    other = Session(session.runtime)
+    try:
+        with caplog.at_level(logging.WARNING, "mailwarden.milter"):
+            other.handle(mp.C_OPTNEG, optneg())
+        assert "SMFIP_HDR_LEADSPC" not in caplog.text
+    finally:
+        other.close()

@@ -54,7 +54,7 @@ def protocol_flags(plan: StagePlan) -> int:
     canonicalization needs them), and ours sent back the same way; no reply where the policy
     has nothing to say; DATA, end of headers and unknown commands not sent at all."""
     off = mp.P_NR_CONN | mp.P_NR_HDR | mp.P_NOEOH | mp.P_HDR_LEADSPC
-    off |= mp.P_NOUNKNOWN | mp.P_NODATA | mp.P_NR_BODY
+    off |= mp.P_NOUNKNOWN | mp.P_NODATA | mp.P_NR_BODY | mp.P_MDS_1M | mp.P_MDS_256K
     if not plan.needs_body:
         off |= mp.P_NOBODY
     for stage, flag in ((Stage.HELO, mp.P_NR_HELO), (Stage.MAIL, mp.P_NR_MAIL),
@@ -76,6 +76,8 @@ _INTERNAL_ERROR = mp.reply_code(451, "4.3.0", "Internal error, try again later")
 _LOOKUP = (mp.C_EOB, mp.C_EOH, mp.C_DATA, mp.C_RCPT, mp.C_MAIL, mp.C_HELO, mp.C_CONNECT)
 # Macros that belong to one message, forgotten when the next one starts.
 _MESSAGE_MACROS = (mp.C_MAIL, mp.C_RCPT, mp.C_DATA, mp.C_EOH, mp.C_EOB, mp.C_HEADER, mp.C_BODY)
+# Commands that belong to a message: after MAIL, before its end or abort.
+_IN_MESSAGE = frozenset({mp.C_RCPT, mp.C_DATA, mp.C_HEADER, mp.C_EOH, mp.C_BODY, mp.C_EOB})
 # Commands whose failure can be answered with a tempfail (connect can't carry a reply text).
 _REFUSABLE = frozenset({mp.C_HELO, mp.C_MAIL, mp.C_RCPT, mp.C_EOB})
 
@@ -88,6 +90,9 @@ class Session:
         self.connection = Connection(runtime)
         self._protocol = 0
         self._actions = 0
+        self._negotiated = False
+        self._open = False  # the MTA has a message open with us (MAIL sent, not yet ended)
+        self._chunk = mp.CHUNK_DEFAULT
         self._symbols: dict[int, dict[str, str]] = {}
         self._refused_actions: set[str] = set()
         self._handlers: dict[int, Callable[[bytes], bytes | None]] = {
@@ -110,13 +115,14 @@ class Session:
         """The reply to one command (None when it gets none). Raises `ProtocolError` when the
         MTA broke the protocol and `EOFError` when it quit."""
         handler = self._handlers.get(command)
+        self._check_order(command)
         if handler is None:
             if command == mp.C_QUIT:
                 raise EOFError
             if command == mp.C_QUIT_NC:  # this SMTP session ends, another one follows
                 self.connection.close()
                 self.connection = Connection(self.runtime)
-                self._symbols.clear()
+                self._symbols.clear()  # the negotiation stands (libmilter: CONNECT comes next)
                 return None
             raise mp.ProtocolError(f"unknown command {command!r}")
         try:
@@ -130,6 +136,8 @@ class Session:
             if self._no_reply(command) or command in (mp.C_MACRO, mp.C_ABORT):
                 return None
             if command in _REFUSABLE and self.runtime.config.mode != "monitor":
+                if command in (mp.C_MAIL, mp.C_EOB):
+                    self._open = False
                 return _INTERNAL_ERROR
             return _CONTINUE
 
@@ -138,6 +146,21 @@ class Session:
         self.connection.close()
 
     # -- helpers -----------------------------------------------------------------------------
+    def _check_order(self, command: int) -> None:
+        """The command order libmilter's engine enforces: option negotiation first and once
+        per connection (QUIT_NC keeps it), and the commands of a message only inside one
+        (after MAIL)."""
+        if command == mp.C_OPTNEG:
+            if self._negotiated:
+                raise mp.ProtocolError("option negotiation again on a negotiated connection")
+            return
+        if command == mp.C_QUIT:
+            return
+        if not self._negotiated:
+            raise mp.ProtocolError(f"command {chr(command)!r} before option negotiation")
+        if command in _IN_MESSAGE and not self._open:
+            raise mp.ProtocolError(f"command {chr(command)!r} outside a message (no MAIL)")
+
     def _no_reply(self, command: int) -> bool:
         return bool(self._protocol & mp.NO_REPLY_BIT.get(command, 0))
 
@@ -176,8 +199,22 @@ class Session:
     # -- commands ----------------------------------------------------------------------------
     def _negotiate(self, data: bytes) -> bytes:
         offer = mp.parse_options(data)
+        if offer.version < mp.MIN_VERSION:
+            raise mp.ProtocolError(f"protocol version {offer.version} is older than "
+                                   f"{mp.MIN_VERSION}")
+        self._negotiated = True
         self._actions = offer.actions & WANTED_ACTIONS
-        self._protocol = offer.protocol & protocol_flags(self.runtime.plan)
+        wanted = protocol_flags(self.runtime.plan)
+        self._protocol = offer.protocol & wanted
+        if self._protocol & mp.P_MDS_1M:
+            self._protocol &= ~mp.P_MDS_256K
+            self._chunk = mp.CHUNK_1M
+        elif self._protocol & mp.P_MDS_256K:
+            self._chunk = mp.CHUNK_256K
+        if wanted & mp.P_HDR_LEADSPC and not self._protocol & mp.P_HDR_LEADSPC:
+            log.warning("the MTA does not pass header values with their leading white space "
+                        "(SMFIP_HDR_LEADSPC): DKIM signatures with simple header "
+                        "canonicalization may fail to verify")
         macros = None
         if self._actions & mp.F_SETSYMLIST:
             macros = {_MACRO_STAGE[stage]: " ".join(names)
@@ -208,12 +245,18 @@ class Session:
     def _mail(self, data: bytes) -> bytes | None:
         args = mp.strings(data) or [""]
         decision = self.connection.mail(args[0], args[1:], self._macros(Stage.MAIL))
-        return self._decided(mp.C_MAIL, decision)
+        reply = self._decided(mp.C_MAIL, decision)
+        # a refusal or an accept the MTA hears ends the message on its side
+        self._open = reply is None or decision.action is Action.CONTINUE
+        return reply
 
     def _rcpt(self, data: bytes) -> bytes | None:
         args = mp.strings(data) or [""]
         decision = self.connection.rcpt(args[0], args[1:], self._macros(Stage.RCPT))
-        return self._decided(mp.C_RCPT, decision)
+        reply = self._decided(mp.C_RCPT, decision)
+        if reply is not None and decision.action is Action.ACCEPT:
+            self._open = False  # an accept the MTA hears ends the message on its side
+        return reply
 
     def _header(self, data: bytes) -> bytes | None:
         limit = self.runtime.config.limits.header_field_bytes
@@ -224,10 +267,14 @@ class Session:
         return self._answer(mp.C_HEADER)
 
     def _body(self, data: bytes) -> bytes | None:
+        if len(data) > self._chunk:
+            raise mp.ProtocolError(f"body chunk of {len(data)} bytes, more than the "
+                                   f"{self._chunk} negotiated")
         self.connection.body(data)
         return self._answer(mp.C_BODY)
 
     def _eob(self, data: bytes) -> bytes:
+        self._open = False
         if data:
             self.connection.body(data)
         decision = self.connection.end_of_message(self._macros(Stage.EOM))
@@ -265,6 +312,7 @@ class Session:
         return False
 
     def _abort(self, data: bytes) -> None:
+        self._open = False
         self.connection.abort()
         self._forget_message_macros()
         return None
