@@ -29,6 +29,7 @@ from pathlib import Path
 
 from mailwarden import metrics
 from mailwarden import milterproto as mp
+from mailwarden.progress import TICKER
 from mailwarden.transports.native import Session
 
 log = logging.getLogger("mailwarden.server")
@@ -88,6 +89,15 @@ def open_listener(listen: str, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     return sock
 
 
+_PROGRESS = mp.packet(mp.R_PROGRESS)
+
+
+def _progress(conn: socket.socket) -> None:
+    """SMFIR_PROGRESS, never blocking the ticker (a 5-byte packet into an empty buffer)."""
+    if conn.send(_PROGRESS, socket.MSG_DONTWAIT) != len(_PROGRESS):
+        raise OSError("progress message cut short")
+
+
 def converse(conn: socket.socket, session: Session) -> None:
     """Serve one MTA connection until it quits, breaks the protocol, or goes silent."""
     buffer = bytearray()
@@ -106,7 +116,14 @@ def converse(conn: socket.socket, session: Session) -> None:
             replies: list[bytes] = []
             try:
                 for command, data in mp.split_packets(buffer):
-                    reply = session.handle(command, data)
+                    if session.awaits_reply(command):
+                        if replies:  # in order, before any progress message
+                            conn.sendall(b"".join(replies))
+                            replies.clear()
+                        with TICKER.alive(lambda: _progress(conn), session.progress_interval):
+                            reply = session.handle(command, data)
+                    else:
+                        reply = session.handle(command, data)
                     if reply is not None:
                         replies.append(reply)
             except EOFError:  # SMFIC_QUIT

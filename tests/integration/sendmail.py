@@ -54,7 +54,7 @@ FEATURE(`promiscuous_relay')dnl
 FEATURE(`accept_unresolvable_domains')dnl
 FEATURE(`accept_unqualified_senders')dnl
 DAEMON_OPTIONS(`Port={port}, Addr=127.0.0.1, Name=MTA')dnl
-INPUT_MAIL_FILTER(`mailwarden', `S={milter}, F=T, T=S:30s;R:60s;E:5m')dnl
+INPUT_MAIL_FILTER(`mailwarden', `S={milter}, F=T, T={timeouts}')dnl
 MAILER(`local')dnl
 MAILER(`smtp')dnl
 """
@@ -88,9 +88,10 @@ class SendmailInstance:
     """Sendmail (and its sink) under `workdir`, the milter at `milter` (unix:PATH or
     inet:PORT@HOST); `start()`, `stop()`, `messages()`, `queue()`."""
 
-    def __init__(self, workdir: Path, milter: str) -> None:
+    def __init__(self, workdir: Path, milter: str, timeouts: str = "S:30s;R:60s;E:5m") -> None:
         self.workdir = workdir
         self.milter = milter
+        self.timeouts = timeouts  # the milter's T= (R: how long a reply may take)
         self.smtp_port = 0
         self.sink_dir = workdir / "sink"
         self._sendmail: subprocess.Popen[bytes] | None = None
@@ -115,7 +116,8 @@ class SendmailInstance:
         sink_port = self._start_sink()
         self.smtp_port = free_port()
         (work / "test.mc").write_text(MC.format(domain=DOMAIN, work=work, port=self.smtp_port,
-                                                sink_port=sink_port, milter=self.milter))
+                                                sink_port=sink_port, milter=self.milter,
+                                                timeouts=self.timeouts))
         with (work / "sendmail.cf").open("wb") as cf:
             subprocess.run(["m4", f"-D_CF_DIR_={CF_DIR}/", str(CF_DIR / "m4" / "cf.m4"),
                             str(work / "test.mc")], stdout=cf, stderr=subprocess.DEVNULL,

@@ -25,6 +25,7 @@ from sendmail import SendmailInstance, sendmail_problem
 
 from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dkim.keys import SigningKey, generate, load_key, write_private
+from mailwarden.dkim.sign import SignOptions, sign_message
 from mailwarden.dkim.verify import verify_message
 
 from helpers import make_resolver
@@ -197,3 +198,47 @@ def test_a_5_mib_message_is_judged_and_delivered_intact(stack: Stack) -> None:
     head = raw.split(b"\r\n\r\n", 1)[0]
     assert head.startswith(f"Authentication-Results: {AUTHSERV};".encode()), head[:300]
     assert b"spf=pass smtp.mailfrom=a@pass.example" in head
+
+
+@pytest.mark.parametrize("transport", ["libmilter", "native"])
+def test_a_check_slower_than_sendmails_timeout_is_kept_alive_by_progress(
+        dns_server: DevDNSServer, tmp_path: Path, transport: str) -> None:
+    """Sendmail waits 2 s for a reply here (T=R:2s); the DKIM key's DNS answer takes 3.5 s.
+    Progress messages every 0.5 s keep Sendmail waiting, and the message ends with our
+    verdict (delivered, dkim=pass), not with Sendmail's timeout (451 from F=T)."""
+    key_path = tmp_path / "slow.pem"
+    write_private(generate("ed25519"), str(key_path))
+    key = load_key("slow.example", "s1", str(key_path))
+    dns_server.load({key.dns_name: [{"TXT": key.public_record}]})
+    sockets = Path(tempfile.mkdtemp(prefix="mailwarden-progress-"))
+    sockets.chmod(0o755)
+    daemon = Daemon(tmp_path / "milter", {
+        "transport": transport, "listen": f"unix:{sockets}/milter.sock",
+        "authserv_id": AUTHSERV, "workers": 1, "drain_timeout": 5, "progress_interval": 0.5,
+        "dns": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": 6.0,
+                "lifetime": 8.0},
+        "rules": {"eom": [{"name": "dkim", "check": "dkim_verify"}]},
+    })
+    sendmail = SendmailInstance(tmp_path / "sendmail", f"unix:{sockets}/milter.sock",
+                                timeouts="S:10s;R:2s;E:5m")
+    daemon.start()
+    try:
+        sendmail.start()
+        data = message("a@slow.example", f"sm-progress-{transport}")
+        fields = sign_message(data, [key], SignOptions())
+        signed = "".join(f"{n}:{v}".replace("\n", "\r\n") + "\r\n" for n, v in fields).encode()
+        dns_server.delay = 3.5
+        started = time.monotonic()
+        stack = Stack(daemon, sendmail, dns_server, key)
+        replies = transact(stack, OUTSIDE, "a@slow.example", "bob@ours.example", signed + data)
+        took = time.monotonic() - started
+        dns_server.delay = 0.0
+        assert replies[-1][:2] == ("data", 250), replies
+        assert took >= 3.5
+        raw = sendmail.wait_for(f"Subject: sm-progress-{transport}".encode())
+        assert f"Authentication-Results: {AUTHSERV}; dkim=pass".encode() in raw
+    finally:
+        dns_server.delay = 0.0
+        sendmail.stop()
+        daemon.stop()
+        shutil.rmtree(sockets, ignore_errors=True)

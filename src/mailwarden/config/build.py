@@ -181,10 +181,11 @@ def _build(top: Section) -> Config:
     metrics_listen = _metrics(top)
     limits = _limits(top)
     transport = top.string("transport", "libmilter", choices=TRANSPORTS)
+    progress_interval = top.number("progress_interval", 5.0, minimum=0.2, maximum=60)
     partial = Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
                      drain_timeout, dns, spf_budget, frozenset(domains), hosts, {}, signing,
                      spool_threshold, dmarc, mode, metrics_listen, limits, socket_group,
-                     spool_directory, transport)
+                     spool_directory, transport, progress_interval)
     rules: dict[str, tuple[RuleConfig, ...]] = {}
     rules_section = top.section("rules")
     if rules_section is not None:

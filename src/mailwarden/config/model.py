@@ -154,6 +154,7 @@ class Config:
     socket_group: str | None = None  # group of the unix socket (the MTA's); default: `group`
     spool_directory: str | None = None  # where large bodies are spooled; default: $TMPDIR
     transport: str = "libmilter"  # or "native": our own milter protocol implementation
+    progress_interval: float = 5.0  # seconds a reply may take before the MTA hears "alive"
 
     def stage_rules(self, stage: str) -> tuple[RuleConfig, ...]:
         return self.rules.get(stage, ())

@@ -31,6 +31,7 @@ import milter
 
 from mailwarden import milterproto as mp
 from mailwarden.headers import AR
+from mailwarden.progress import TICKER
 from mailwarden.stage import Connection, Decision, Runtime
 from mailwarden.transports.native import WANTED_ACTIONS, protocol_flags
 from mailwarden.verdict import Action, Stage
@@ -113,7 +114,9 @@ class Callbacks(Milter.Base):  # type: ignore[misc]
         return self._no_reply(mp.P_NR_UNKN, milter.CONTINUE)
 
     def eom(self) -> int:
-        decision = self.connection.end_of_message(self._macros(Stage.EOM))
+        # smfi_progress is allowed at the end of message only (libmilter's rule)
+        with TICKER.alive(self.progress, self.runtime.config.progress_interval):
+            decision = self.connection.end_of_message(self._macros(Stage.EOM))
         if decision.action in (Action.CONTINUE, Action.ACCEPT):
             self._edit(decision)
         return self._code(decision)

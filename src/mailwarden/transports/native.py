@@ -91,6 +91,7 @@ class Session:
         self._protocol = 0
         self._actions = 0
         self._negotiated = False
+        self._version = 0
         self._open = False  # the MTA has a message open with us (MAIL sent, not yet ended)
         self._chunk = mp.CHUNK_DEFAULT
         self._symbols: dict[int, dict[str, str]] = {}
@@ -109,6 +110,15 @@ class Session:
     @property
     def txn(self) -> Transaction:
         return self.connection.txn
+
+    @property
+    def progress_interval(self) -> float:
+        return self.runtime.config.progress_interval
+
+    def awaits_reply(self, command: int) -> bool:
+        """Whether the MTA waits for this command's reply, and may be told meanwhile that we
+        are alive (SMFIR_PROGRESS, protocol version 6)."""
+        return self._version >= 6 and command in _REFUSABLE and not self._no_reply(command)
 
     # -- the server's interface --------------------------------------------------------------
     def handle(self, command: int, data: bytes) -> bytes | None:
@@ -203,6 +213,7 @@ class Session:
             raise mp.ProtocolError(f"protocol version {offer.version} is older than "
                                    f"{mp.MIN_VERSION}")
         self._negotiated = True
+        self._version = min(offer.version, mp.VERSION)
         self._actions = offer.actions & WANTED_ACTIONS
         wanted = protocol_flags(self.runtime.plan)
         self._protocol = offer.protocol & wanted
@@ -219,8 +230,7 @@ class Session:
         if self._actions & mp.F_SETSYMLIST:
             macros = {_MACRO_STAGE[stage]: " ".join(names)
                       for stage, names in self.runtime.plan.macros.items()}
-        return mp.options_reply(min(offer.version, mp.VERSION), self._actions, self._protocol,
-                                macros)
+        return mp.options_reply(self._version, self._actions, self._protocol, macros)
 
     def _macro(self, data: bytes) -> None:
         command, values = mp.parse_macros(data)
