@@ -501,21 +501,23 @@ def _check_dns_fault(env: Env, mode: str, got: dict[str, Timed]) -> None:
         assert f"{method}=temperror" in results, (mode, results)
 
 
-def test_dns_down_servfail_or_late_tempfails_in_time_and_never_5xx(env: Env) -> None:
-    milter = env.milter("dns", {})
+@pytest.mark.parametrize("transport", ["libmilter", "native"])
+def test_dns_down_servfail_or_late_tempfails_in_time_and_never_5xx(env: Env,
+                                                                   transport: str) -> None:
+    milter = env.milter(f"dns-{transport}", {"transport": transport})
     milter.start()
     timings: dict[str, dict[str, float]] = {}
     try:
         # SERVFAIL for every name looked up
         env.dns.load({**normal_zone(env.keys), **{name: ["SERVFAIL"] for name in LOOKED_UP}})
-        got = _one_of_each(env, "servfail")
-        _check_dns_fault(env, "servfail", got)
+        got = _one_of_each(env, f"servfail-{transport}")
+        _check_dns_fault(env, f"servfail-{transport}", got)
         timings["servfail"] = {d: max(t for *_, t in g.replies) for d, g in got.items()}
         # every answer 2.5 s late: past dns.lifetime (1 s)
         env.dns.load(normal_zone(env.keys))
         env.dns.delay = 2.5
-        got = _one_of_each(env, "late")
-        _check_dns_fault(env, "late", got)
+        got = _one_of_each(env, f"late-{transport}")
+        _check_dns_fault(env, f"late-{transport}", got)
         # the answers did not come in time, but each lookup did use its lifetime
         assert got["spf.test"].final[3] >= DNS_LIFETIME * 0.9
         timings["late"] = {d: max(t for *_, t in g.replies) for d, g in got.items()}
@@ -523,13 +525,13 @@ def test_dns_down_servfail_or_late_tempfails_in_time_and_never_5xx(env: Env) -> 
         # the server stopped: nothing listens on its port
         env.dns.stop()
         try:
-            got = _one_of_each(env, "down")
+            got = _one_of_each(env, f"down-{transport}")
         finally:
             env.dns.start()  # the same port again
-        _check_dns_fault(env, "down", got)
+        _check_dns_fault(env, f"down-{transport}", got)
         timings["down"] = {d: max(t for *_, t in g.replies) for d, g in got.items()}
         # back to normal: the same kinds of message pass
-        got = _one_of_each(env, "healthy")
+        got = _one_of_each(env, f"healthy-{transport}")
         assert {d: t.final[1] for d, t in got.items()} == dict.fromkeys(got, 250), got
         print(f"\nDNS fault reply times (slowest reply per transaction, s): {timings}")
         milter_trouble = [line for line in env.postfix.maillog().splitlines()
@@ -697,10 +699,12 @@ def test_sigkill_mid_burst_then_restart_delivers_each_message_exactly_once(env: 
           f"{extra} extra store rows")
 
 
-def test_reloads_and_a_restart_under_load_fail_no_transaction(env: Env) -> None:
-    milter = env.milter("reload", burst_config(env))
+@pytest.mark.parametrize("transport", ["libmilter", "native"])
+def test_reloads_and_a_restart_under_load_fail_no_transaction(env: Env, transport: str) -> None:
+    milter = env.milter(f"reload-{transport}", {**burst_config(env), "transport": transport})
     milter.start()
-    sender = RetryingSender(env.postfix.smtp_port, burst_message("flow"), "bounce@burst.test",
+    tag = f"flow{transport}"
+    sender = RetryingSender(env.postfix.smtp_port, burst_message(tag), "bounce@burst.test",
                             threads=6)
     numbers = itertools.count()
     feeding = threading.Event()
@@ -749,7 +753,7 @@ def test_reloads_and_a_restart_under_load_fail_no_transaction(env: Env) -> None:
     finally:
         sender.close()
     total = next(numbers)  # every number handed out so far
-    counts = wait_sink(env, "flow", total, timeout=60)
+    counts = wait_sink(env, tag, total, timeout=60)
     milter.stop()
     assert not sender.permfails, sender.permfails[:5]
     assert sorted(counts) == list(range(total))

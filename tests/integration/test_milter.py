@@ -30,12 +30,13 @@ ZONE = {
 }
 
 
-@pytest.fixture(scope="module")
-def daemon(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory
-           ) -> Iterator[Daemon]:
+@pytest.fixture(scope="module", params=["libmilter", "native"])
+def daemon(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory,
+           request: pytest.FixtureRequest) -> Iterator[Daemon]:
     dns_server.load(ZONE)
-    workdir = tmp_path_factory.mktemp("milter")
+    workdir = tmp_path_factory.mktemp(f"milter-{request.param}")
     config = {
+        "transport": request.param,
         "listen": f"unix:{workdir}/milter.sock",
         "authserv_id": "mx.test.example",
         "workers": 2,
@@ -345,14 +346,16 @@ def test_sighup_reload_keeps_serving_and_refuses_a_broken_config(daemon: Daemon,
     _still_serving(daemon)
 
 
+@pytest.mark.parametrize("transport", ["libmilter", "native"])
 def test_sigterm_lets_the_transaction_in_progress_finish(dns_server: DevDNSServer,
-                                                         tmp_path: Path) -> None:
+                                                         tmp_path: Path, transport: str) -> None:
     import signal
     import threading
     import time
 
     dns_server.load(ZONE)
     config = {
+        "transport": transport,
         "listen": f"unix:{tmp_path}/milter.sock", "authserv_id": "mx.test.example",
         "workers": 1, "drain_timeout": 10,
         "dns": {"nameservers": [f"127.0.0.1:{dns_server.port}"], "timeout": 0.3},
