@@ -92,10 +92,15 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def mailwarden(workdir: Path, dns_port: int, keys: list[SigningKey], mode: str) -> Daemon:
+TRANSPORTS = ("libmilter", "native")
+
+
+def mailwarden(workdir: Path, dns_port: int, keys: list[SigningKey], mode: str,
+               transport: str = "libmilter") -> Daemon:
     rule = {"name": "sign", "check": "dkim_sign", "allowed_hosts": "all"} if mode == "sign" \
         else {"name": "verify", "check": "dkim_verify"}
     config = {
+        "transport": transport,
         "listen": f"unix:{workdir}/mailwarden.sock", "authserv_id": "mx.bench.example",
         "log_level": "warning", "drain_timeout": 2,  # workers: the default, 2 per core
         "dns": {"nameservers": [f"127.0.0.1:{dns_port}"], "timeout": 2.0},
@@ -174,22 +179,28 @@ def main() -> int:
                                    keys=[(k.domain, k.selector, Path(k.path)) for k in keys],
                                    dns=("127.0.0.1", port), log=False)
                     odk.start()
-                    daemon = mailwarden(mw_dir, port, keys, mode)
+                    daemons = {t: mailwarden(mw_dir / t, port, keys, mode, t)
+                               for t in TRANSPORTS}
                     try:
                         if mode == "verify":
-                            preflight(daemon.socket, messages[0], "mailwarden")
+                            for transport, daemon in daemons.items():
+                                preflight(daemon.socket, messages[0], f"mailwarden {transport}")
                             preflight(odk.socket, messages[0], "OpenDKIM")
                         for connections in args.connections:
-                            ours = measure(daemon.socket, messages, connections, args.seconds)
                             theirs = measure(odk.socket, messages, connections, args.seconds)
-                            rows.append(
-                                f"{mode:<7}{label:<13}{size:<8}{connections:>5} "
-                                f"{ours[0]:>9,.0f} {theirs[0]:>9,.0f} {ours[0] / theirs[0]:>6.2f}x"
-                                f" {ours[1]:>7.1f}/{ours[2]:<7.1f} {theirs[1]:>7.1f}/"
-                                f"{theirs[2]:<7.1f} {ours[3] + theirs[3]:>4}")
-                            print(rows[-1], flush=True)
+                            for transport, daemon in daemons.items():
+                                ours = measure(daemon.socket, messages, connections,
+                                               args.seconds)
+                                rows.append(
+                                    f"{mode:<7}{label:<13}{size:<8}{connections:>5} "
+                                    f"{ours[0]:>9,.0f} {theirs[0]:>9,.0f} "
+                                    f"{ours[0] / theirs[0]:>6.2f}x"
+                                    f" {ours[1]:>7.1f}/{ours[2]:<7.1f} {theirs[1]:>7.1f}/"
+                                    f"{theirs[2]:<7.1f} {ours[3] + theirs[3]:>4}  {transport}")
+                                print(rows[-1], flush=True)
                     finally:
-                        daemon.stop()
+                        for daemon in daemons.values():
+                            daemon.stop()
                         odk.stop()
         big: list[str] = []
         if not args.skip_big:
@@ -221,7 +232,7 @@ def main() -> int:
         dns.wait(10)
     print()
     print(f"{'mode':<7}{'keys':<13}{'size':<8}{'conns':>5} {'mw msg/s':>9} {'odk msg/s':>9}"
-          f" {'ratio':>7} {'mw p50/p99 ms':>15} {'odk p50/p99 ms':>15} {'errs':>4}")
+          f" {'ratio':>7} {'mw p50/p99 ms':>15} {'odk p50/p99 ms':>15} {'errs':>4}  transport")
     for row in rows:
         print(row)
     for line in big:

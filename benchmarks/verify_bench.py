@@ -537,8 +537,12 @@ def run_chain(specs: Sequence[str], messages: Sequence[Message], *, connections:
 # ---- the stacks --------------------------------------------------------------------------------
 
 
-def start_mailwarden(workdir: Path, dns_host: str) -> Daemon:
+TRANSPORTS = ("libmilter", "native")
+
+
+def start_mailwarden(workdir: Path, dns_host: str, transport: str) -> Daemon:
     config = {
+        "transport": transport,
         "listen": f"unix:{workdir}/mailwarden.sock", "authserv_id": AUTHSERV,
         "log_level": "warning", "drain_timeout": 2,  # workers: the default, 2 per core
         "dns": {"nameservers": [f"{dns_host}:53"], "timeout": 2.0},
@@ -631,31 +635,35 @@ def main() -> int:
             HELO: [{"TXT": spf}], f"_dmarc.{DOMAIN}": [{"TXT": "v=DMARC1; p=reject"}]}
     dns_host = loopback_dns_host()
     dns, _ = start_dns(zone, workdir, dns_host, 53)
-    daemon: Daemon | None = None
+    daemons: dict[str, Daemon] = {}
     odk = OpenDKIM(workdir / "opendkim", mode="v", dns=(dns_host, 53), log=False,
                    extra_conf={"AuthservID": AUTHSERV})
     odm = OpenDMARC(workdir / "opendmarc", dns=(dns_host, 53), authserv_id=AUTHSERV,
                     reject_failures=True, log=False)
-    rows: list[tuple[int, int, Measurement, Measurement]] = []
+    rows: list[tuple[int, int, str, Measurement, Measurement]] = []
     failures: list[str] = []
     busy: list[str] = []
     try:
-        daemon = start_mailwarden(workdir / "mailwarden", dns_host)
+        for transport in TRANSPORTS:
+            daemons[transport] = start_mailwarden(workdir / f"mailwarden-{transport}", dns_host,
+                                                  transport)
         odk.start()
         odm.start()
-        proc = daemon.process
-        assert proc is not None and odk.pid is not None and odm.pid is not None
-        odk_pid, odm_pid, mw_pid = odk.pid, odm.pid, proc.pid
-        stacks = {"mailwarden": [daemon.socket], "reference": [odk.socket, odm.socket]}
-        pids: dict[str, list[Callable[[], list[int]]]] = {
-            "mailwarden": [lambda: [mw_pid, *children(mw_pid)]],
-            "reference": [lambda: [odk_pid], lambda: [odm_pid]],
-        }
+        assert odk.pid is not None and odm.pid is not None
+        odk_pid, odm_pid = odk.pid, odm.pid
+        stacks: dict[str, list[str]] = {}
+        pids: dict[str, list[Callable[[], list[int]]]] = {}
+        for transport, daemon in daemons.items():
+            assert daemon.process is not None
+            stacks[f"mw-{transport}"] = [daemon.socket]
+            pids[f"mw-{transport}"] = [lambda pid=daemon.process.pid: [pid, *children(pid)]]
+        stacks["reference"] = [odk.socket, odm.socket]
+        pids["reference"] = [lambda: [odk_pid], lambda: [odm_pid]]
         print(f"DNS: devdns on {dns_host}:53 (pid {dns.pid}); OpenDMARC sees it through a "
               "private resolv.conf")
         print("pre-flight (4 KiB):")
         failures += preflight(stacks, signed_messages(4096, rsa)[0])
-        print(f"\n{'stack':<11}{'size':>5}{'conns':>6} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
+        print(f"\n{'stack':<13}{'size':>5}{'conns':>6} {'msg/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
               f" {'milter CPU ms/msg':>22} {'DNS ms/msg':>10} {'driver':>7} {'other':>6}"
               f" {'errs':>5} {'mismatch':>8}", flush=True)
         for size in args.sizes:
@@ -671,7 +679,7 @@ def main() -> int:
                     cpu = " + ".join(f"{x:.2f}" for x in m.milter_cpu_ms)
                     if len(m.milter_cpu_ms) > 1:
                         cpu = f"{sum(m.milter_cpu_ms):.2f} ({cpu})"
-                    print(f"{name:<11}{size:>4}K{connections:>6} {m.per_second:>8,.0f} "
+                    print(f"{name:<13}{size:>4}K{connections:>6} {m.per_second:>8,.0f} "
                           f"{m.p50_ms:>8.2f} {m.p99_ms:>8.2f} {cpu:>22} {m.dns_cpu_ms:>10.3f}"
                           f" {m.driver_share:>6.0%} {m.other_share:>6.0%} {m.errors:>5}"
                           f" {m.mismatches:>8}", flush=True)
@@ -689,9 +697,11 @@ def main() -> int:
                     if m.messages == 0:
                         failures.append(f"{name} {size} KiB x{connections}: no message "
                                         f"finished ({m.errors} errors)")
-                rows.append((size, connections, got["mailwarden"], got["reference"]))
+                for transport in TRANSPORTS:
+                    rows.append((size, connections, transport, got[f"mw-{transport}"],
+                                 got["reference"]))
     finally:
-        if daemon is not None:
+        for daemon in daemons.values():
             daemon.stop()
         odk.stop()
         odm.stop()
@@ -706,16 +716,17 @@ def main() -> int:
           "latency and CPU < 1x are better")
     print(f"{'size':>5}{'conns':>6} {'mw msg/s':>9} {'ref msg/s':>9} {'ratio':>7} "
           f"{'mw p50/p99 ms':>15} {'ref p50/p99 ms':>15} {'p50':>6} {'p99':>6} "
-          f"{'mw CPU':>7} {'ref CPU':>7} {'CPU':>6}")
-    for size, connections, mw, ref in rows:
+          f"{'mw CPU':>7} {'ref CPU':>7} {'CPU':>6}  transport")
+    for size, connections, transport, mw, ref in rows:
         mw_cpu, ref_cpu = sum(mw.milter_cpu_ms), sum(ref.milter_cpu_ms)
         print(f"{size:>4}K{connections:>6} {mw.per_second:>9,.0f} {ref.per_second:>9,.0f} "
               f"{ratio(mw.per_second, ref.per_second):>7} "
               f"{mw.p50_ms:>7.2f}/{mw.p99_ms:<7.2f} {ref.p50_ms:>7.2f}/{ref.p99_ms:<7.2f} "
               f"{ratio(mw.p50_ms, ref.p50_ms):>6} {ratio(mw.p99_ms, ref.p99_ms):>6} "
-              f"{mw_cpu:>7.2f} {ref_cpu:>7.2f} {ratio(mw_cpu, ref_cpu):>6}")
-    total = sum(m.mismatches for _, _, a, b in rows for m in (a, b))
-    checked = sum(m.messages for _, _, a, b in rows for m in (a, b))
+              f"{mw_cpu:>7.2f} {ref_cpu:>7.2f} {ratio(mw_cpu, ref_cpu):>6}  {transport}")
+    measured = {id(m): m for _, _, _, a, b in rows for m in (a, b)}.values()  # ref once
+    total = sum(m.mismatches for m in measured)
+    checked = sum(m.messages for m in measured)
     print(f"\nverdict mismatches: {total} of {checked} messages checked")
     if busy:
         print(f"WARNING: the machine was busy with other work during {len(busy)} run(s) "

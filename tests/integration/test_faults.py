@@ -392,6 +392,32 @@ class RetryingSender:
             thread.join(30)
 
 
+@contextlib.contextmanager
+def steady_stream(sender: RetryingSender, width: int, wait: float) -> Iterator[Iterator[int]]:
+    """Keep `width` messages queued for the senders while the block runs (the numbers handed
+    out come from the counter it yields); then wait until every one is accepted or refused."""
+    numbers = itertools.count()
+    feeding = threading.Event()
+
+    def feed() -> None:
+        while not feeding.is_set():
+            if sender.todo.qsize() < width:
+                sender.send(itertools.islice(numbers, width))
+            time.sleep(0.01)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    try:
+        yield numbers
+    finally:
+        feeding.set()
+        feeder.join(10)
+        try:
+            sender.wait(timeout=wait)
+        finally:
+            sender.close()
+
+
 SUBJECT = re.compile(rb"^Subject: (\w+) (\d+)\r$", re.MULTILINE)
 
 
@@ -582,18 +608,7 @@ def test_dns_outage_never_turns_into_a_dmarc_rejection(env: Env, mode: str) -> N
         tag = f"outage{mode.replace('rfc', '')}"
         sender = RetryingSender(env.postfix.smtp_port, lambda n: aligned_message(env, tag, n),
                                 lambda n: ALIGNMENT_KINDS[n % 3][0], threads=6)
-        numbers = itertools.count()
-        feeding = threading.Event()
-
-        def feed() -> None:
-            while not feeding.is_set():
-                if sender.todo.qsize() < 6:
-                    sender.send(itertools.islice(numbers, 6))
-                time.sleep(0.01)
-
-        feeder = threading.Thread(target=feed, daemon=True)
-        try:
-            feeder.start()
+        with steady_stream(sender, 6, wait=90) as numbers:
             sender.wait_accepted(15, timeout=30)
             env.dns.stop()  # down: nothing listens
             try:
@@ -607,13 +622,6 @@ def test_dns_outage_never_turns_into_a_dmarc_rejection(env: Env, mode: str) -> N
             finally:
                 env.dns.delay = 0.0
             sender.wait_accepted(len(sender.accepted) + 15, timeout=60)
-        finally:
-            feeding.set()
-            feeder.join(10)
-        try:
-            sender.wait(timeout=90)
-        finally:
-            sender.close()
     finally:
         env.dns.delay = 0.0
         env.dns.load(normal_zone(env.keys))
@@ -706,19 +714,8 @@ def test_reloads_and_a_restart_under_load_fail_no_transaction(env: Env, transpor
     tag = f"flow{transport}"
     sender = RetryingSender(env.postfix.smtp_port, burst_message(tag), "bounce@burst.test",
                             threads=6)
-    numbers = itertools.count()
-    feeding = threading.Event()
-
-    def feed() -> None:  # a steady stream: as many in the queue as there are senders
-        while not feeding.is_set():
-            if sender.todo.qsize() < 6:
-                sender.send(itertools.islice(numbers, 6))
-            time.sleep(0.01)
-
-    feeder = threading.Thread(target=feed, daemon=True)
     reloads = 0
-    try:
-        feeder.start()
+    with steady_stream(sender, 6, wait=60) as numbers:
         sender.wait_accepted(20, timeout=30)
         # reloads, the configuration changing each time (the SPF header alternates)
         for header in ("both", "auth", "spf", "auth"):
@@ -745,13 +742,6 @@ def test_reloads_and_a_restart_under_load_fail_no_transaction(env: Env, transpor
         milter.signal(signal.SIGHUP)  # and a reload of the new daemon
         milter.wait_for_log("configuration reloaded", count=reloads + 1)
         sender.wait_accepted(len(sender.accepted) + 15, timeout=30)
-    finally:
-        feeding.set()
-        feeder.join(10)
-    try:
-        sender.wait(timeout=60)
-    finally:
-        sender.close()
     total = next(numbers)  # every number handed out so far
     counts = wait_sink(env, tag, total, timeout=60)
     milter.stop()

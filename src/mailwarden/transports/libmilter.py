@@ -30,9 +30,9 @@ import Milter
 import milter
 
 from mailwarden import milterproto as mp
-from mailwarden.headers import AR
 from mailwarden.progress import TICKER
 from mailwarden.stage import Connection, Decision, Runtime
+from mailwarden.transports.edits import DeleteHeader, EditPlanner, InsertHeader
 from mailwarden.transports.native import WANTED_ACTIONS, protocol_flags
 from mailwarden.verdict import Action, Stage
 
@@ -58,7 +58,7 @@ class Callbacks(Milter.Base):  # type: ignore[misc]
     def __init__(self) -> None:
         self.runtime = Callbacks.current
         self.connection = Connection(self.runtime)
-        self._refused_actions: set[str] = set()
+        self._planner = EditPlanner()
 
     # -- negotiation -------------------------------------------------------------------------
     def negotiate(self, opts: list[int]) -> int:
@@ -156,30 +156,14 @@ class Callbacks(Milter.Base):  # type: ignore[misc]
         return int(_CODES[decision.action])
 
     def _edit(self, decision: Decision) -> None:
-        edits = decision.edits
-        if edits.delete and self._granted(milter.CHGHDRS, "delete forged headers"):
-            for position in sorted(edits.delete, reverse=True):
-                self.chgheader(AR, position, "")
-        if edits.insert and self._granted(milter.ADDHDRS, "add headers"):
-            leading = bool(self._protocol & mp.P_HDR_LEADSPC)
-            for name, value in reversed(edits.insert):
-                if leading and not value.startswith((" ", "\t")):
-                    value = " " + value
-                elif not leading:
-                    value = value.lstrip(" \t")
-                self.addheader(name, value, 0)
-        if decision.quarantine and self._granted(milter.QUARANTINE, "quarantine"):
-            self.quarantine(decision.quarantine)
-
-    def _granted(self, action: int, what: str) -> bool:
-        """Whether the MTA lets us do this; a refusal is logged once per connection."""
-        if self._actions & action:
-            return True
-        if what not in self._refused_actions:
-            self._refused_actions.add(what)
-            log.warning("the MTA does not let milters %s; skipped (client %s)", what,
-                        self.connection.txn.client)
-        return False
+        client = self.connection.txn.client
+        for step in self._planner.steps(decision, self._actions, self._protocol, client):
+            if isinstance(step, DeleteHeader):
+                self.chgheader(step.name, step.position, "")
+            elif isinstance(step, InsertHeader):
+                self.addheader(step.name, step.value, 0)
+            else:
+                self.quarantine(step.reason)
 
 
 def register(name: str = "mailwarden") -> None:

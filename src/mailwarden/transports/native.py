@@ -17,10 +17,10 @@ from mailwarden import metrics
 from mailwarden import milterproto as mp
 from mailwarden.config import Config
 from mailwarden.headerbudget import AR_HEAD, HeaderBudget
-from mailwarden.headers import AR
 from mailwarden.stage import ACTIVE, Connection, Decision, Runtime
 from mailwarden.stage import Plan as StagePlan
 from mailwarden.transaction import Transaction
+from mailwarden.transports.edits import DeleteHeader, EditPlanner, InsertHeader
 from mailwarden.verdict import Action, Stage
 
 __all__ = ["ACTIVE", "AR_HEAD", "HeaderBudget", "Plan", "Runtime", "Session"]
@@ -95,7 +95,7 @@ class Session:
         self._open = False  # the MTA has a message open with us (MAIL sent, not yet ended)
         self._chunk = mp.CHUNK_DEFAULT
         self._symbols: dict[int, dict[str, str]] = {}
-        self._refused_actions: set[str] = set()
+        self._planner = EditPlanner()
         self._handlers: dict[int, Callable[[bytes], bytes | None]] = {
             mp.C_OPTNEG: self._negotiate, mp.C_MACRO: self._macro, mp.C_CONNECT: self._connect,
             mp.C_HELO: self._helo, mp.C_MAIL: self._mail, mp.C_RCPT: self._rcpt,
@@ -294,32 +294,16 @@ class Session:
             assert reply is not None
             return reply
         replies: list[bytes] = []
-        edits = decision.edits
-        if edits.delete and self._granted(mp.F_CHGHDRS, "delete forged headers"):
-            for position in sorted(edits.delete, reverse=True):
-                replies.append(mp.header_edit(mp.R_CHGHEADER, AR, "", position))
-        if edits.insert and self._granted(mp.F_ADDHDRS, "add headers"):
-            leading = bool(self._protocol & mp.P_HDR_LEADSPC)
-            for name, value in reversed(edits.insert):
-                if leading and not value.startswith((" ", "\t")):
-                    value = " " + value
-                elif not leading:
-                    value = value.lstrip(" \t")
-                replies.append(mp.header_edit(mp.R_INSHEADER, name, value, 0))
-        if decision.quarantine and self._granted(mp.F_QUARANTINE, "quarantine"):
-            replies.append(mp.quarantine(decision.quarantine))
+        for step in self._planner.steps(decision, self._actions, self._protocol,
+                                        self.txn.client):
+            if isinstance(step, DeleteHeader):
+                replies.append(mp.header_edit(mp.R_CHGHEADER, step.name, "", step.position))
+            elif isinstance(step, InsertHeader):
+                replies.append(mp.header_edit(mp.R_INSHEADER, step.name, step.value, 0))
+            else:
+                replies.append(mp.quarantine(step.reason))
         replies.append(_ACCEPT if decision.action is Action.ACCEPT else _CONTINUE)
         return b"".join(replies)
-
-    def _granted(self, action: int, what: str) -> bool:
-        """Whether the MTA lets us do this; a refusal is logged once per connection."""
-        if self._actions & action:
-            return True
-        if what not in self._refused_actions:
-            self._refused_actions.add(what)
-            log.warning("the MTA does not let milters %s; skipped (client %s)", what,
-                        self.txn.client)
-        return False
 
     def _abort(self, data: bytes) -> None:
         self._open = False
