@@ -1,12 +1,23 @@
-"""The vocabulary of decisions, shared by the policy engine, the stage API and the transports:
-the SMTP stages a rule can run at, and the actions a verdict can take."""
+"""The vocabulary of decisions, shared by the configuration, the policy engine, the stage API
+and the transports: the SMTP stages a rule can run at, the actions a verdict can take, and
+SMTP replies."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
 
-from mailwarden.config import Reply
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply: code, RFC 3463 enhanced status code and text."""
+
+    code: int
+    status: str
+    text: str
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.status} {self.text}"
 
 
 class Stage(StrEnum):

@@ -9,11 +9,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mailwarden.config.model import Outcome, Reply
+from mailwarden.config.model import Outcome
 from mailwarden.dns import DNSClient
 from mailwarden.findings import Finding
 from mailwarden.relay import HostGroup, Membership
 from mailwarden.transaction import CheckResult, Transaction
+from mailwarden.verdict import Reply
 
 if TYPE_CHECKING:
     from mailwarden.config.model import Config

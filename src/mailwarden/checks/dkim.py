@@ -20,12 +20,13 @@ from typing import TYPE_CHECKING
 import dkim as dkimpy
 
 from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
-from mailwarden.config.model import Outcome, Reply
+from mailwarden.config.model import Outcome
 from mailwarden.dkim.sign import SignOptions, sign_message
 from mailwarden.dkim.verify import SignatureResult, verify_message
 from mailwarden.findings import DkimFinding, SigningFinding, SignStatus
 from mailwarden.relay import Membership
 from mailwarden.transaction import CheckResult, Transaction
+from mailwarden.verdict import Reply
 
 if TYPE_CHECKING:
     from mailwarden.config.model import Config

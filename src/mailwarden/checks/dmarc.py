@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
-from mailwarden.config.model import Outcome, Reply
+from mailwarden.config.model import Outcome
 from mailwarden.dmarc.evaluate import DkimInput, DmarcResult, evaluate
 from mailwarden.findings import DmarcFinding, SpfIdentity
 from mailwarden.relay import Membership
 from mailwarden.transaction import CheckResult, Transaction
+from mailwarden.verdict import Action, Reply
 
 if TYPE_CHECKING:
     from mailwarden.config.model import Config
@@ -61,8 +62,8 @@ def parse_args(section: Section, config: Config) -> DmarcArgs:
 def outcomes(args: DmarcArgs) -> Mapping[str, Outcome]:
     if not args.enforce:
         return {}
-    return {"reject": Outcome("reject"), "quarantine": Outcome("quarantine"),
-            "unusable_from": Outcome("reject")}
+    return {"reject": Outcome(Action.REJECT), "quarantine": Outcome(Action.QUARANTINE),
+            "unusable_from": Outcome(Action.REJECT)}
 
 
 def author_domain(txn: Transaction) -> tuple[str, str]:

@@ -20,6 +20,7 @@ from mailwarden.config.model import Outcome
 from mailwarden.policy import codes
 from mailwarden.relay import Membership
 from mailwarden.transaction import CheckResult, Transaction
+from mailwarden.verdict import Action
 
 if TYPE_CHECKING:
     from mailwarden.config.model import Config
@@ -43,7 +44,7 @@ def parse_args(section: Section, config: Config) -> RelayArgs:
 
 
 def outcomes(args: RelayArgs) -> Mapping[str, Outcome]:
-    return {"fail": Outcome("reject"), "temperror": Outcome("tempfail")}
+    return {"fail": Outcome(Action.REJECT), "temperror": Outcome(Action.TEMPFAIL)}
 
 
 def _outcome(method: str, result: str, reason: str, prop: tuple[str, str], text: str

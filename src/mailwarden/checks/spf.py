@@ -19,6 +19,7 @@ from mailwarden.policy import codes
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
 from mailwarden.spf.check import valid_domain
 from mailwarden.transaction import CheckResult, Transaction
+from mailwarden.verdict import Action
 
 if TYPE_CHECKING:
     from mailwarden.config.model import Config
@@ -39,10 +40,10 @@ def parse_args(section: Section, config: Config) -> SPFArgs:
 
 
 def outcomes(args: SPFArgs) -> Mapping[str, Outcome]:
-    table = {"fail": Outcome("reject"), "temperror": Outcome("tempfail")}
+    table = {"fail": Outcome(Action.REJECT), "temperror": Outcome(Action.TEMPFAIL)}
     if args.policy == "strict":
-        table["softfail"] = Outcome("reject")
-        table["permerror"] = Outcome("reject")
+        table["softfail"] = Outcome(Action.REJECT)
+        table["permerror"] = Outcome(Action.REJECT)
     return table
 
 

@@ -17,12 +17,12 @@ from mailwarden.config.model import (
     DNSConfig,
     LimitsConfig,
     Outcome,
-    Reply,
     RuleConfig,
     SigningConfig,
     default_workers,
 )
 from mailwarden.config.reader import ConfigError, Section, as_section
+from mailwarden.verdict import Reply
 
 __all__ = ["ACTIONS", "LOG_LEVELS", "MODES", "STAGES", "TRANSPORTS", "Condition", "Config",
            "ConfigError", "DNSConfig", "DmarcConfig", "LimitsConfig", "Outcome", "Reply",

@@ -33,6 +33,7 @@ from mailwarden.config.model import (
 )
 from mailwarden.config.reader import ConfigError, Section, _line, as_section
 from mailwarden.dns import Nameserver, parse_nameserver
+from mailwarden.verdict import Action, Stage
 
 _STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
 _DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
@@ -346,14 +347,14 @@ def _rule(section: Section, stage: str, config: Config, checks: Mapping[str, Any
     mode = section.string("mode", config.mode, choices=MODES)
     args = check.parse_args(section, config)
     section.finish()
-    return RuleConfig(name, stage, check_name, args, when, on, line, mode)
+    return RuleConfig(name, Stage(stage), check_name, args, when, on, line, mode)
 
 
 def _outcome(parent: Section, result: str) -> Outcome:
     node = parent.node_of(result)
     if isinstance(node, yaml.ScalarNode):
         action = parent.string(result, choices=ACTIONS)
-        return Outcome(action)
+        return Outcome(Action(action))
     section = as_section(node, parent.file, parent.key(result))
     action = section.string("action", required=True, choices=ACTIONS)
     code = section.integer("code", 0, minimum=200, maximum=599) if section.has("code") else None
@@ -374,7 +375,7 @@ def _outcome(parent: Section, result: str) -> Outcome:
     if action == "reject" and code is not None and code // 100 != 5:
         raise section.error("code", "a reject reply must be 5xx")
     section.finish()
-    return Outcome(action, code, status, text)
+    return Outcome(Action(action), code, status, text)
 
 
 def _condition(section: Section, config: Config) -> Condition:

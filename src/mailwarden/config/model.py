@@ -9,24 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailwarden.dns import Nameserver
+from mailwarden.verdict import Action, Stage
 
-STAGES = ("connect", "helo", "mail", "rcpt", "eom")
-ACTIONS = ("continue", "accept", "tempfail", "reject", "quarantine", "discard")
+STAGES = tuple(Stage(name) for name in ("connect", "helo", "mail", "rcpt", "eom"))
+ACTIONS = tuple(str(action) for action in Action)
 TRANSPORTS = ("libmilter", "native")
 MODES = ("enforce", "monitor")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """An SMTP reply: code, RFC 3463 enhanced status code and text."""
-
-    code: int
-    status: str
-    text: str
-
-    def __str__(self) -> str:
-        return f"{self.code} {self.status} {self.text}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +23,7 @@ class Outcome:
     """What a rule does with one result: an action and, for reject/tempfail, its reply
     (None fields take the check's defaults)."""
 
-    action: str
+    action: Action
     code: int | None = None
     status: str | None = None
     text: str | None = None
@@ -54,7 +43,7 @@ class Condition:
 @dataclass(frozen=True, slots=True)
 class RuleConfig:
     name: str
-    stage: str
+    stage: Stage
     check: str
     args: Any  # the check's own frozen dataclass
     when: Condition | None

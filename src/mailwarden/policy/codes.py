@@ -3,7 +3,8 @@ the rest. Every one can be overridden per rule (`on: {RESULT: {action, code, sta
 
 from __future__ import annotations
 
-from mailwarden.config.model import Outcome, Reply
+from mailwarden.config.model import Outcome
+from mailwarden.verdict import Reply
 
 SPF_FAIL = Reply(550, "5.7.23", "SPF validation failed")
 SPF_TEMPERROR = Reply(451, "4.7.24", "SPF validation error, try again later")

@@ -9,6 +9,7 @@ from typing import Any
 from mailwarden.checks import CHECKS
 from mailwarden.config import STAGES, Config, Outcome
 from mailwarden.policy import codes
+from mailwarden.verdict import Action
 
 
 def effective_policy(config: Config) -> dict[str, Any]:
@@ -19,14 +20,15 @@ def effective_policy(config: Config) -> dict[str, Any]:
             defaults = spec.outcomes(rule.args)
             results: dict[str, str] = {}
             for result in spec.results:
-                outcome = rule.on.get(result) or defaults.get(result) or Outcome("continue")
+                outcome = rule.on.get(result) or defaults.get(result) or Outcome(Action.CONTINUE)
                 action = outcome.action
-                if result == "temperror" and action == "reject":
-                    action = "tempfail"
+                if result == "temperror" and action is Action.REJECT:
+                    action = Action.TEMPFAIL
                     outcome = dataclasses.replace(outcome, action=action)
-                text = action
-                if action in ("reject", "tempfail"):
-                    text += " " + str(codes.reply_for(spec.replies.get(result), outcome, action))
+                text = str(action)
+                if action in (Action.REJECT, Action.TEMPFAIL):
+                    text += " " + str(codes.reply_for(spec.replies.get(result), outcome,
+                                                      str(action)))
                 results[result] = text
             entry: dict[str, Any] = {"name": rule.name, "check": rule.check,
                                      "line": rule.line, "mode": rule.mode}

@@ -211,7 +211,7 @@ class Engine:
                            rule.name, "internal error")
         txn.add_headers.extend(outcome.headers)
         chosen = rule.on.get(outcome.decisive) or spec.outcomes(rule.args).get(outcome.decisive)
-        chosen = chosen or Outcome("continue")
+        chosen = chosen or Outcome(Action.CONTINUE)
         action = Action(chosen.action)
         if outcome.decisive == "temperror" and action is Action.REJECT:
             action = Action.TEMPFAIL  # a DNS temporary error never becomes a permanent rejection
