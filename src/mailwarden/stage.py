@@ -21,6 +21,7 @@ from mailwarden.checks import CHECKS
 from mailwarden.config import STAGES, Config, Reply
 from mailwarden.findings import SigningFinding
 from mailwarden.headerbudget import HeaderBudget
+from mailwarden.policy.codes import INTERNAL_ERROR
 from mailwarden.policy.engine import Engine, HeaderEdits
 from mailwarden.policy.logline import describe
 from mailwarden.transaction import Monitored, Transaction
@@ -28,7 +29,6 @@ from mailwarden.verdict import Action, Stage, Verdict
 
 log = logging.getLogger("mailwarden.milter")
 
-INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
 # Macros we always want: the queue id, our host name, the client's address as the MTA saw it.
 _BASE_MACROS = {Stage.CONNECT: ("j", "{daemon_name}", "{client_addr}"),
                 Stage.MAIL: ("i", "{auth_authen}"), Stage.EOM: ("i",)}
@@ -46,7 +46,7 @@ class Plan:
 
     @classmethod
     def for_config(cls, config: Config) -> Plan:
-        with_rules = {Stage(stage) for stage in STAGES if config.stage_rules(stage)}
+        with_rules = {stage for stage in STAGES if config.stage_rules(stage)}
         answers = {Stage.EOM}
         # connect cannot carry a reply (smfi_setreply is not allowed in xxfi_connect): a
         # refusal decided at connect is given at HELO, or at MAIL FROM.

@@ -1,5 +1,5 @@
-"""Host groups (`mailwarden.relay`) and the native negotiation plan
-(`mailwarden.transports.native.Plan`)."""
+"""Host groups (`mailwarden.relay`) and the negotiation plan (`mailwarden.stage.Plan`, in the
+milter protocol's flags by `transports.native.protocol_flags`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from mailwarden import milterproto as mp
 from mailwarden.config.build import load, parse
 from mailwarden.relay import HostGroup, Membership, check_host_entry
-from mailwarden.transports.native import Plan
+from mailwarden.stage import Plan
+from mailwarden.transports.native import protocol_flags
 
 from fakedns import FakeDNS
 
@@ -181,7 +182,7 @@ def flags(p: Plan) -> set[str]:
              "P_NR_HELO", "P_NR_MAIL", "P_NR_RCPT", "P_NOCONNECT", "P_NOHELO", "P_NOMAIL",
              "P_NORCPT", "P_NOHDRS", "P_NR_EOH", "P_NR_BODY", "P_NR_DATA", "P_NR_UNKN",
              "P_SKIP", "P_RCPT_REJ", "P_HDR_LEADSPC")
-    return {name for name in names if p.protocol & getattr(mp, name)}
+    return {name for name in names if protocol_flags(p) & getattr(mp, name)}
 
 
 @pytest.mark.parametrize("stages", [(), ("connect",), ("helo",), ("mail",), ("rcpt",), ("eom",),
@@ -189,7 +190,7 @@ def flags(p: Plan) -> set[str]:
 def test_plan_always_asks_no_reply_for_connect_and_headers_and_skips_unused_stages(
         stages: tuple[str, ...]) -> None:
     p = plan(*stages)
-    assert p.protocol & ALWAYS == ALWAYS
+    assert protocol_flags(p) & ALWAYS == ALWAYS
     # the headers themselves are needed (forged Authentication-Results), and every stage
     # that carries data for the checks is sent
     assert not flags(p) & {"P_NOHDRS", "P_NOCONNECT", "P_NOHELO", "P_NOMAIL", "P_NORCPT"}
@@ -245,6 +246,6 @@ def test_plan_for_the_shipped_config() -> None:
     p = Plan.for_config(load(ROOT / "conf" / "mailwarden.yaml"))
     # connect, mail and rcpt rules: HELO, MAIL and RCPT may answer
     assert flags(p) & {"P_NR_HELO", "P_NR_MAIL", "P_NR_RCPT"} == set()
-    assert p.protocol & ALWAYS == ALWAYS
+    assert protocol_flags(p) & ALWAYS == ALWAYS
     assert set(p.macros["mail"]) == {"i", "{auth_authen}"}
     assert p.macros["eom"] == ("i",)

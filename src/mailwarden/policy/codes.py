@@ -14,6 +14,8 @@ IPREV_TEMPERROR = Reply(451, "4.7.25", "Reverse DNS validation error, try again 
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 SENDER_DENIED = Reply(554, "5.7.1", "Sender address not allowed from this host")
 DNS_TEMPERROR = Reply(451, "4.4.3", "Temporary DNS failure, try again later")
+# A bug in mailwarden: never a loss, the MTA tries again (RFC 3463 4.3.0, other mail system).
+INTERNAL_ERROR = Reply(451, "4.3.0", "Internal error, try again later")
 # When a rule asks for reject/tempfail for a result that has no specific reply.
 GENERIC_REJECT = Reply(550, "5.7.1", "Message refused by policy")
 GENERIC_TEMPFAIL = Reply(451, "4.7.1", "Temporary policy failure, try again later")

@@ -207,12 +207,11 @@ class Engine:
         outcome = self._run(rule, stage, txn)
         if outcome is None:
             # A bug must not lose mail: the message is tempfailed and the traceback logged.
-            return Verdict(Action.TEMPFAIL, Reply(451, "4.3.0", "Internal error, try again later"),
-                           rule.name, "internal error")
+            return Verdict(Action.TEMPFAIL, codes.INTERNAL_ERROR, rule.name, "internal error")
         txn.add_headers.extend(outcome.headers)
         chosen = rule.on.get(outcome.decisive) or spec.outcomes(rule.args).get(outcome.decisive)
         chosen = chosen or Outcome(Action.CONTINUE)
-        action = Action(chosen.action)
+        action = chosen.action
         if outcome.decisive == "temperror" and action is Action.REJECT:
             action = Action.TEMPFAIL  # a DNS temporary error never becomes a permanent rejection
         if action not in (Action.REJECT, Action.TEMPFAIL):

@@ -33,14 +33,11 @@ from mailwarden import milterproto as mp
 from mailwarden.progress import TICKER
 from mailwarden.stage import Connection, Decision, Runtime
 from mailwarden.transports.edits import DeleteHeader, EditPlanner, InsertHeader
-from mailwarden.transports.native import WANTED_ACTIONS, protocol_flags
+from mailwarden.transports.native import MACRO_STAGE, WANTED_ACTIONS, protocol_flags
 from mailwarden.verdict import Action, Stage
 
 log = logging.getLogger("mailwarden.libmilter")
 
-_MACRO_STAGE = {Stage.CONNECT: milter.M_CONNECT, Stage.HELO: milter.M_HELO,
-                Stage.MAIL: milter.M_ENVFROM, Stage.RCPT: milter.M_ENVRCPT,
-                Stage.EOM: milter.M_EOM}
 _CODES = {Action.REJECT: milter.REJECT, Action.TEMPFAIL: milter.TEMPFAIL,
           Action.DISCARD: milter.DISCARD, Action.ACCEPT: milter.ACCEPT,
           Action.CONTINUE: milter.CONTINUE, Action.QUARANTINE: milter.CONTINUE}
@@ -48,6 +45,7 @@ _CODES = {Action.REJECT: milter.REJECT, Action.TEMPFAIL: milter.TEMPFAIL,
 assert (milter.ADDHDRS, milter.CHGHDRS, milter.QUARANTINE, milter.SETSYMLIST) == (
     mp.F_ADDHDRS, mp.F_CHGHDRS, mp.F_QUARANTINE, mp.F_SETSYMLIST)
 assert (milter.P_NR_HELO, milter.P_HDR_LEADSPC) == (mp.P_NR_HELO, mp.P_HDR_LEADSPC)
+assert (milter.M_CONNECT, milter.M_EOM) == (mp.M_CONNECT, mp.M_EOM)
 
 
 class Callbacks(Milter.Base):  # type: ignore[misc]
@@ -69,7 +67,7 @@ class Callbacks(Milter.Base):  # type: ignore[misc]
             for stage, names in self.runtime.plan.macros.items():
                 # the context's own call: pymilter 1.0.5's Base.setsymlist hands it bytes,
                 # which its C side refuses
-                self._ctx.setsymlist(_MACRO_STAGE[stage], " ".join(names))
+                self._ctx.setsymlist(MACRO_STAGE[stage], " ".join(names))
         opts[0], opts[1], opts[2], opts[3] = self._actions, self._protocol, 0, 0
         return int(milter.CONTINUE)
 

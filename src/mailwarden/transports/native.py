@@ -11,45 +11,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from mailwarden import metrics
 from mailwarden import milterproto as mp
-from mailwarden.config import Config
 from mailwarden.headerbudget import AR_HEAD, HeaderBudget
-from mailwarden.stage import ACTIVE, Connection, Decision, Runtime
-from mailwarden.stage import Plan as StagePlan
+from mailwarden.policy.codes import INTERNAL_ERROR
+from mailwarden.stage import ACTIVE, Connection, Decision, Plan, Runtime
 from mailwarden.transaction import Transaction
 from mailwarden.transports.edits import DeleteHeader, EditPlanner, InsertHeader
 from mailwarden.verdict import Action, Stage
 
-__all__ = ["ACTIVE", "AR_HEAD", "HeaderBudget", "Plan", "Runtime", "Session"]
+__all__ = ["ACTIVE", "AR_HEAD", "MACRO_STAGE", "HeaderBudget", "Runtime", "Session",
+           "protocol_flags"]
 
 log = logging.getLogger("mailwarden.milter")
 
-_MACRO_STAGE = {Stage.CONNECT: mp.M_CONNECT, Stage.HELO: mp.M_HELO, Stage.MAIL: mp.M_ENVFROM,
+MACRO_STAGE = {Stage.CONNECT: mp.M_CONNECT, Stage.HELO: mp.M_HELO, Stage.MAIL: mp.M_ENVFROM,
                 Stage.RCPT: mp.M_ENVRCPT, Stage.EOM: mp.M_EOM}
 
 
-@dataclass(frozen=True, slots=True)
-class Plan:
-    """The stage plan in the milter protocol's words: SMFIP_* flags and macro lists."""
-
-    protocol: int  # SMFIP_* flags to ask for: P_NO* (don't send that stage), P_NR_* (no reply)
-    macros: dict[str, tuple[str, ...]]
-    message_macros: frozenset[str]
-
-    @classmethod
-    def for_config(cls, config: Config) -> Plan:
-        return cls.of(StagePlan.for_config(config))
-
-    @classmethod
-    def of(cls, plan: StagePlan) -> Plan:
-        return cls(protocol_flags(plan), {str(k): v for k, v in plan.macros.items()},
-                   plan.message_macros)
-
-
-def protocol_flags(plan: StagePlan) -> int:
+def protocol_flags(plan: Plan) -> int:
     """Header values with their leading white space, exactly as received (DKIM "simple"
     canonicalization needs them), and ours sent back the same way; no reply where the policy
     has nothing to say; DATA, end of headers and unknown commands not sent at all."""
@@ -71,7 +52,7 @@ _ACCEPT = mp.packet(mp.R_ACCEPT)
 _REJECT = mp.packet(mp.R_REJECT)
 _TEMPFAIL = mp.packet(mp.R_TEMPFAIL)
 _DISCARD = mp.packet(mp.R_DISCARD)
-_INTERNAL_ERROR = mp.reply_code(451, "4.3.0", "Internal error, try again later")
+_INTERNAL_ERROR = mp.reply_code(INTERNAL_ERROR.code, INTERNAL_ERROR.status, INTERNAL_ERROR.text)
 # Where a macro is looked for: the newest stage first (libmilter's smfi_getsymval order).
 _LOOKUP = (mp.C_EOB, mp.C_EOH, mp.C_DATA, mp.C_RCPT, mp.C_MAIL, mp.C_HELO, mp.C_CONNECT)
 # Macros that belong to one message, forgotten when the next one starts.
@@ -228,7 +209,7 @@ class Session:
                         "canonicalization may fail to verify")
         macros = None
         if self._actions & mp.F_SETSYMLIST:
-            macros = {_MACRO_STAGE[stage]: " ".join(names)
+            macros = {MACRO_STAGE[stage]: " ".join(names)
                       for stage, names in self.runtime.plan.macros.items()}
         return mp.options_reply(self._version, self._actions, self._protocol, macros)
 
