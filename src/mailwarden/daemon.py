@@ -37,6 +37,7 @@ from mailwarden.metrics import Endpoint
 from mailwarden.policy.engine import Engine
 from mailwarden.server import LISTEN_BACKLOG, LoadBoard, open_listener, serve, socket_path
 from mailwarden.stage import ACTIVE, Runtime
+from mailwarden.startchecks import check_permissions, check_store
 from mailwarden.transports.native import Session
 
 log = logging.getLogger("mailwarden.daemon")
@@ -152,32 +153,9 @@ class Master:
         if os.geteuid() == 0:
             log.warning("running as root (user: %s): every check runs with root's privileges; "
                         "give `user:` an unprivileged account", self.config.user)
-        self._check_permissions()
-        self._check_store()
+        check_permissions(self.config, self.config_path)
+        check_store(self.config)
         log.info("listening on %s", self.config.listen)
-
-    def _check_store(self) -> None:
-        """Open the DMARC report store now, as the user the workers run as, so that a bad
-        path or permission stops the start instead of every message. A store on a read-only
-        or full file system does not stop it: that state may pass, and refusing to start would
-        tempfail all mail for want of report rows; the workers skip recording (logged once)
-        and try again."""
-        if not self.config.dmarc.store:
-            return
-        from mailwarden.dmarc.recorder import unavailable_for_now
-        from mailwarden.dmarc.store import Store
-
-        try:
-            Store.open(self.config.dmarc.store).close()
-        except Exception as exc:
-            why = unavailable_for_now(self.config.dmarc.store, exc)
-            if why:
-                log.error("the DMARC store %s cannot be opened (%s; %s): starting anyway; "
-                          "evaluations are not recorded until it can", self.config.dmarc.store,
-                          exc.__cause__ or exc, why)
-                return
-            raise SystemExit(f"mailwarden: cannot open the DMARC store "
-                             f"{self.config.dmarc.store}: {exc}") from None
 
     def _identity(self) -> tuple[int | None, int | None]:
         """The uid and gid to drop to (None, None: stay as we are). Started as root, a `user`
@@ -219,29 +197,6 @@ class Master:
         except KeyError:
             raise SystemExit(f"mailwarden: group {name!r} does not exist "
                              f"({self.config.path}: socket_group)") from None
-
-    def _check_permissions(self) -> None:
-        """As the user the workers run as: the signing keys (owner root or us, not writable by
-        others, readable by us), the configuration file and the DMARC store (SQLite: neither
-        the file nor its directory writable by everyone). A problem stops the start."""
-        from mailwarden.dkim.keys import access_problem
-        from mailwarden.dmarc.store import sqlite_path
-
-        problems = []
-        for key in self.config.signing.keys:
-            problem = access_problem(key.path)
-            if problem:
-                problems.append(f"signing key {key.path} ({key.domain}/{key.selector}): "
-                                f"{problem}")
-        with contextlib.suppress(OSError):
-            if os.stat(self.config_path).st_mode & 0o002:
-                problems.append(f"the configuration file {self.config_path} is writable by "
-                                f"everyone: chmod o-w")
-        store = sqlite_path(self.config.dmarc.store) if self.config.dmarc.store else None
-        if store is not None:
-            problems += _store_problems(store)
-        if problems:
-            raise SystemExit("mailwarden: refusing to start:\n  " + "\n  ".join(problems))
 
     # -- workers -----------------------------------------------------------------------------
     def spawn(self) -> None:
@@ -377,29 +332,6 @@ def _uid_of(user: str) -> int | None:
         return pwd.getpwnam(user).pw_uid
     except KeyError:
         return None
-
-
-def _store_problems(path: str) -> list[str]:
-    """A SQLite store whose file (or journal) or directory anyone may write to could be
-    replaced or fed forged rows: refused. A directory not made yet is judged by the closest
-    one that exists (where it would be made)."""
-    problems = []
-    store = Path(path)
-    for candidate in (store, *(Path(f"{path}{suffix}") for suffix in ("-wal", "-shm",
-                                                                       "-journal"))):
-        with contextlib.suppress(OSError):
-            if candidate.lstat().st_mode & 0o002:
-                problems.append(f"the DMARC store file {candidate} is writable by everyone: "
-                                f"chmod o-w")
-    directory = store.parent
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent
-    with contextlib.suppress(OSError):
-        if directory.stat().st_mode & 0o002:
-            problems.append(f"the DMARC store's directory {directory} is writable by everyone: "
-                            f"keep the store in a directory of its own (e.g. "
-                            f"/var/lib/mailwarden, mode 0750)")
-    return problems
 
 
 def _worker(config_path: str, runtime: Runtime, control: int, listener: socket.socket,
