@@ -4,7 +4,7 @@ prints its number right after) is in the SQLite store afterwards, and the store 
 
 (SIGKILL ends the process, not the machine: this checks that a commit is complete when record()
 returns and that a torn transaction is rolled back, not the disk's own durability, which
-synchronous=FULL leaves to fsync.)"""
+synchronous=NORMAL leaves to the next checkpoint.)"""
 
 from __future__ import annotations
 

@@ -211,3 +211,21 @@ def test_two_processes_writing_into_one_store_lose_nothing(tmp_path: Path) -> No
     store.close()
     assert got == sorted(f"{name}-{t}-{i}.example" for name in ("mta1", "mta2")
                          for t in range(4) for i in range(100))
+
+
+def test_ledger_commits_are_fsynced_and_evaluations_are_not(tmp_path: Path) -> None:
+    """WAL with synchronous=NORMAL for evaluations (a daemon crash loses none; see
+    test_dmarc_crash), FULL for a ledger entry: losing one after a power cut would send a report
+    twice."""
+    store = Store.open(str(tmp_path / "dmarc.db"))
+    statements: list[str] = []
+    store._db.conn.set_trace_callback(statements.append)  # type: ignore[attr-defined]
+    store.record(make_evaluation())
+    assert not any("synchronous = FULL" in sql for sql in statements)
+    statements.clear()
+    store.ledger_put(LedgerEntry("r1", "mailto:a@example.com", "sent", "example.com", "<r1@x>",
+                                 "250 ok"))
+    begin = statements.index("BEGIN IMMEDIATE")
+    assert "PRAGMA synchronous = FULL" in statements[:begin]
+    assert statements[-1] == "PRAGMA synchronous = NORMAL"
+    assert store._db.conn.execute("PRAGMA synchronous").fetchone()[0] == 1  # type: ignore[attr-defined]

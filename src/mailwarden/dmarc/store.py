@@ -3,7 +3,8 @@
 One `Store` per process, shared by every thread. `Store.open(url)` takes
 
 * ``sqlite:///var/lib/mailwarden/dmarc.db`` or a plain path: SQLite in WAL mode with
-  ``synchronous=FULL`` (a commit is on disk before it returns), for one host; several processes
+  ``synchronous=NORMAL`` (a commit survives a crash of the daemon; a power loss may take the
+  last moments' evaluations, never the database), for one host; several processes
   may write to the same file;
 * ``postgresql://user@host/db`` (any libpq URI; ``postgres://`` too): PostgreSQL through
   psycopg 3, for several MTAs writing into one store. psycopg is imported only for such a URL.
@@ -244,7 +245,7 @@ class Store:
 
     # -- writing ----------------------------------------------------------------------
     def record(self, evaluation: Evaluation) -> None:
-        """Store one evaluation; it is committed (durable) when this returns."""
+        """Store one evaluation; it is committed when this returns."""
         with self._cv:
             if self._closed:
                 raise StoreError("the store is closed")
@@ -380,7 +381,7 @@ class Store:
                                                   params)]
 
     def ledger_put(self, entry: LedgerEntry) -> None:
-        """Insert or replace the entry of (report_id, destination); committed (durable)."""
+        """Insert or replace the entry of (report_id, destination); committed and on disk."""
         if entry.state not in LEDGER_STATES:
             raise ValueError(f"unknown ledger state {entry.state!r}")
         values = (entry.report_id, entry.destination, entry.state, entry.policy_domain,
@@ -391,7 +392,7 @@ class Store:
                "policy_domain = excluded.policy_domain, message_id = excluded.message_id, "
                "detail = excluded.detail, updated = excluded.updated")
         with self._lock:
-            self._db.begin()
+            self._db.begin(durable=True)
             try:
                 self._db.execute(sql, values)
                 self._db.commit()
