@@ -117,6 +117,42 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from miltercodec import (
+    CLIENT_PORT,
+    FINAL_REPLIES,
+    MILTER_CHUNK_SIZE,
+    MILTER_VERSION,
+    SMFIF_ALL,
+    SMFIP_ALL,
+    SMFIP_HDR_LEADSPC,
+    SMFIP_NOBODY,
+    SMFIP_NOCONNECT,
+    SMFIP_NODATA,
+    SMFIP_NOEOH,
+    SMFIP_NOHDRS,
+    SMFIP_NOHELO,
+    SMFIP_NOMAIL,
+    SMFIP_NORCPT,
+    SMFIP_NR_BODY,
+    SMFIP_NR_CONN,
+    SMFIP_NR_DATA,
+    SMFIP_NR_EOH,
+    SMFIP_NR_HDR,
+    SMFIP_NR_HELO,
+    SMFIP_NR_MAIL,
+    SMFIP_NR_RCPT,
+    STAGES,
+    MilterProtocolError,
+    Packet,
+    PacketReader,
+    connect_socket,
+    cstr,
+    decode,
+    packet,
+    parse_socket,
+    split_cstrs,
+)
+
 __all__ = [
     "LoadReport",
     "Message",
@@ -128,143 +164,9 @@ __all__ = [
     "run_load",
 ]
 
-# ---- protocol constants (libmilter mfdef.h / mfapi.h) -----------------------------------------
-
-MILTER_VERSION = 6
-MILTER_CHUNK_SIZE = 65535
-MAX_PACKET = 16 * 1024 * 1024
-CLIENT_PORT = 40000  # the SMTP client's port in SMFIC_CONNECT
-
-SMFIF_ALL = 0x1FF  # ADDHDRS CHGBODY ADDRCPT DELRCPT CHGHDRS QUARANTINE CHGFROM ADDRCPT_PAR
-#                   SETSYMLIST
-
-SMFIP_NOCONNECT = 0x01
-SMFIP_NOHELO = 0x02
-SMFIP_NOMAIL = 0x04
-SMFIP_NORCPT = 0x08
-SMFIP_NOBODY = 0x10
-SMFIP_NOHDRS = 0x20
-SMFIP_NOEOH = 0x40
-SMFIP_NR_HDR = 0x80
-SMFIP_NOUNKNOWN = 0x100
-SMFIP_NODATA = 0x200
-SMFIP_SKIP = 0x400
-SMFIP_RCPT_REJ = 0x800
-SMFIP_NR_CONN = 0x1000
-SMFIP_NR_HELO = 0x2000
-SMFIP_NR_MAIL = 0x4000
-SMFIP_NR_RCPT = 0x8000
-SMFIP_NR_DATA = 0x10000
-SMFIP_NR_UNKN = 0x20000
-SMFIP_NR_EOH = 0x40000
-SMFIP_NR_BODY = 0x80000
-SMFIP_HDR_LEADSPC = 0x100000
-SMFIP_ALL = 0x1FFFFF  # every v6 step flag; the MDS_* data-size bits are not offered
-
-FINAL_REPLIES = {
-    b"a": "accept", b"c": "continue", b"r": "reject", b"t": "tempfail", b"d": "discard",
-    b"f": "connfail", b"4": "shutdown",
-}
-STAGES = {
-    "connect": b"C", "helo": b"H", "mail": b"M", "rcpt": b"R", "data": b"T", "header": b"L",
-    "eoh": b"N", "body": b"B", "eom": b"E", "unknown": b"U",
-}
 _CONNECT_MACROS = frozenset({"j", "v", "_", "{daemon_name}", "{daemon_addr}", "{daemon_port}"})
-
-Packet = tuple[bytes, bytes]  # (command byte, data)
 _Socket = socket.socket  # MilterClient's parameter `socket` shadows the module
 MacroSpec = Mapping[str, Any]
-
-
-class MilterProtocolError(Exception):
-    """The milter broke the protocol, closed the connection, or did not answer in time."""
-
-
-def _packet(cmd: bytes, data: bytes = b"") -> bytes:
-    return struct.pack(">I", len(data) + 1) + cmd + data
-
-
-def _cstr(value: str | bytes) -> bytes:
-    raw = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
-    return raw.replace(b"\0", b"") + b"\0"
-
-
-def _decode(raw: bytes) -> str:
-    return raw.decode("utf-8", "surrogateescape")
-
-
-def _split_cstrs(data: bytes) -> list[bytes]:
-    parts = data.split(b"\0")
-    if parts and parts[-1] == b"":
-        parts.pop()
-    return parts
-
-
-def parse_socket(spec: str) -> tuple[int, Any]:
-    """(address family, address) for a milter socket in libmilter or Postfix syntax:
-    ``unix:/p``, ``local:/p``, ``/p``, ``inet:PORT@HOST``, ``inet:PORT`` (127.0.0.1),
-    ``inet:HOST:PORT`` (Postfix), ``inet6:PORT@HOST``."""
-    if spec.startswith("/"):
-        return socket.AF_UNIX, spec
-    kind, sep, rest = spec.partition(":")
-    if not sep:
-        raise ValueError(f"bad milter socket {spec!r}")
-    kind = kind.lower()
-    if kind in ("unix", "local"):
-        return socket.AF_UNIX, rest
-    if kind in ("inet", "inet6"):
-        family = socket.AF_INET6 if kind == "inet6" else socket.AF_INET
-        if "@" in rest:
-            port, _, host = rest.partition("@")
-        elif kind == "inet" and rest.count(":") == 1:
-            host, _, port = rest.partition(":")
-        else:
-            port, host = rest, ("::1" if kind == "inet6" else "127.0.0.1")
-        return family, (host.strip("[]"), int(port))
-    raise ValueError(f"bad milter socket {spec!r}")
-
-
-def connect_socket(spec: str, timeout: float | None) -> socket.socket:
-    family, address = parse_socket(spec)
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(address)
-    except BaseException:
-        sock.close()
-        raise
-    if family != socket.AF_UNIX:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
-
-
-class _PacketReader:
-    """Splits a byte stream into milter packets."""
-
-    __slots__ = ("_buf",)
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        self._buf += data
-
-    def pop(self) -> Packet | None:
-        buf = self._buf
-        if len(buf) < 5:
-            return None
-        (size,) = struct.unpack_from(">I", buf)
-        if size < 1 or size > MAX_PACKET:
-            raise MilterProtocolError(f"bad packet length {size}")
-        if len(buf) < 4 + size:
-            return None
-        cmd = bytes(buf[4:5])
-        data = bytes(buf[5:4 + size])
-        del buf[:4 + size]
-        return cmd, data
-
-    def __len__(self) -> int:
-        return len(self._buf)
 
 
 # ---- messages ----------------------------------------------------------------------------------
@@ -311,7 +213,7 @@ class _ParsedMessage:
         self.body = body.replace(b"\n", b"\r\n")
         self._header_packets: dict[bool, list[bytes]] = {}
         self.body_packets = [
-            _packet(b"B", self.body[i:i + MILTER_CHUNK_SIZE])
+            packet(b"B", self.body[i:i + MILTER_CHUNK_SIZE])
             for i in range(0, len(self.body), MILTER_CHUNK_SIZE)
         ]
 
@@ -319,7 +221,7 @@ class _ParsedMessage:
         packets = self._header_packets.get(leadspc)
         if packets is None:
             packets = [
-                _packet(b"L", name + b"\0" + (value if leadspc else value.lstrip(b" \t")) + b"\0")
+                packet(b"L", name + b"\0" + (value if leadspc else value.lstrip(b" \t")) + b"\0")
                 for name, value in self.headers
             ]
             self._header_packets[leadspc] = packets
@@ -509,13 +411,13 @@ class MilterSession:
         for name, value in macros.items():
             if value is None or (wanted is not None and _norm_macro(name) not in wanted):
                 continue
-            payload += _cstr(name) + _cstr(value)
+            payload += cstr(name) + cstr(value)
         if len(payload) > 1:
-            self.pending += _packet(b"D", bytes(payload))
+            self.pending += packet(b"D", bytes(payload))
 
-    def _request(self, packet: bytes, needs_reply: bool) -> Generator[bytes, Packet, Packet | None]:
+    def _request(self, wire: bytes, needs_reply: bool) -> Generator[bytes, Packet, Packet | None]:
         """Queue `packet`; if a reply is due, flush and return the first non-progress one."""
-        self.pending += packet
+        self.pending += wire
         if not needs_reply:
             return None
         reply = yield self.take_pending()
@@ -526,7 +428,7 @@ class MilterSession:
     # -- negotiation
 
     def negotiate_gen(self) -> Generator[bytes, Packet, None]:
-        reply = yield _packet(b"O", struct.pack(">III", MILTER_VERSION, self.offer_actions,
+        reply = yield packet(b"O", struct.pack(">III", MILTER_VERSION, self.offer_actions,
                                                 self.offer_protocol))
         cmd, data = reply
         if cmd != b"O" or len(data) < 12:
@@ -543,7 +445,7 @@ class MilterSession:
             names, _, rest = rest[4:].partition(b"\0")
             stage = {0: b"C", 1: b"H", 2: b"M", 3: b"R", 4: b"T", 5: b"E", 6: b"N"}.get(where)
             if stage is not None:
-                self.symlists[stage] = {_norm_macro(n) for n in _decode(names).split()}
+                self.symlists[stage] = {_norm_macro(n) for n in decode(names).split()}
         self.negotiated = True
 
     # -- one message
@@ -581,7 +483,7 @@ class MilterSession:
                 return False
             result.stage = stage
             if cmd == b"y":
-                text = _decode(data.rstrip(b"\0"))
+                text = decode(data.rstrip(b"\0"))
                 result.reply = text
                 result.action = "tempfail" if text.startswith("4") else "reject"
             elif cmd in FINAL_REPLIES:
@@ -598,31 +500,31 @@ class MilterSession:
                 self._macros(b"C", macros.get(b"C"))
                 try:
                     family = b"%d" % ipaddress.ip_address(msg.client_ip).version
-                    data = (_cstr(client_name or f"[{msg.client_ip}]") + family
-                            + struct.pack(">H", CLIENT_PORT) + _cstr(msg.client_ip))
+                    data = (cstr(client_name or f"[{msg.client_ip}]") + family
+                            + struct.pack(">H", CLIENT_PORT) + cstr(msg.client_ip))
                 except ValueError:  # not an IP address: family unknown
-                    data = _cstr(client_name or "unknown") + b"U"
-                reply = yield from self._request(_packet(b"C", data),
+                    data = cstr(client_name or "unknown") + b"U"
+                reply = yield from self._request(packet(b"C", data),
                                                  not self._has(SMFIP_NR_CONN))
                 if reply is not None and decided(reply, "connect"):
                     self.session_over = True
                     return result
             if not self._has(SMFIP_NOHELO):
                 self._macros(b"H", macros.get(b"H"))
-                reply = yield from self._request(_packet(b"H", _cstr(msg.helo)),
+                reply = yield from self._request(packet(b"H", cstr(msg.helo)),
                                                  not self._has(SMFIP_NR_HELO))
                 if reply is not None and decided(reply, "helo"):
                     self.session_over = True
                     return result
 
         def abort() -> MilterResult:
-            self.pending += _packet(b"A")
+            self.pending += packet(b"A")
             return result
 
         if not self._has(SMFIP_NOMAIL):
             self._macros(b"M", macros.get(b"M"))
             sender = msg.mail_from if msg.mail_from.startswith("<") else f"<{msg.mail_from}>"
-            reply = yield from self._request(_packet(b"M", _cstr(sender)),
+            reply = yield from self._request(packet(b"M", cstr(sender)),
                                              not self._has(SMFIP_NR_MAIL))
             if reply is not None and decided(reply, "mail"):
                 return abort()
@@ -631,13 +533,13 @@ class MilterSession:
             for rcpt in msg.rcpts:
                 self._macros(b"R", {**macros.get(b"R", {}), "{rcpt_addr}": rcpt.strip("<>")})
                 addr = rcpt if rcpt.startswith("<") else f"<{rcpt}>"
-                reply = yield from self._request(_packet(b"R", _cstr(addr)),
+                reply = yield from self._request(packet(b"R", cstr(addr)),
                                                  not self._has(SMFIP_NR_RCPT))
                 if reply is not None and reply[0] != b"c":
                     if reply[0] in (b"r", b"t", b"y"):
                         result.rcpts_rejected += 1
                         if reply[0] == b"y":
-                            result.reply = _decode(reply[1].rstrip(b"\0"))
+                            result.reply = decode(reply[1].rstrip(b"\0"))
                         continue
                     decided(reply, "rcpt")
                     return abort()
@@ -648,34 +550,34 @@ class MilterSession:
                 return abort()
         if not self._has(SMFIP_NODATA) and self.version >= 4:
             self._macros(b"T", macros.get(b"T"))
-            reply = yield from self._request(_packet(b"T"), not self._has(SMFIP_NR_DATA))
+            reply = yield from self._request(packet(b"T"), not self._has(SMFIP_NR_DATA))
             if reply is not None and decided(reply, "data"):
                 return abort()
         parsed = msg.parsed()
         if not self._has(SMFIP_NOHDRS):
             self._macros(b"L", macros.get(b"L"))
             needs = not self._has(SMFIP_NR_HDR)
-            for packet in parsed.header_packets(leadspc):
-                reply = yield from self._request(packet, needs)
+            for wire in parsed.header_packets(leadspc):
+                reply = yield from self._request(wire, needs)
                 if reply is not None and decided(reply, "header"):
                     return abort()
         if not self._has(SMFIP_NOEOH):
             self._macros(b"N", macros.get(b"N"))
-            reply = yield from self._request(_packet(b"N"), not self._has(SMFIP_NR_EOH))
+            reply = yield from self._request(packet(b"N"), not self._has(SMFIP_NR_EOH))
             if reply is not None and decided(reply, "eoh"):
                 return abort()
         if not self._has(SMFIP_NOBODY):
             self._macros(b"B", macros.get(b"B"))
             needs = not self._has(SMFIP_NR_BODY)
-            for packet in parsed.body_packets:
-                reply = yield from self._request(packet, needs)
+            for wire in parsed.body_packets:
+                reply = yield from self._request(wire, needs)
                 if reply is not None:
                     if reply[0] == b"s":
                         break
                     if decided(reply, "body"):
                         return abort()
         self._macros(b"E", macros.get(b"E"))
-        reply = yield from self._request(_packet(b"E"), True)
+        reply = yield from self._request(packet(b"E"), True)
         assert reply is not None
         while True:
             cmd, data = reply
@@ -683,9 +585,9 @@ class MilterSession:
                 if cmd != b"h":
                     (index,) = struct.unpack_from(">I", data)
                     data = data[4:]
-                parts = _split_cstrs(data)
-                name = _decode(parts[0]) if parts else ""
-                value = _decode(parts[1]) if len(parts) > 1 else ""
+                parts = split_cstrs(data)
+                name = decode(parts[0]) if parts else ""
+                value = decode(parts[1]) if len(parts) > 1 else ""
                 if cmd == b"h":
                     result.modifications.append(("h", name, value))
                     result.headers_added.append((name, value))
@@ -695,15 +597,15 @@ class MilterSession:
                 else:
                     result.modifications.append(("m", index, name, value))
             elif cmd in (b"+", b"2", b"e"):
-                args = [_decode(p) for p in _split_cstrs(data)]
+                args = [decode(p) for p in split_cstrs(data)]
                 result.modifications.append((cmd.decode(), args[0] if args else "",
                                              " ".join(args[1:])))
             elif cmd == b"-":
-                result.modifications.append(("-", _decode(data.rstrip(b"\0"))))
+                result.modifications.append(("-", decode(data.rstrip(b"\0"))))
             elif cmd == b"b":
                 result.modifications.append(("b", data))
             elif cmd == b"q":
-                result.quarantine = _decode(data.rstrip(b"\0"))
+                result.quarantine = decode(data.rstrip(b"\0"))
                 result.modifications.append(("q", result.quarantine))
             elif cmd == b"p":
                 pass
@@ -715,7 +617,7 @@ class MilterSession:
             reply = yield b""
 
     def quit_bytes(self) -> bytes:
-        return self.take_pending() + _packet(b"Q")
+        return self.take_pending() + packet(b"Q")
 
 
 # ---- one blocking connection -------------------------------------------------------------------
@@ -732,7 +634,7 @@ class MilterClient:
         self.session = MilterSession(mta_name=mta_name, daemon_name=daemon_name,
                                      actions=actions, protocol=protocol)
         self._sock: _Socket | None = None
-        self._reader = _PacketReader()
+        self._reader = PacketReader()
         self._buf = bytearray(65536)
 
     @property
@@ -749,7 +651,7 @@ class MilterClient:
             while True:
                 if out:
                     sock.sendall(out)
-                out = gen.send(self._read_packet(sock))
+                out = gen.send(self._readpacket(sock))
         except StopIteration as stop:
             return stop.value
         except OSError as exc:
@@ -759,11 +661,11 @@ class MilterClient:
             self.close(quit=False)
             raise
 
-    def _read_packet(self, sock: socket.socket) -> Packet:
+    def _readpacket(self, sock: socket.socket) -> Packet:
         while True:
-            packet = self._reader.pop()
-            if packet is not None:
-                return packet
+            got = self._reader.pop()
+            if got is not None:
+                return got
             n = sock.recv_into(self._buf)
             if n == 0:
                 raise MilterProtocolError("the milter closed the connection")
@@ -812,7 +714,7 @@ class MilterClient:
                                      daemon_name=self.session.daemon_name,
                                      actions=self.session.offer_actions,
                                      protocol=self.session.offer_protocol)
-        self._reader = _PacketReader()
+        self._reader = PacketReader()
 
     def __enter__(self) -> MilterClient:
         self.connect()
@@ -900,7 +802,7 @@ class _LoopConn:
     def __init__(self, sock: socket.socket, session: MilterSession) -> None:
         self.sock = sock
         self.session = session
-        self.reader = _PacketReader()
+        self.reader = PacketReader()
         self.out = bytearray()
         self.gen: Generator[bytes, Packet, Any] | None = None
         self.msg_start = 0.0
@@ -976,13 +878,13 @@ def _load_loop(socket_spec: str, messages: Sequence[Message], connections: int, 
         conn.gen = conn.session.message_gen(msg, auth_authen=auth_authen)
         return True
 
-    def advance(conn: _LoopConn, packet: Packet | None) -> None:
+    def advance(conn: _LoopConn, got: Packet | None) -> None:
         """Feed `packet` to the connection's generator; on completion, start the next step."""
         while True:
             gen = conn.gen
             assert gen is not None
             try:
-                data = next(gen) if packet is None else gen.send(packet)
+                data = next(gen) if got is None else gen.send(got)
             except StopIteration as stop:
                 now = time.perf_counter()
                 value = stop.value
@@ -1004,7 +906,7 @@ def _load_loop(socket_spec: str, messages: Sequence[Message], connections: int, 
                     return
                 if not start_message(conn):
                     return
-                packet = None
+                got = None
                 continue
             except MilterProtocolError as exc:
                 fail(conn, str(exc))
@@ -1075,13 +977,13 @@ def _load_loop(socket_spec: str, messages: Sequence[Message], connections: int, 
                 conn.reader.feed(view[:n])
                 while conn in conns:
                     try:
-                        packet = conn.reader.pop()
+                        got = conn.reader.pop()
                     except MilterProtocolError as exc:
                         fail(conn, str(exc))
                         break
-                    if packet is None:
+                    if got is None:
                         break
-                    advance(conn, packet)
+                    advance(conn, got)
         if now - last_timeout_check > 0.5:
             last_timeout_check = now
             for conn in list(conns):

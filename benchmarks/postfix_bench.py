@@ -84,7 +84,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from daemon import Daemon  # noqa: E402
-from dkim_bench import start_dns  # noqa: E402
+from dkim_bench import children, start_dns  # noqa: E402
 from milterload import make_message  # noqa: E402
 from opendkim import OpenDKIM, opendkim_available  # noqa: E402
 from opendmarc import (  # noqa: E402
@@ -94,6 +94,7 @@ from opendmarc import (  # noqa: E402
     opendmarc_available,
 )
 from postfix import MYHOSTNAME, PostfixInstance, free_port, postfix_available  # noqa: E402
+from verify_bench import busy_seconds, cpu_seconds  # noqa: E402
 
 from mailwarden.config import default_workers  # noqa: E402
 from mailwarden.dkim.keys import SigningKey, generate, load_key, write_private  # noqa: E402
@@ -329,6 +330,22 @@ class Result:
     delivered_per_s: float | None = None
     accepted_per_s: float | None = None
     note: str = ""
+    machine_ms: float | None = None  # CPU of the whole machine per message (both cores)
+    milter_ms: float | None = None  # CPU of the milter processes per message
+
+
+def service_pids(services: list[Any]) -> list[int]:
+    """The processes of these milter harnesses and all their descendants (pre-forked
+    workers; OpenDMARC's namespace wrapper)."""
+    roots = [proc.pid for service in services
+             for proc in (getattr(service, "process", None), getattr(service, "_proc", None))
+             if proc is not None]
+    found, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children(pid))
+    return found
 
 
 def mailwarden_daemon(setup: Setup, workdir: Path, socket_dir: Path, rules: dict[str, Any],
@@ -473,6 +490,8 @@ def run_case(setup: Setup, key: str) -> Result:
             result.note = stack.check(sample)
             wait_queue_empty(mx, DRAIN_TIMEOUT)
             before = setup.sink.count
+            pids = service_pids(stack.services)
+            cpu_before = busy_seconds(), cpu_seconds(pids)
             started = time.monotonic()
             sent = smtp_source(mx.smtp_port, stack.message, args.messages, args.sessions,
                                MEASURED_RCPT)
@@ -480,6 +499,9 @@ def run_case(setup: Setup, key: str) -> Result:
             if finished is None:
                 raise CaseError(f"{setup.sink.count - before} of {args.messages} messages "
                                 f"reached smtp-sink in {DRAIN_TIMEOUT:.0f} s\n{mx.mailq()}")
+            cpu_after = busy_seconds(), cpu_seconds(pids)
+            result.machine_ms = (cpu_after[0] - cpu_before[0]) * 1000 / args.messages
+            result.milter_ms = (cpu_after[1] - cpu_before[1]) * 1000 / args.messages
             wait_queue_empty(mx, DRAIN_TIMEOUT)
             extra = setup.sink.count - before - args.messages
             if extra:
@@ -528,7 +550,9 @@ def summarise(rows: list[Result]) -> Result:
     return Result(rows[0].name,
                   statistics.median(row.delivered_per_s or 0.0 for row in rows),
                   statistics.median(row.accepted_per_s or 0.0 for row in rows),
-                  rows[0].note)
+                  rows[0].note,
+                  statistics.median(row.machine_ms or 0.0 for row in rows),
+                  statistics.median(row.milter_ms or 0.0 for row in rows))
 
 
 def round_ratio(runs: dict[str, list[Result]], case: str, base: str) -> str:
@@ -598,7 +622,9 @@ def main() -> int:
             for case in args.cases:
                 row = run_case(setup, case)
                 runs.setdefault(case, []).append(row)
-                shown = f"{row.delivered_per_s:,.0f} msg/s" if row.delivered_per_s else "-"
+                shown = (f"{row.delivered_per_s:,.0f} msg/s, CPU ms/msg: machine "
+                         f"{row.machine_ms:.2f}, milters {row.milter_ms:.2f}"
+                         if row.delivered_per_s else "-")
                 print(f"  {row.name}: {shown}  ({row.note})", flush=True)
                 if row.delivered_per_s is None:
                     break
@@ -611,15 +637,19 @@ def main() -> int:
     print()
     print(f"median of {args.rounds} round(s); ratios are medians of the per-round ratios "
           f"(each case against the ceiling measured in the same round)")
-    print(f"{'case':<42}{'delivered/s':>12}{'runs':>12}  {'vs ceiling (runs)':<20}  check")
+    print("CPU ms per message (medians): of the whole machine (2 cores: Postfix, milters, "
+          "smtp-source, smtp-sink, DNS) and of the milter processes alone")
+    print(f"{'case':<42}{'delivered/s':>12}{'runs':>12}  {'vs ceiling (runs)':<20}"
+          f"{'machine':>8}{'milters':>8}  check")
     for case, row in results.items():
         if row.delivered_per_s is None:
-            print(f"{row.name:<42}{'-':>12}{'':>12}  {'-':<20}  {row.note}")
+            print(f"{row.name:<42}{'-':>12}{'':>12}  {'-':<20}{'':>16}  {row.note}")
             continue
         rates = [r.delivered_per_s for r in runs[case] if r.delivered_per_s]
         spread = f"{min(rates):,.0f}-{max(rates):,.0f}"
         print(f"{row.name:<42}{row.delivered_per_s:>12,.0f}{spread:>12}  "
-              f"{round_ratio(runs, case, 'none'):<20}  {row.note}")
+              f"{round_ratio(runs, case, 'none'):<20}{row.machine_ms or 0:>8.2f}"
+              f"{row.milter_ms or 0:>8.2f}  {row.note}")
     print()
     for transport in TRANSPORTS:
         suffix = "" if transport == "libmilter" else "-native"

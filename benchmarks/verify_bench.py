@@ -68,16 +68,8 @@ sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests" / "integration"),
 
 from daemon import Daemon  # noqa: E402
 from dkim_bench import DOMAIN, children, key, start_dns  # noqa: E402
-from milterload import (  # noqa: E402
-    Message,
-    MilterClient,
-    MilterProtocolError,
-    MilterResult,
-    MilterSession,
-    _PacketReader,
-    connect_socket,
-    make_message,
-)
+from miltercodec import MilterProtocolError, PacketReader, connect_socket  # noqa: E402
+from milterload import Message, MilterClient, MilterResult, MilterSession, make_message  # noqa: E402
 from opendkim import OpenDKIM, opendkim_available  # noqa: E402
 from opendmarc import OpenDMARC, loopback_dns_host, namespace_problem, opendmarc_available  # noqa: E402
 
@@ -175,7 +167,7 @@ class _Hop:
         self.spec = spec
         self.sock = connect_socket(spec, timeout)
         self.session = MilterSession(mta_name=AUTHSERV, daemon_name="verify_bench")
-        self.reader = _PacketReader()
+        self.reader = PacketReader()
         self.out = bytearray()
         self.writing = False
         gen = self.session.negotiate_gen()

@@ -16,7 +16,6 @@ with the 5 lookups of a plain message and the worker's memory grown by at most 2
 from __future__ import annotations
 
 import os
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,13 +27,12 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from daemon import Daemon
+from miltercodec import MilterProtocolError
+from milterload import MilterClient, MilterResult
 
 from mailwarden.config import LimitsConfig
 from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dkim.keys import public_record
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from milterload import MilterClient, MilterProtocolError, MilterResult
 
 AUTHSERV = "mx.test.example"
 HELO = "client.helo.example"

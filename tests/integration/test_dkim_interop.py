@@ -4,11 +4,11 @@ from the same loopback DNS server; OpenDKIM is driven over the milter protocol."
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from milterload import MilterClient
 from opendkim import OpenDKIM, opendkim_available
 
 from mailwarden.devtools.devdns import DevDNSServer
@@ -17,9 +17,6 @@ from mailwarden.dkim.sign import SignOptions, sign_message
 from mailwarden.dkim.verify import verify_message
 
 from helpers import make_resolver
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from milterload import MilterClient
 
 pytestmark = pytest.mark.skipif(not opendkim_available(),
                                 reason="Debian's opendkim is not installed")

@@ -11,19 +11,17 @@ from __future__ import annotations
 import re
 import socket
 import struct
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from daemon import Daemon
+from miltercodec import connect_data, connect_socket, cstr, optneg, packet, read_packet
+from milterload import MilterClient, make_message
 
 from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.server import IDLE_THREADS
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from milterload import MilterClient, make_message
 
 AUTHSERV = "mx.test.example"
 # The largest packet the daemon reads (mailwarden.milterproto.MAX_PACKET): a 1 MiB body
@@ -105,38 +103,12 @@ def wait_for_threads(pids: set[int], low: int, high: int, timeout: float = 10.0)
     assert low <= threads(pids) <= high
 
 
-# -- raw packets -----------------------------------------------------------------------------
-def pkt(command: bytes, data: bytes = b"") -> bytes:
-    return struct.pack(">I", len(data) + 1) + command + data
-
-
-def cstr(text: str) -> bytes:
-    return text.encode() + b"\0"
+# -- raw packets (benchmarks/miltercodec.py, the MTA-side codec) -----------------------------
+pkt = packet
 
 
 def raw_socket(listen: str) -> socket.socket:
-    kind, _, rest = listen.partition(":")
-    if kind == "unix":
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(10)
-        sock.connect(rest)
-        return sock
-    port, _, host = rest.partition("@")
-    return socket.create_connection((host or "127.0.0.1", int(port)), timeout=10)
-
-
-def read_packet(sock: socket.socket) -> tuple[bytes, bytes]:
-    def exactly(size: int) -> bytes:
-        data = b""
-        while len(data) < size:
-            chunk = sock.recv(size - len(data))
-            assert chunk, "the milter closed the connection"
-            data += chunk
-        return data
-
-    (length,) = struct.unpack(">I", exactly(4))
-    raw = exactly(length)
-    return raw[:1], raw[1:]
+    return connect_socket(listen, timeout=10)
 
 
 def call(sock: socket.socket, command: bytes, data: bytes = b"") -> tuple[bytes, bytes]:
@@ -146,14 +118,14 @@ def call(sock: socket.socket, command: bytes, data: bytes = b"") -> tuple[bytes,
 
 def negotiate(sock: socket.socket, protocol: int = 0) -> None:
     """Every action, and (protocol 0) every stage sent and answered: lockstep is easy."""
-    command, data = call(sock, b"O", struct.pack(">III", 6, 0x1FF, protocol))
+    command, data = call(sock, b"O", optneg(protocol=protocol))
     assert command == b"O" and struct.unpack_from(">I", data)[0] == 6
 
 
 def begin_message(sock: socket.socket, queue_id: str, protocol: int = 0) -> None:
     """CONNECT, HELO, MAIL, RCPT and two headers, each answered with continue."""
     negotiate(sock, protocol)
-    connect = cstr(HOSTILE_NAME) + b"4" + struct.pack(">H", 40000) + cstr(HOSTILE_IP)
+    connect = connect_data(HOSTILE_NAME, HOSTILE_IP)
     assert call(sock, b"C", connect) == (b"c", b"")
     assert call(sock, b"H", cstr(HOSTILE_NAME)) == (b"c", b"")
     sock.sendall(pkt(b"D", b"M" + cstr("i") + cstr(queue_id)))
@@ -332,8 +304,7 @@ def test_fifty_connections_that_vanish_mid_message(daemon: Daemon) -> None:
         # vanish between two packets.
         cut = pkt(b"B", b"the rest never comes")[:12] if native(daemon) else b""
         for n, sock in enumerate(socks):
-            connect = cstr(HOSTILE_NAME) + b"4" + struct.pack(">H", 40000 + n) \
-                + cstr(HOSTILE_IP)
+            connect = connect_data(HOSTILE_NAME, HOSTILE_IP, 40000 + n)
             sock.sendall(pkt(b"C", connect) + pkt(b"H", cstr(HOSTILE_NAME))
                          + pkt(b"D", b"M" + cstr("i") + cstr(f"HALF{n:02d}"))
                          + pkt(b"M", cstr("<eve@sender.example>"))

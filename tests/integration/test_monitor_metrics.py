@@ -10,7 +10,6 @@ import os
 import re
 import signal
 import socket
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,12 +17,10 @@ from pathlib import Path
 
 import pytest
 from daemon import Daemon
+from milterload import MilterClient, make_message
 from prometheus_client.parser import text_string_to_metric_families
 
 from mailwarden.devtools.devdns import DevDNSServer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from milterload import MilterClient, make_message
 
 ZONE = {
     "good.example": [{"TXT": "v=spf1 ip4:192.0.2.0/24 -all"}],

@@ -14,13 +14,11 @@ from typing import Any
 import pytest
 import yaml
 from daemon import Daemon
+from milterload import MilterClient
 
 from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dkim.keys import generate, load_key, public_record, write_private
 from mailwarden.dkim.sign import sign_message
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from milterload import MilterClient
 
 AUTHSERV = "mx.test.example"
 GOOD_IP = "192.0.2.1"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import os
 import pwd
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,12 +17,10 @@ import dns.rdatatype
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from milterload import MilterClient, MilterResult, make_message
 from opendkim import OpenDKIM, dkim_txt_record, opendkim_available
 
 from mailwarden.devtools.devdns import DevDNSServer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from milterload import MilterClient, MilterResult, make_message
 
 pytestmark = pytest.mark.skipif(
     not opendkim_available(),

@@ -5,17 +5,14 @@ benchmarks/milterload.py's MilterClient. One pass, one fail, one forged (untrust
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from milterload import MilterClient, MilterResult, make_message
 from opendmarc import OpenDMARC, loopback_dns_host, namespace_problem, opendmarc_available
 
 from mailwarden.devtools.devdns import DevDNSServer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from milterload import MilterClient, MilterResult, make_message
 
 pytestmark = [
     pytest.mark.skipif(not opendmarc_available(),

@@ -12,20 +12,17 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from daemon import Daemon
+from milterload import MilterClient
 
 from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dkim.keys import generate, public_record, write_private
 from mailwarden.dmarc.report import ReportSettings, build_reports
 from mailwarden.dmarc.store import Store
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from milterload import MilterClient
 
 AUTHSERV = "mx.pipeline.example"
 ROAMING = "203.0.113.40"  # an authenticated user's hotel address

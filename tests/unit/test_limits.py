@@ -15,6 +15,7 @@ from pathlib import Path
 
 import dkim as dkimpy
 import pytest
+from miltercodec import connect_data, cstr, header_data, optneg, split_packets
 
 from mailwarden import milterproto as mp
 from mailwarden.checks import CHECKS, Context
@@ -158,10 +159,6 @@ def test_documented_and_example_defaults_are_the_parsers() -> None:
 LIMITS = LimitsConfig(header_fields=10, header_bytes=64 * 1024, header_field_bytes=1024)
 
 
-def packet(name: str, value: str) -> bytes:
-    return name.encode() + b"\0" + value.encode("utf-8", "surrogateescape") + b"\0"
-
-
 def take_all(budget: HeaderBudget, fields: list[tuple[str, str]],
              limits: LimitsConfig = LIMITS) -> list[tuple[str, str]]:
     kept = (budget.take(name, value, limits, AUTHSERV) for name, value in fields)
@@ -247,27 +244,21 @@ def session() -> Iterator[Session]:
 
 def replies(raw: bytes | None) -> list[tuple[str, bytes]]:
     assert raw is not None
-    found, offset = [], 0
-    while offset < len(raw):
-        (length,) = struct.unpack_from(">I", raw, offset)
-        found.append((chr(raw[offset + 4]), raw[offset + 5:offset + 4 + length]))
-        offset += 4 + length
-    return found
+    return [(command.decode(), data) for command, data in split_packets(raw)]
 
 
 def test_a_message_over_the_header_limits_is_checked_and_logged_not_refused(
         session: Session, caplog: pytest.LogCaptureFixture) -> None:
-    session.handle(mp.C_OPTNEG, struct.pack(">III", 6, 0x1FF, 0x1FFFFF))
-    session.handle(mp.C_CONNECT, b"client.example.net\x004" + struct.pack(">H", 4000)
-                   + b"192.0.2.1\0")
-    session.handle(mp.C_HELO, b"helo.example.net\0")
-    session.handle(mp.C_MAIL, b"<alice@sender.example>\0")
-    session.handle(mp.C_RCPT, b"<bob@ours.example>\0")
+    session.handle(mp.C_OPTNEG, optneg())
+    session.handle(mp.C_CONNECT, connect_data("client.example.net", "192.0.2.1"))
+    session.handle(mp.C_HELO, cstr("helo.example.net"))
+    session.handle(mp.C_MAIL, cstr("<alice@sender.example>"))
+    session.handle(mp.C_RCPT, cstr("<bob@ours.example>"))
     fields = [(f"X-Filler-{i}", f" {i}") for i in range(30)]
     fields += [(AR, f" ({'c' * 3000}) {AUTHSERV}; spf=pass"), ("From", " a@sender.example"),
                (AR, " other.example; spf=pass"), ("Subject", " " + "s" * 100_000)]
     for name, value in fields:
-        session.handle(mp.C_HEADER, packet(name, value))
+        session.handle(mp.C_HEADER, header_data(name, value))
     with caplog.at_level("INFO", "mailwarden"):
         edits = replies(session.handle(mp.C_EOB, b""))
     # the forged field (its authserv-id hidden behind a long comment) is deleted; the other

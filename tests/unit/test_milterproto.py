@@ -12,6 +12,18 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from miltercodec import (
+    SMFIF_ALL,
+    SMFIP_ALL,
+    connect_data,
+    cstr,
+    header_data,
+    index_edit,
+    macro_data,
+    optneg,
+    packet,
+    split_packets,
+)
 
 from mailwarden import milterproto as mp
 from mailwarden.config.build import parse
@@ -38,8 +50,8 @@ rules:
 PERCENT_CONFIG = CONFIG + '      on: {fail: {action: reject, text: "100% not a relay"}}\n'
 
 # Offers as an MTA makes them (Postfix 3.x / milterload: every action, every v6 step).
-ALL_ACTIONS = 0x1FF
-ALL_STEPS = 0x1FFFFF
+ALL_ACTIONS = SMFIF_ALL
+ALL_STEPS = SMFIP_ALL
 # SMFIF_ADDHDRS | SMFIF_CHGHDRS | SMFIF_QUARANTINE | SMFIF_SETSYMLIST
 WANTED = 0x01 | 0x10 | 0x20 | 0x100
 # What a configuration with only a RCPT rule asks for: no reply at connect, HELO, MAIL, for
@@ -51,50 +63,28 @@ RCPT_ONLY_STEPS = (0x1000 | 0x2000 | 0x4000 | 0x80 | 0x80000 | 0x40 | 0x200 | 0x
 INTERNAL_ERROR = ("y", b"451 4.3.0 Internal error, try again later\0")
 
 
-# -- raw packets, built and read without milterproto ------------------------------------------
+# -- raw packets, built and read by the MTA-side codec (benchmarks/miltercodec.py), not by
+# milterproto
 def pkt(command: str, data: bytes = b"") -> bytes:
-    return struct.pack(">I", len(data) + 1) + command.encode() + data
+    return packet(command.encode(), data)
 
 
 def replies(raw: bytes | None) -> list[tuple[str, bytes]]:
     """The packets in `raw` as (command letter, data); the stream must end on a packet end."""
     assert raw is not None, "expected a reply, got none"
-    found, offset = [], 0
-    while offset < len(raw):
-        (length,) = struct.unpack_from(">I", raw, offset)
-        assert length >= 1 and offset + 4 + length <= len(raw), raw
-        found.append((chr(raw[offset + 4]), raw[offset + 5:offset + 4 + length]))
-        offset += 4 + length
-    return found
-
-
-def optneg(version: int = 6, actions: int = ALL_ACTIONS, protocol: int = ALL_STEPS) -> bytes:
-    return struct.pack(">III", version, actions, protocol)
+    return [(command.decode(), data) for command, data in split_packets(raw)]
 
 
 def connect4(ip: str = "192.0.2.1", name: str = "client.example.net", port: int = 4000) -> bytes:
-    return name.encode() + b"\0" + b"4" + struct.pack(">H", port) + ip.encode() + b"\0"
+    return connect_data(name, ip, port)
 
 
 def macros(command: str, **values: str) -> bytes:
-    return command.encode() + b"".join(k.encode() + b"\0" + v.encode() + b"\0"
-                                       for k, v in values.items())
-
-
-def cstr(text: str) -> bytes:
-    return text.encode() + b"\0"
+    return macro_data(command.encode(), values)
 
 
 def header(name: str, value: str) -> bytes:
-    return cstr(name) + cstr(value)
-
-
-def index_edit(data: bytes) -> tuple[int, str, str]:
-    """SMFIR_INSHEADER/CHGHEADER data: index, name, value."""
-    (index,) = struct.unpack_from(">I", data)
-    name, value, end = data[4:].split(b"\0")
-    assert end == b""
-    return index, name.decode(), value.decode()
+    return header_data(name, value)
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -113,7 +103,7 @@ def session(runtime: Runtime) -> Iterator[Session]:
 def start(s: Session, *, actions: int = ALL_ACTIONS, protocol: int = ALL_STEPS,
           ip: str = "192.0.2.1") -> list[tuple[str, bytes]]:
     """Negotiate, CONNECT and HELO; the negotiation reply."""
-    answer = replies(s.handle(mp.C_OPTNEG, optneg(6, actions, protocol)))
+    answer = replies(s.handle(mp.C_OPTNEG, optneg(actions, protocol)))
     s.handle(mp.C_CONNECT, connect4(ip))
     s.handle(mp.C_HELO, cstr("helo.example.net"))
     return answer
@@ -253,7 +243,7 @@ def test_parse_macros_edge_cases() -> None:
 
 
 def test_parse_options_and_header() -> None:
-    assert mp.parse_options(optneg(6, 0x1FF, 0x1FFFFF) + b"extra") == mp.Options(6, 0x1FF,
+    assert mp.parse_options(optneg(0x1FF, 0x1FFFFF) + b"extra") == mp.Options(6, 0x1FF,
                                                                                    0x1FFFFF)
     with pytest.raises(mp.ProtocolError):
         mp.parse_options(b"\0" * 11)
@@ -309,7 +299,7 @@ def test_negotiation_takes_only_what_was_offered(runtime: Runtime, version: int,
                                                  protocol: int) -> None:
     s = Session(runtime)
     try:
-        [(command, data)] = replies(s.handle(mp.C_OPTNEG, optneg(version, actions, protocol)))
+        [(command, data)] = replies(s.handle(mp.C_OPTNEG, optneg(actions, protocol, version)))
     finally:
         s.close()
     assert command == "O"
