@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from mailwarden.results import Result
+
 if TYPE_CHECKING:
     from mailwarden.dkim.verify import SignatureResult
     from mailwarden.dmarc.evaluate import DmarcResult
@@ -27,7 +29,7 @@ class SpfIdentity(StrEnum):
 class SpfFinding:
     identity: SpfIdentity
     domain: str
-    result: str  # RFC 7208 §2.6 result
+    result: Result  # RFC 7208 §2.6 result
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +43,7 @@ class DkimFinding:
 class ArcFinding:
     """RFC 8617 chain validation: the result and the sealers, oldest first."""
 
-    result: str  # none | pass | fail | temperror
+    result: Result  # none | pass | fail | temperror
     sealers: tuple[str, ...] = ()
 
 
@@ -52,7 +54,7 @@ class DmarcFinding:
 
     rule: str
     evaluation: DmarcResult
-    asked: str  # the disposition this rule would apply: none | quarantine | reject
+    asked: Result  # the disposition this rule would apply: none | quarantine | reject
     spf_reported: tuple[tuple[str, str, str], ...] = ()  # (domain, scope, result) for reports
     overrides: tuple[tuple[str, str], ...] = ()  # RFC 9990 PolicyOverrideType, comment
 

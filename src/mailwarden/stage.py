@@ -25,7 +25,7 @@ from mailwarden.policy.codes import INTERNAL_ERROR
 from mailwarden.policy.engine import Engine, HeaderEdits
 from mailwarden.policy.logline import describe
 from mailwarden.transaction import Monitored, Transaction
-from mailwarden.verdict import Action, Stage, Verdict
+from mailwarden.verdict import Action, Mode, Stage, Verdict
 
 log = logging.getLogger("mailwarden.milter")
 
@@ -291,7 +291,7 @@ class Connection:
         except Exception:
             log.exception("internal error at %s (client %s)", stage, self.txn.client)
             metrics.METRICS.error("session")
-            if self.runtime.config.mode == "monitor" or stage is Stage.CONNECT:
+            if self.runtime.config.mode is Mode.MONITOR or stage is Stage.CONNECT:
                 return _CONTINUE[stage]
             if message_ends and stage in (Stage.MAIL, Stage.EOM):
                 self.in_message = False

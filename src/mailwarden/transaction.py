@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from mailwarden.dns import IPAddress
 from mailwarden.findings import Findings
 from mailwarden.outage import Outage
+from mailwarden.results import Result
+from mailwarden.verdict import Action, Stage
 
 log = logging.getLogger("mailwarden.spool")
 
@@ -171,7 +173,7 @@ class CheckResult:
 
     rule: str
     method: str
-    result: str
+    result: Result
     reason: str = ""
     properties: tuple[tuple[str, str], ...] = ()
     comment: str | None = None
@@ -186,8 +188,8 @@ class CheckResult:
 class Monitored:
     """A verdict a rule in monitor mode would have given, logged and counted, not applied."""
 
-    stage: str
-    action: str  # reject | tempfail | quarantine | discard
+    stage: Stage
+    action: Action  # reject | tempfail | quarantine | discard
     rule: str
     reply: str = ""  # "550 5.7.1 text" for reject and tempfail
     reason: str = ""

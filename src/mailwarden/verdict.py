@@ -1,6 +1,6 @@
 """The vocabulary of decisions, shared by the configuration, the policy engine, the stage API
-and the transports: the SMTP stages a rule can run at, the actions a verdict can take, and
-SMTP replies."""
+and the transports: the SMTP stages a rule can run at, enforce or monitor, the actions a verdict
+can take, and SMTP replies."""
 
 from __future__ import annotations
 
@@ -30,6 +30,13 @@ class Stage(StrEnum):
     EOM = "eom"
     ABORT = "abort"
     CLOSE = "close"
+
+
+class Mode(StrEnum):
+    """Whether a rule's refusals are applied (`enforce`) or only logged and counted."""
+
+    ENFORCE = "enforce"
+    MONITOR = "monitor"
 
 
 class Action(StrEnum):

@@ -19,6 +19,7 @@ from mailwarden.dmarc.evaluate import DkimInput, DmarcResult, evaluate, non_exis
 from mailwarden.dmarc.orgdomain import TemporaryError
 from mailwarden.findings import ArcFinding, DkimFinding, SpfFinding, SpfIdentity
 from mailwarden.policy.engine import CONTINUE, Engine
+from mailwarden.results import Result
 from mailwarden.transaction import CheckResult, Transaction
 
 from fakedns import TEMPERROR, FakeDNS
@@ -40,13 +41,13 @@ def run_eval(records: dict[str, str], author: str = "example.com", *, spf: str =
              spf_result: str = "pass", dkim: tuple[DkimInput, ...] = (), mode: str = "rfc9989",
              extra: dict[str, Any] | None = None) -> tuple[DmarcResult, FakeDNS]:
     dns = FakeDNS({**zone(records), **(extra or {})})
-    result = evaluate(dns, author, spf_domain=spf, spf_result=spf_result, dkim=list(dkim),
-                      mode=mode)
+    result = evaluate(dns, author, spf_domain=spf, spf_result=Result(spf_result),
+                      dkim=list(dkim), mode=mode)
     return result, dns
 
 
 def sig(domain: str, result: str = "pass", selector: str = "s1") -> DkimInput:
-    return DkimInput(domain, selector, result)
+    return DkimInput(domain, selector, Result(result))
 
 
 REJECT = {"example.com": "v=DMARC1; p=reject"}
@@ -366,7 +367,7 @@ def test_several_records_at_the_author_domain_fall_back_to_the_parent() -> None:
                                                        "v=DMARC1; p=reject"]},
                    "_dmarc.example.com": {"TXT": ["v=DMARC1; p=quarantine"]},
                    "mail.example.com": HOST})
-    result = evaluate(dns, "mail.example.com", spf_domain="", spf_result="none", dkim=[])
+    result = evaluate(dns, "mail.example.com", spf_domain="", spf_result=Result.NONE, dkim=[])
     assert (result.policy_domain, result.policy_tag, result.disposition) == (
         "example.com", "sp", "quarantine")
 
@@ -446,12 +447,12 @@ def message(*from_values: str, ip: str | None = CLIENT, spf: tuple[str, str] | N
     t.rcpts.append("rcpt@example.org")
     t.headers = [("Subject", " hello")] + [("From", f" {value}") for value in from_values]
     if spf is not None:
-        t.findings.add(SpfFinding(SpfIdentity.MAILFROM, spf[0], spf[1]))
+        t.findings.add(SpfFinding(SpfIdentity.MAILFROM, spf[0], Result(spf[1])))
     if dkim is not None:
-        t.findings.add(DkimFinding((SignatureResult(dkim[1], "", domain=dkim[0],
+        t.findings.add(DkimFinding((SignatureResult(Result(dkim[1]), "", domain=dkim[0],
                                                     selector="s1"),)))
     if arc is not None:
-        t.findings.add(ArcFinding(*arc))
+        t.findings.add(ArcFinding(Result(arc[0]), arc[1]))
     return t
 
 
@@ -576,8 +577,8 @@ def test_run_unaligned_dkim_pass_fails() -> None:
 def test_run_helo_spf_pass_does_not_count() -> None:
     ctx, _ = context()
     t = message("a@example.com")
-    t.findings.add(SpfFinding(SpfIdentity.HELO, "example.com", "pass"))
-    t.findings.add(SpfFinding(SpfIdentity.MAILFROM, "x.example", "none"))
+    t.findings.add(SpfFinding(SpfIdentity.HELO, "example.com", Result.PASS))
+    t.findings.add(SpfFinding(SpfIdentity.MAILFROM, "x.example", Result.NONE))
     assert dmarc_check.run(ctx, t, DmarcArgs()).decisive == "reject"
 
 

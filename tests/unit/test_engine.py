@@ -14,7 +14,7 @@ from mailwarden.config.build import parse
 from mailwarden.dns import Answer
 from mailwarden.policy.engine import CONTINUE, Engine, Verdict, describe
 from mailwarden.transaction import Transaction
-from mailwarden.verdict import Action
+from mailwarden.verdict import Action, Stage
 
 from fakedns import FakeDNS
 
@@ -90,7 +90,7 @@ def test_rules_run_in_order_and_first_decisive_verdict_wins() -> None:
       check: spf
 """)
     t = txn(mail_from="u@fail.example.org")
-    verdict = e.run_stage("mail", t)
+    verdict = e.run_stage(Stage.MAIL, t)
     assert verdict.action == "tempfail"
     assert verdict.rule == "first"
     # the second rule never ran: only the first one's results are recorded
@@ -107,7 +107,7 @@ def test_accept_ends_the_stage_before_a_later_reject() -> None:
       check: spf
 """)
     t = txn(mail_from="u@fail.example.org")
-    verdict = e.run_stage("mail", t)
+    verdict = e.run_stage(Stage.MAIL, t)
     assert (verdict.action, verdict.rule) == ("accept", "known host")
     assert methods(t) == [("known host", "iprev", "pass")]
 
@@ -122,7 +122,7 @@ def test_continue_goes_on_to_the_next_rule() -> None:
       check: spf
 """)
     t = txn(ip=LIAR, mail_from="u@fail.example.org")
-    verdict = e.run_stage("mail", t)
+    verdict = e.run_stage(Stage.MAIL, t)
     assert (verdict.action, verdict.rule) == ("reject", "spf")
     assert ("rdns", "iprev", "fail") in methods(t)
     assert ("spf", "spf", "fail") in methods(t)
@@ -131,8 +131,8 @@ def test_continue_goes_on_to_the_next_rule() -> None:
 def test_no_decisive_rule_gives_continue() -> None:
     e = engine(spf_rule())
     t = txn(mail_from="u@pass.example.org")
-    assert e.run_stage("mail", t) == CONTINUE
-    assert e.run_stage("rcpt", t) == CONTINUE  # a stage without rules
+    assert e.run_stage(Stage.MAIL, t) == CONTINUE
+    assert e.run_stage(Stage.RCPT, t) == CONTINUE  # a stage without rules
 
 
 # -- when: ----------------------------------------------------------------------------------
@@ -164,7 +164,7 @@ def when_rule(when: str, stage: str = "mail", check: str = "spf") -> str:
 def test_when_client_in(group: str, ip: str, applies: bool) -> None:
     e, dns = make(when_rule(f"{{client_in: {group}}}"), GROUPS)
     t = txn(ip=ip, mail_from="u@fail.example.org")
-    verdict = e.run_stage("mail", t)
+    verdict = e.run_stage(Stage.MAIL, t)
     assert verdict.action == ("reject" if applies else "continue")
     if group == "names":
         rdtype = "AAAA" if ":" in ip and not ip.startswith("::ffff:") else "A"
@@ -174,12 +174,13 @@ def test_when_client_in(group: str, ip: str, applies: bool) -> None:
 def test_when_client_in_without_a_client_address_does_not_hold() -> None:
     e = engine(when_rule("{client_in: nets}"), GROUPS)
     t = txn(ip=None, mail_from="u@fail.example.org")
-    assert e.run_stage("mail", t) == CONTINUE
+    assert e.run_stage(Stage.MAIL, t) == CONTINUE
 
 
 def test_when_client_in_any_of_several_groups() -> None:
     e = engine(when_rule("{client_in: [v6only, names]}"), GROUPS)
-    assert e.run_stage("mail", txn(ip=CLIENT, mail_from="u@fail.example.org")).action == "reject"
+    verdict = e.run_stage(Stage.MAIL, txn(ip=CLIENT, mail_from="u@fail.example.org"))
+    assert verdict.action is Action.REJECT
 
 
 @pytest.mark.parametrize(("auth", "wanted", "applies"), [
@@ -189,7 +190,7 @@ def test_when_authenticated_reads_the_auth_authen_macro(auth: str, wanted: str,
                                                         applies: bool) -> None:
     e = engine(when_rule(f"{{authenticated: {wanted}}}"))
     t = txn(mail_from="u@fail.example.org", auth=auth)
-    assert e.run_stage("mail", t).action == ("reject" if applies else "continue")
+    assert e.run_stage(Stage.MAIL, t).action == ("reject" if applies else "continue")
 
 
 @pytest.mark.parametrize(("listed", "sender", "applies"), [
@@ -202,16 +203,16 @@ def test_when_authenticated_reads_the_auth_authen_macro(auth: str, wanted: str,
 def test_when_sender_domain_in(listed: str, sender: str, applies: bool) -> None:
     e = engine(when_rule(f"{{sender_domain_in: {listed}}}"))
     t = txn(mail_from=sender)
-    verdict = e.run_stage("mail", t)
+    verdict = e.run_stage(Stage.MAIL, t)
     assert (verdict.action != "continue") is applies
 
 
 def test_when_sender_domain_in_never_holds_for_the_null_reverse_path() -> None:
     # with MAIL FROM:<> SPF checks postmaster@HELO (RFC 7208 §2.4): here a fail
-    assert engine(spf_rule()).run_stage("mail", txn(mail_from="", helo="fail.example.org")
+    assert engine(spf_rule()).run_stage(Stage.MAIL, txn(mail_from="", helo="fail.example.org")
                                         ).action == "reject"
     e = engine(when_rule("{sender_domain_in: [fail.example.org]}"))
-    assert e.run_stage("mail", txn(mail_from="", helo="fail.example.org")) == CONTINUE
+    assert e.run_stage(Stage.MAIL, txn(mail_from="", helo="fail.example.org")) == CONTINUE
 
 
 @pytest.mark.parametrize(("sender", "applies"), [
@@ -220,16 +221,16 @@ def test_when_sender_domain_in_never_holds_for_the_null_reverse_path() -> None:
 def test_when_sender_domain_in_ours(sender: str, applies: bool) -> None:
     # mail_relay refuses any sender of ours from outside the allowed hosts
     e = engine(when_rule("{sender_domain_in: ours}", check="mail_relay"))
-    verdict = e.run_stage("mail", txn(ip=OUTSIDE, mail_from=sender))
+    verdict = e.run_stage(Stage.MAIL, txn(ip=OUTSIDE, mail_from=sender))
     assert verdict.action == ("reject" if applies else "continue")
 
 
 def test_when_rcpt_domain_in_at_rcpt_looks_at_the_current_recipient_only() -> None:
     e = engine(when_rule("{rcpt_domain_in: [example.org]}", stage="rcpt"))
     t = txn(mail_from="u@fail.example.org", rcpts=("a@example.org",))
-    assert e.run_stage("rcpt", t).action == "reject"
+    assert e.run_stage(Stage.RCPT, t).action == "reject"
     t = txn(mail_from="u@fail.example.org", rcpts=("a@example.org", "b@example.net"))
-    assert e.run_stage("rcpt", t) == CONTINUE  # the current one is b@example.net
+    assert e.run_stage(Stage.RCPT, t) == CONTINUE  # the current one is b@example.net
 
 
 def test_when_rcpt_domain_in_at_eom_looks_at_any_recipient() -> None:
@@ -243,20 +244,22 @@ def test_when_rcpt_domain_in_at_eom_looks_at_any_recipient() -> None:
 
 def test_when_rcpt_domain_in_ours() -> None:
     e = engine(when_rule("{rcpt_domain_in: ours}", stage="rcpt"))
-    assert e.run_stage("rcpt", txn(mail_from="u@fail.example.org",
+    assert e.run_stage(Stage.RCPT, txn(mail_from="u@fail.example.org",
                                    rcpts=("x@Mail.Example.com",))).action == "reject"
 
 
 def test_when_not_negates() -> None:
     e = engine(when_rule("{not: {client_in: nets}}"), GROUPS)
-    assert e.run_stage("mail", txn(ip=CLIENT, mail_from="u@fail.example.org")) == CONTINUE
-    assert e.run_stage("mail", txn(ip=OUTSIDE, mail_from="u@fail.example.org")).action == "reject"
+    assert e.run_stage(Stage.MAIL, txn(ip=CLIENT, mail_from="u@fail.example.org")) == CONTINUE
+    verdict = e.run_stage(Stage.MAIL, txn(ip=OUTSIDE, mail_from="u@fail.example.org"))
+    assert verdict.action is Action.REJECT
 
 
 def test_when_every_test_must_hold() -> None:
     e = engine(when_rule("{client_in: nets, authenticated: true}"), GROUPS)
-    assert e.run_stage("mail", txn(mail_from="u@fail.example.org")) == CONTINUE
-    assert e.run_stage("mail", txn(mail_from="u@fail.example.org", auth="bob")).action == "reject"
+    assert e.run_stage(Stage.MAIL, txn(mail_from="u@fail.example.org")) == CONTINUE
+    verdict = e.run_stage(Stage.MAIL, txn(mail_from="u@fail.example.org", auth="bob"))
+    assert verdict.action is Action.REJECT
 
 
 @pytest.mark.parametrize("when", ["{client_in: slow}", "{not: {client_in: slow}}",
@@ -264,7 +267,7 @@ def test_when_every_test_must_hold() -> None:
 def test_when_with_dns_temperror_in_a_host_group_tempfails_never_rejects(when: str) -> None:
     e = engine(when_rule(when), GROUPS)
     t = txn(mail_from="u@fail.example.org")
-    verdict = e.run_stage("mail", t)
+    verdict = e.run_stage(Stage.MAIL, t)
     assert verdict.action == "tempfail"
     assert verdict.reply == Reply(451, "4.4.3", "Temporary DNS failure, try again later")
     assert verdict.rule == "guarded"
@@ -273,18 +276,18 @@ def test_when_with_dns_temperror_in_a_host_group_tempfails_never_rejects(when: s
 
 def test_when_with_dns_temperror_but_another_group_matches_holds() -> None:
     e = engine(when_rule("{client_in: [slow, nets]}"), GROUPS)
-    assert e.run_stage("mail", txn(mail_from="u@fail.example.org")).action == "reject"
+    assert e.run_stage(Stage.MAIL, txn(mail_from="u@fail.example.org")).action == "reject"
 
 
 def test_when_definitely_false_is_not_tempfailed_by_an_unresolvable_group() -> None:
     e = engine(when_rule("{client_in: slow, authenticated: true}"), GROUPS)
-    assert e.run_stage("mail", txn(mail_from="u@fail.example.org")) == CONTINUE
+    assert e.run_stage(Stage.MAIL, txn(mail_from="u@fail.example.org")) == CONTINUE
 
 
 # -- on: overrides -------------------------------------------------------------------------
 def test_on_override_with_action_only_keeps_the_default_reply() -> None:
     e = engine(spf_rule(on="{softfail: reject}"))
-    verdict = e.run_stage("mail", txn(mail_from="u@soft.example.org"))
+    verdict = e.run_stage(Stage.MAIL, txn(mail_from="u@soft.example.org"))
     assert verdict.action == "reject"
     assert verdict.reply is not None
     assert (verdict.reply.code, verdict.reply.status) == (550, "5.7.23")
@@ -294,25 +297,25 @@ def test_on_override_with_action_only_keeps_the_default_reply() -> None:
 def test_on_override_with_action_code_status_and_text() -> None:
     e = engine(spf_rule(on="{fail: {action: reject, code: 553, status: 5.7.26, "
                            "text: Go away}}"))
-    verdict = e.run_stage("mail", txn(mail_from="u@fail.example.org"))
+    verdict = e.run_stage(Stage.MAIL, txn(mail_from="u@fail.example.org"))
     assert verdict == Verdict("reject", Reply(553, "5.7.26", "Go away"), "spf", "spf=fail")
 
 
 def test_on_override_tempfail_turns_the_default_5xx_into_4xx() -> None:
     e = engine(spf_rule(on="{fail: tempfail}"))
-    verdict = e.run_stage("mail", txn(mail_from="u@fail.example.org"))
+    verdict = e.run_stage(Stage.MAIL, txn(mail_from="u@fail.example.org"))
     assert verdict.reply is not None
     assert (verdict.reply.code, verdict.reply.status) == (451, "4.7.23")
 
 
 def test_on_override_to_continue_silences_a_default_refusal() -> None:
     e = engine(spf_rule(on="{fail: continue}"))
-    assert e.run_stage("mail", txn(mail_from="u@fail.example.org")) == CONTINUE
+    assert e.run_stage(Stage.MAIL, txn(mail_from="u@fail.example.org")) == CONTINUE
 
 
 def test_on_reject_of_a_result_without_a_specific_reply_uses_the_generic_one() -> None:
     e = engine("  connect:\n    - name: r\n      check: iprev\n      on: {pass: reject}\n")
-    verdict = e.run_stage("connect", txn())
+    verdict = e.run_stage(Stage.CONNECT, txn())
     assert verdict.reply is not None
     assert (verdict.reply.code, verdict.reply.status) == (550, "5.7.1")
 
@@ -335,7 +338,7 @@ def test_on_reject_of_a_result_without_a_specific_reply_uses_the_generic_one() -
 def test_spf_default_verdicts_rfc7372(policy: str, sender: str,
                                       expected: tuple[str, int | None, str | None]) -> None:
     e = engine(spf_rule(policy=policy))
-    verdict = e.run_stage("mail", txn(mail_from=sender))
+    verdict = e.run_stage(Stage.MAIL, txn(mail_from=sender))
     got = (verdict.action, verdict.reply.code if verdict.reply else None,
            verdict.reply.status if verdict.reply else None)
     assert got == expected
@@ -343,7 +346,7 @@ def test_spf_default_verdicts_rfc7372(policy: str, sender: str,
 
 def test_spf_fail_reply_carries_the_explanation_rfc7208_8_4() -> None:
     e = engine(spf_rule())
-    verdict = e.run_stage("mail", txn(mail_from="u@fail.example.org"))
+    verdict = e.run_stage(Stage.MAIL, txn(mail_from="u@fail.example.org"))
     assert verdict.reply is not None
     assert verdict.reply.text == "SPF fail: 192.0.2.1 is not allowed to send mail for " \
                                  "fail.example.org"
@@ -352,7 +355,7 @@ def test_spf_fail_reply_carries_the_explanation_rfc7208_8_4() -> None:
 def test_iprev_is_recorded_only_by_default() -> None:
     e = engine("  connect:\n    - name: r\n      check: iprev\n")
     t = txn(ip=LIAR)
-    assert e.run_stage("connect", t) == CONTINUE
+    assert e.run_stage(Stage.CONNECT, t) == CONTINUE
     assert methods(t) == [("r", "iprev", "fail")]
 
 
@@ -360,7 +363,7 @@ def test_iprev_is_recorded_only_by_default() -> None:
 def test_iprev_fail_with_on_reject_is_550_5_7_25_rfc7372(ip: str) -> None:
     e = engine("  connect:\n    - name: r\n      check: iprev\n"
                "      on: {fail: reject, permerror: reject}\n")
-    verdict = e.run_stage("connect", txn(ip=ip))
+    verdict = e.run_stage(Stage.CONNECT, txn(ip=ip))
     assert verdict.action == "reject"
     assert verdict.reply is not None
     assert (verdict.reply.code, verdict.reply.status) == (550, "5.7.25")
@@ -369,26 +372,26 @@ def test_iprev_fail_with_on_reject_is_550_5_7_25_rfc7372(ip: str) -> None:
 def test_relay_denied_is_554_5_7_1() -> None:
     e = engine("  rcpt:\n    - name: relay\n      check: rcpt_relay\n")
     t = txn(ip=OUTSIDE, mail_from="u@pass.example.org", rcpts=("x@elsewhere.net",))
-    verdict = e.run_stage("rcpt", t)
+    verdict = e.run_stage(Stage.RCPT, t)
     assert verdict.action == "reject"
     assert verdict.reply == Reply(554, "5.7.1", "<x@elsewhere.net>: Relay access denied")
     t = txn(ip=OUTSIDE, mail_from="u@pass.example.org", rcpts=("x@sub.example.com",))
-    assert e.run_stage("rcpt", t) == CONTINUE
+    assert e.run_stage(Stage.RCPT, t) == CONTINUE
 
 
 def test_relay_allowed_for_authenticated_and_allowed_hosts() -> None:
     e = engine("  rcpt:\n    - name: relay\n      check: rcpt_relay\n      allowed_hosts: nets\n",
                GROUPS)
     rcpts = ("x@elsewhere.net",)
-    assert e.run_stage("rcpt", txn(ip=CLIENT, rcpts=rcpts)) == CONTINUE
-    assert e.run_stage("rcpt", txn(ip=OUTSIDE, rcpts=rcpts, auth="bob")) == CONTINUE
-    assert e.run_stage("rcpt", txn(ip=OUTSIDE, rcpts=rcpts)).action == "reject"
+    assert e.run_stage(Stage.RCPT, txn(ip=CLIENT, rcpts=rcpts)) == CONTINUE
+    assert e.run_stage(Stage.RCPT, txn(ip=OUTSIDE, rcpts=rcpts, auth="bob")) == CONTINUE
+    assert e.run_stage(Stage.RCPT, txn(ip=OUTSIDE, rcpts=rcpts)).action == "reject"
 
 
 def test_relay_with_unresolvable_allowed_hosts_tempfails() -> None:
     e = engine("  rcpt:\n    - name: relay\n      check: rcpt_relay\n      allowed_hosts: slow\n",
                GROUPS)
-    verdict = e.run_stage("rcpt", txn(ip=OUTSIDE, rcpts=("x@elsewhere.net",)))
+    verdict = e.run_stage(Stage.RCPT, txn(ip=OUTSIDE, rcpts=("x@elsewhere.net",)))
     assert verdict.action == "tempfail"
     assert verdict.reply is not None
     assert (verdict.reply.code, verdict.reply.status) == (451, "4.4.3")
@@ -397,17 +400,17 @@ def test_relay_with_unresolvable_allowed_hosts_tempfails() -> None:
 def test_mail_relay_refuses_our_domain_from_outside_554_5_7_1() -> None:
     e = engine("  mail:\n    - name: spoof\n      check: mail_relay\n      allowed_hosts: nets\n",
                GROUPS)
-    verdict = e.run_stage("mail", txn(ip=OUTSIDE, mail_from="ceo@example.com"))
+    verdict = e.run_stage(Stage.MAIL, txn(ip=OUTSIDE, mail_from="ceo@example.com"))
     assert verdict.action == "reject"
     assert verdict.reply is not None
     assert (verdict.reply.code, verdict.reply.status) == (554, "5.7.1")
-    assert e.run_stage("mail", txn(ip=CLIENT, mail_from="ceo@example.com")) == CONTINUE
+    assert e.run_stage(Stage.MAIL, txn(ip=CLIENT, mail_from="ceo@example.com")) == CONTINUE
 
 
 # -- a DNS temporary error is never a permanent refusal ------------------------------------
 def test_reject_asked_for_spf_temperror_is_downgraded_to_tempfail() -> None:
     e = engine(spf_rule(on="{temperror: reject}"))
-    verdict = e.run_stage("mail", txn(mail_from="u@temp.example.org"))
+    verdict = e.run_stage(Stage.MAIL, txn(mail_from="u@temp.example.org"))
     assert verdict.action == "tempfail"
     assert verdict.reply is not None
     assert (verdict.reply.code, verdict.reply.status) == (451, "4.7.24")
@@ -415,7 +418,7 @@ def test_reject_asked_for_spf_temperror_is_downgraded_to_tempfail() -> None:
 
 def test_reject_asked_for_iprev_temperror_is_downgraded_to_tempfail() -> None:
     e = engine("  connect:\n    - name: r\n      check: iprev\n      on: {temperror: reject}\n")
-    verdict = e.run_stage("connect", txn(ip=SLOW_PTR))
+    verdict = e.run_stage(Stage.CONNECT, txn(ip=SLOW_PTR))
     assert verdict.action == "tempfail"
     assert verdict.reply is not None
     assert (verdict.reply.code, verdict.reply.status) == (451, "4.7.25")
@@ -424,14 +427,14 @@ def test_reject_asked_for_iprev_temperror_is_downgraded_to_tempfail() -> None:
 def test_reject_asked_for_relay_temperror_is_downgraded_to_tempfail() -> None:
     e = engine("  rcpt:\n    - name: relay\n      check: rcpt_relay\n      allowed_hosts: slow\n"
                "      on: {temperror: reject}\n", GROUPS)
-    verdict = e.run_stage("rcpt", txn(ip=OUTSIDE, rcpts=("x@elsewhere.net",)))
+    verdict = e.run_stage(Stage.RCPT, txn(ip=OUTSIDE, rcpts=("x@elsewhere.net",)))
     assert verdict.action == "tempfail"
     assert verdict.reply is not None and verdict.reply.code == 451
 
 
 def test_downgraded_temperror_never_keeps_a_5xx_code() -> None:
     e = engine(spf_rule(on="{temperror: {action: reject, code: 550, status: 5.7.24}}"))
-    verdict = e.run_stage("mail", txn(mail_from="u@temp.example.org"))
+    verdict = e.run_stage(Stage.MAIL, txn(mail_from="u@temp.example.org"))
     assert verdict.action == "tempfail"
     assert verdict.reply is not None
     assert verdict.reply.code // 100 == 4
@@ -460,15 +463,15 @@ ACCEPT_AT_CONNECT = """
 def test_accept_at_connect_skips_every_later_rule_of_every_message() -> None:
     e = engine(ACCEPT_AT_CONNECT)
     t = Transaction.for_client(CLIENT, "c")
-    assert e.run_stage("connect", t).action == "accept"
+    assert e.run_stage(Stage.CONNECT, t).action == "accept"
     t.helo = HELO
-    assert e.run_stage("helo", t) == CONTINUE
+    assert e.run_stage(Stage.HELO, t) == CONTINUE
     for number in range(2):
         t.new_message()
         t.mail_from = "u@fail.example.org"
-        assert e.run_stage("mail", t) == CONTINUE, number
+        assert e.run_stage(Stage.MAIL, t) == CONTINUE, number
         t.rcpts.append("x@elsewhere.net")
-        assert e.run_stage("rcpt", t) == CONTINUE
+        assert e.run_stage(Stage.RCPT, t) == CONTINUE
         assert e.end_of_message(t)[0] == CONTINUE
     assert [r.method for r in t.results] == ["iprev"]  # only the connect-time result
 
@@ -476,11 +479,11 @@ def test_accept_at_connect_skips_every_later_rule_of_every_message() -> None:
 def test_no_accept_at_connect_for_another_client() -> None:
     e = engine(ACCEPT_AT_CONNECT)
     t = Transaction.for_client(LIAR, "c")
-    assert e.run_stage("connect", t) == CONTINUE
+    assert e.run_stage(Stage.CONNECT, t) == CONTINUE
     t.helo = HELO
     t.new_message()
     t.mail_from = "u@fail.example.org"
-    assert e.run_stage("mail", t).action == "reject"
+    assert e.run_stage(Stage.MAIL, t).action == "reject"
 
 
 def test_accept_at_mail_skips_later_rules_of_that_message_only() -> None:
@@ -498,19 +501,19 @@ def test_accept_at_mail_skips_later_rules_of_that_message_only() -> None:
     t.helo = HELO
     t.new_message()
     t.mail_from = "u@pass.example.org"
-    assert e.run_stage("mail", t).action == "accept"
+    assert e.run_stage(Stage.MAIL, t).action == "accept"
     t.rcpts.append("x@elsewhere.net")
-    assert e.run_stage("rcpt", t) == CONTINUE
+    assert e.run_stage(Stage.RCPT, t) == CONTINUE
     # the next message on the same connection gets every rule again
     t.new_message()
     t.mail_from = "u@pass.example.org"
     assert not t.accepted
-    assert e.run_stage("mail", t).action == "accept"
+    assert e.run_stage(Stage.MAIL, t).action == "accept"
     t.new_message()
     t.mail_from = "u@other.example.org"
-    assert e.run_stage("mail", t) == CONTINUE
+    assert e.run_stage(Stage.MAIL, t) == CONTINUE
     t.rcpts.append("x@elsewhere.net")
-    assert e.run_stage("rcpt", t).action == "reject"
+    assert e.run_stage(Stage.RCPT, t).action == "reject"
 
 
 def test_quarantine_records_the_reason_and_ends_the_message() -> None:
@@ -524,12 +527,12 @@ def test_quarantine_records_the_reason_and_ends_the_message() -> None:
       check: rcpt_relay
 """)
     t = txn(mail_from="u@soft.example.org")
-    verdict = e.run_stage("mail", t)
+    verdict = e.run_stage(Stage.MAIL, t)
     assert verdict.action == "quarantine"
     assert not verdict.refuses
     assert t.quarantine == "SPF softfail held"
     t.rcpts.append("x@elsewhere.net")
-    assert e.run_stage("rcpt", t) == CONTINUE
+    assert e.run_stage(Stage.RCPT, t) == CONTINUE
     _, edits = e.end_of_message(t)
     assert t.quarantine == "SPF softfail held"
     assert edits.insert  # the message is delivered (to quarantine) with our headers
@@ -549,11 +552,11 @@ def test_quarantine_at_connect_applies_to_the_connections_messages() -> None:
     e = engine("  connect:\n    - name: hold\n      check: iprev\n"
                "      on: {fail: quarantine}\n")
     t = Transaction.for_client(LIAR, "c")
-    assert e.run_stage("connect", t).action == "quarantine"
+    assert e.run_stage(Stage.CONNECT, t).action == "quarantine"
     t.helo = HELO
     t.new_message()
     t.mail_from = "u@pass.example.org"
-    e.run_stage("mail", t)
+    e.run_stage(Stage.MAIL, t)
     e.end_of_message(t)
     assert t.quarantine
 
@@ -569,7 +572,7 @@ def test_a_check_that_raises_gives_tempfail_451_4_3_0(caplog: pytest.LogCaptureF
                    "  mail:\n    - name: spf\n      check: spf\n")
     e = Engine(config, BrokenDNS(ZONE))
     t = txn()
-    verdict = e.run_stage("connect", t)
+    verdict = e.run_stage(Stage.CONNECT, t)
     assert verdict.action == "tempfail"
     assert verdict.reply == Reply(451, "4.3.0", "Internal error, try again later")
     assert verdict.rule == "r"
@@ -588,12 +591,12 @@ def full_message(header: str = "both") -> tuple[Engine, Transaction]:
       header: {header}
 """)
     t = Transaction.for_client(CLIENT, "mail.example.net")
-    e.run_stage("connect", t)
+    e.run_stage(Stage.CONNECT, t)
     t.helo = HELO
     t.new_message()
     t.queue_id = "4ABC123"
     t.mail_from = "user@pass.example.org"
-    assert e.run_stage("mail", t) == CONTINUE
+    assert e.run_stage(Stage.MAIL, t) == CONTINUE
     t.rcpts.append("rcpt@example.com")
     return e, t
 
@@ -631,7 +634,7 @@ def test_received_spf_only_when_header_is_spf_or_both(header: str, received_spf:
 def test_end_of_message_without_reported_results_says_none() -> None:
     e = engine("  rcpt:\n    - name: relay\n      check: rcpt_relay\n")
     t = txn(mail_from="u@example.org", rcpts=("x@example.com",))
-    assert e.run_stage("rcpt", t) == CONTINUE
+    assert e.run_stage(Stage.RCPT, t) == CONTINUE
     assert t.results  # relay results are recorded for the log ...
     _, edits = e.end_of_message(t)
     assert edits.insert == (("Authentication-Results", "mx.example.com; none"),)  # ... not in AR
@@ -676,7 +679,7 @@ def test_describe_is_one_line_with_everything() -> None:
 def test_describe_with_a_refusal_shows_rule_and_reply() -> None:
     e = engine(spf_rule())
     t = txn(mail_from="u@fail.example.org")
-    verdict = e.run_stage("mail", t)
+    verdict = e.run_stage(Stage.MAIL, t)
     line = describe(t, "mail", verdict)
     assert "verdict=reject by rule 'spf' reply=\"550 5.7.23 SPF fail:" in line
     assert "queue_id=-" in line and "rcpts=-" in line
@@ -697,7 +700,7 @@ def test_describe_stays_one_printable_line_for_hostile_envelopes() -> None:
     t.queue_id = "Q\nID"
     t.mail_from = "a\r\nb@\u00fcnicode.example"
     t.rcpts.append("x\x00y\n@elsewhere.net")
-    verdict = e.run_stage("rcpt", t)
+    verdict = e.run_stage(Stage.RCPT, t)
     line = describe(t, "rcpt", verdict)
     assert re.fullmatch(r"[\x20-\x7e]+", line), line
     assert "queue_id=Q?ID" in line
@@ -722,7 +725,7 @@ def test_describe_shows_quarantine() -> None:
 def test_reply_text_from_envelope_is_smtp_safe_and_percent_doubled() -> None:
     e = engine("  rcpt:\n    - name: relay\n      check: rcpt_relay\n")
     t = txn(ip=OUTSIDE, mail_from="a@b.example", rcpts=("100%s\r\nX: y\u00e9@elsewhere.net",))
-    verdict = e.run_stage("rcpt", t)
+    verdict = e.run_stage(Stage.RCPT, t)
     assert verdict.reply is not None
     text = verdict.reply.text
     assert re.fullmatch(r"[\x20-\x7e]+", text)
@@ -732,7 +735,7 @@ def test_reply_text_from_envelope_is_smtp_safe_and_percent_doubled() -> None:
 
 def test_configured_reply_text_percent_is_doubled_for_libmilter() -> None:
     e = engine(spf_rule(on="{fail: {action: reject, text: '100% refused'}}"))
-    verdict = e.run_stage("mail", txn(mail_from="u@fail.example.org"))
+    verdict = e.run_stage(Stage.MAIL, txn(mail_from="u@fail.example.org"))
     assert verdict.reply is not None
     assert verdict.reply.text == "100%% refused"
 
@@ -740,7 +743,7 @@ def test_configured_reply_text_percent_is_doubled_for_libmilter() -> None:
 def test_long_reply_text_is_bounded() -> None:
     e = engine("  rcpt:\n    - name: relay\n      check: rcpt_relay\n")
     t = txn(ip=OUTSIDE, mail_from="a@b.example", rcpts=("x" * 2000 + "@elsewhere.net",))
-    verdict = e.run_stage("rcpt", t)
+    verdict = e.run_stage(Stage.RCPT, t)
     assert verdict.reply is not None
     assert len(verdict.reply.text) <= 400
     assert verdict.reply.text.endswith("...")

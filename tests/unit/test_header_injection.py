@@ -31,6 +31,7 @@ from mailwarden.dkim.keys import public_record, write_private
 from mailwarden.headers import authserv_id_of
 from mailwarden.policy.engine import Engine, HeaderEdits, Verdict, describe
 from mailwarden.transaction import Transaction
+from mailwarden.verdict import Stage
 
 from fakedns import FakeDNS
 
@@ -90,7 +91,7 @@ def deliver(setup: tuple[Config, FakeDNS], helo: str, mail_from: str, from_value
     txn.helo = helo
     txn.new_message()
     txn.mail_from = mail_from
-    assert engine.run_stage("mail", txn).action == "continue"
+    assert engine.run_stage(Stage.MAIL, txn).action == "continue"
     txn.rcpts.append("rcpt@example.com")
     txn.headers = [*extra, ("From", from_value), ("To", " rcpt@example.com"),
                    ("Subject", " hello")]
@@ -237,6 +238,6 @@ def test_quarantine_reason_is_one_printable_line(mail_from: str) -> None:
     txn.helo = BENIGN_HELO
     txn.new_message()
     txn.mail_from = mail_from
-    assert Engine(config, FakeDNS(ZONE)).run_stage("mail", txn).action == "quarantine"
+    assert Engine(config, FakeDNS(ZONE)).run_stage(Stage.MAIL, txn).action == "quarantine"
     assert txn.quarantine is not None
     assert re.fullmatch(r"[\x20-\x7e]+", txn.quarantine), txn.quarantine

@@ -12,6 +12,7 @@ from mailwarden.config import ConfigError
 from mailwarden.config.build import parse
 from mailwarden.policy.engine import Engine, describe
 from mailwarden.transaction import Transaction
+from mailwarden.verdict import Stage
 
 from fakedns import FakeDNS
 
@@ -72,7 +73,7 @@ def test_enforce_is_the_default_and_rejects() -> None:
     assert engine.config.mode == "enforce"
     assert all(rule.mode == "enforce" for rule in engine.config.all_rules())
     txn = message("alice@fail.example.org")
-    verdict = engine.run_stage("mail", txn)
+    verdict = engine.run_stage(Stage.MAIL, txn)
     assert verdict.action == "reject" and verdict.reply is not None
     assert verdict.reply.code == 550 and verdict.reply.status == "5.7.23"
     assert txn.monitored == []
@@ -81,7 +82,7 @@ def test_enforce_is_the_default_and_rejects() -> None:
 def test_global_monitor_notes_the_rejection_and_continues(recorder: Recording) -> None:
     engine = build(global_mode="monitor")
     txn = message("alice@fail.example.org")
-    verdict = engine.run_stage("mail", txn)
+    verdict = engine.run_stage(Stage.MAIL, txn)
     assert verdict.action == "continue"
     assert [(m.stage, m.action, m.rule) for m in txn.monitored] == [("mail", "reject", "spf")]
     assert txn.monitored[0].reply.startswith("550 5.7.23 ")
@@ -99,7 +100,7 @@ def test_global_monitor_notes_the_rejection_and_continues(recorder: Recording) -
 def test_monitor_never_tempfails_a_dns_error() -> None:
     engine = build(global_mode="monitor")
     txn = message("alice@temp.example.org")
-    verdict = engine.run_stage("mail", txn)
+    verdict = engine.run_stage(Stage.MAIL, txn)
     assert verdict.action == "continue"
     assert [(m.action, m.reply[:9]) for m in txn.monitored] == [("tempfail", "451 4.7.2")]
 
@@ -109,18 +110,18 @@ def test_per_rule_monitor_leaves_the_other_rules_enforcing() -> None:
     spf, relay = engine.config.stage_rules("mail")
     assert (spf.mode, relay.mode) == ("monitor", "enforce")
     txn = message("alice@fail.example.org")
-    assert engine.run_stage("mail", txn).action == "continue"
+    assert engine.run_stage(Stage.MAIL, txn).action == "continue"
     assert [m.rule for m in txn.monitored] == ["spf"]
     # the enforcing relay rule still refuses someone outside claiming one of our domains
     spoof = message("ceo@example.com", ip="198.51.100.7")
-    verdict = engine.run_stage("mail", spoof)
+    verdict = engine.run_stage(Stage.MAIL, spoof)
     assert verdict.action == "reject" and verdict.rule == "relay"
 
 
 def test_a_rule_can_enforce_under_a_global_monitor() -> None:
     engine = build(global_mode="monitor", spf_mode="enforce")
     txn = message("alice@fail.example.org")
-    assert engine.run_stage("mail", txn).action == "reject"
+    assert engine.run_stage(Stage.MAIL, txn).action == "reject"
 
 
 def test_accept_is_applied_in_monitor_mode() -> None:
@@ -138,7 +139,7 @@ hosts:
 """
     engine = Engine(parse(text), FakeDNS(ZONE))
     txn = message("alice@pass.example.org")
-    assert engine.run_stage("mail", txn).action == "accept"
+    assert engine.run_stage(Stage.MAIL, txn).action == "accept"
     assert txn.accepted and txn.monitored == []
 
 
@@ -152,7 +153,7 @@ def test_monitored_quarantine_is_not_applied() -> None:
 """
     engine = Engine(parse(text), FakeDNS(ZONE))
     txn = message("alice@fail.example.org")
-    assert engine.run_stage("mail", txn).action == "continue"
+    assert engine.run_stage(Stage.MAIL, txn).action == "continue"
     assert txn.quarantine is None and not txn.accepted
     assert [(m.action, m.reason) for m in txn.monitored] == [("quarantine", "SPF fail")]
 
@@ -167,7 +168,7 @@ rules:
 """
     engine = Engine(parse(text), FakeDNS({}))
     txn = Transaction.for_client("192.0.2.9", "unknown", 1)
-    assert engine.run_stage("connect", txn).action == "continue"
+    assert engine.run_stage(Stage.CONNECT, txn).action == "continue"
     txn.new_message()
     txn.new_message()
     assert [(m.stage, m.action) for m in txn.monitored] == [("connect", "reject")]

@@ -17,7 +17,9 @@ from mailwarden.config.model import Outcome
 from mailwarden.dns import DNSClient, Status
 from mailwarden.findings import ArcFinding, SigningFinding, SignStatus
 from mailwarden.headers import AR, forged_indices
+from mailwarden.results import Result
 from mailwarden.transaction import CheckResult, Transaction
+from mailwarden.verdict import Stage
 
 if TYPE_CHECKING:
     from mailwarden.config.model import Config
@@ -51,7 +53,7 @@ def parse_none(section: Section, config: Config) -> NoArgs:
     return NoArgs()
 
 
-def no_outcomes(args: object) -> Mapping[str, Outcome]:
+def no_outcomes(args: object) -> Mapping[Result, Outcome]:
     return {}
 
 
@@ -81,8 +83,8 @@ def run_verify(ctx: Context, txn: Transaction, args: NoArgs) -> CheckOutcome:
     if sets > limit:
         # Not validated at all: no key is looked up (RFC 8617 §4.2.1 allows 50 sets at most).
         reason = f"chain of {sets} ARC sets, more than {limit} (limits.arc_sets)"
-        return CheckOutcome("fail", (CheckResult("", "arc", "fail", reason),),
-                            text=f"ARC fail: {reason}", findings=(ArcFinding("fail"),))
+        return CheckOutcome(Result.FAIL, (CheckResult("", "arc", Result.FAIL, reason),),
+                            text=f"ARC fail: {reason}", findings=(ArcFinding(Result.FAIL),))
     message = txn.message()
     failures: list[str] = []
     try:
@@ -90,12 +92,13 @@ def run_verify(ctx: Context, txn: Transaction, args: NoArgs) -> CheckOutcome:
     except dkimpy.DKIMException as exc:
         cv, results, comment = b"fail", [], str(exc)
     if failures:  # a key could not be fetched just now: no verdict (RFC 8601 §2.7.1)
-        return CheckOutcome("temperror", (CheckResult("", "arc", "temperror", failures[0]),),
+        return CheckOutcome(Result.TEMPERROR,
+                            (CheckResult("", "arc", Result.TEMPERROR, failures[0]),),
                             text="ARC validation failed temporarily",
-                            findings=(ArcFinding("temperror"),))
+                            findings=(ArcFinding(Result.TEMPERROR),))
     # dkimpy reports a chain whose latest seal says cv=fail as None: that chain fails
     # (RFC 8617 §5.2 step 2).
-    result = (cv or b"fail").decode("ascii", "replace").lower()
+    result = _CHAIN_VALIDATION.get((cv or b"fail").lower(), Result.FAIL)
     sealers = [r.get("as-domain", b"").decode("ascii", "replace") for r in
                sorted(results, key=lambda r: int(r.get("instance", 0)))]
     props = (("arc.chain", ":".join(s for s in sealers if s)),) if sealers else ()
@@ -121,7 +124,7 @@ def parse_seal(section: Section, config: Config) -> SealArgs:
 
 def _not_sealed(domain: str, reason: str) -> CheckOutcome:
     finding = SigningFinding("", "arc_seal", SignStatus.ERROR, domain=domain, reason=reason)
-    return CheckOutcome("error", text=reason, findings=(finding,))
+    return CheckOutcome(Result.ERROR, text=reason, findings=(finding,))
 
 
 def run_seal(ctx: Context, txn: Transaction, args: SealArgs) -> CheckOutcome:
@@ -141,7 +144,7 @@ def run_seal(ctx: Context, txn: Transaction, args: SealArgs) -> CheckOutcome:
         fields.append((name, value.rstrip("\r\n").replace("\r\n", "\n")))
     finding = SigningFinding("", "arc_seal", SignStatus.SEALED, key.domain, key.selector,
                              key.algorithm)
-    return CheckOutcome("sealed", headers=tuple(fields), text="sealed", findings=(finding,))
+    return CheckOutcome(Result.SEALED, headers=tuple(fields), text="sealed", findings=(finding,))
 
 
 def _sealed_message(txn: Transaction, authserv_id: str) -> bytes:
@@ -154,9 +157,13 @@ def _sealed_message(txn: Transaction, authserv_id: str) -> bytes:
     return ours + txn.header_block(omit=forged) + b"".join(txn.body_chunks())
 
 
-VERIFY = CheckSpec(name="arc_verify", stages=("eom",),
-                   results=("none", "pass", "fail", "temperror"), parse_args=parse_none,
+# RFC 8617 §4.4 cv= values; anything else is a failed chain
+_CHAIN_VALIDATION = {b"pass": Result.PASS, b"fail": Result.FAIL, b"none": Result.NONE}
+
+VERIFY = CheckSpec(name="arc_verify", stages=(Stage.EOM,),
+                   results=(Result.NONE, Result.PASS, Result.FAIL, Result.TEMPERROR),
+                   parse_args=parse_none,
                    run=run_verify, outcomes=no_outcomes, needs_body=True)
-SEAL = CheckSpec(name="arc_seal", stages=("eom",), results=("sealed", "error"),
+SEAL = CheckSpec(name="arc_seal", stages=(Stage.EOM,), results=(Result.SEALED, Result.ERROR),
                  parse_args=parse_seal, run=run_seal, outcomes=no_outcomes, needs_body=True,
                  transform=True, after_headers=True)

@@ -13,8 +13,9 @@ from mailwarden.config.model import Outcome
 from mailwarden.dns import DNSClient
 from mailwarden.findings import Finding
 from mailwarden.relay import HostGroup, Membership
+from mailwarden.results import Result
 from mailwarden.transaction import CheckResult, Transaction
-from mailwarden.verdict import Reply
+from mailwarden.verdict import Reply, Stage
 
 if TYPE_CHECKING:
     from mailwarden.config.model import Config
@@ -67,7 +68,7 @@ class CheckOutcome:
     headers to add, the text for an SMTP reply should the rule refuse, and the typed findings
     the engine files for the checks that depend on this one."""
 
-    decisive: str
+    decisive: Result
     results: tuple[CheckResult, ...] = ()
     headers: tuple[tuple[str, str], ...] = ()
     text: str = ""
@@ -77,14 +78,14 @@ class CheckOutcome:
 @dataclass(frozen=True, slots=True)
 class CheckSpec:
     name: str
-    stages: tuple[str, ...]
-    results: tuple[str, ...]
+    stages: tuple[Stage, ...]
+    results: tuple[Result, ...]
     parse_args: Callable[[Section, Config], Any]
     run: Callable[[Context, Transaction, Any], CheckOutcome]
-    outcomes: Callable[[Any], Mapping[str, Outcome]]
-    replies: Mapping[str, Reply] = field(default_factory=dict)
+    outcomes: Callable[[Any], Mapping[Result, Outcome]]
+    replies: Mapping[Result, Reply] = field(default_factory=dict)
     # macros the check reads, by stage, so that negotiation can ask the MTA for them
-    macros: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    macros: Mapping[Stage, tuple[str, ...]] = field(default_factory=dict)
     needs_body: bool = False  # the MTA must send the body (DKIM, ARC)
     # A transformation (signing, sealing) gives no verdict: it runs after the verdict, for
     # every message not refused, whatever let it through (`accept` included).

@@ -25,15 +25,19 @@ from mailwarden.dkim.sign import SignOptions, sign_message
 from mailwarden.dkim.verify import SignatureResult, verify_message
 from mailwarden.findings import DkimFinding, SigningFinding, SignStatus
 from mailwarden.relay import Membership
+from mailwarden.results import Result
 from mailwarden.transaction import CheckResult, Transaction
-from mailwarden.verdict import Reply
+from mailwarden.verdict import Reply, Stage
 
 if TYPE_CHECKING:
     from mailwarden.config.model import Config
     from mailwarden.config.reader import Section
 
-VERIFY_RESULTS = ("pass", "fail", "policy", "neutral", "none", "temperror", "permerror")
-_ORDER = ("pass", "temperror", "fail", "policy", "permerror", "neutral")
+VERIFY_RESULTS = (Result.PASS, Result.FAIL, Result.POLICY, Result.NEUTRAL, Result.NONE,
+                  Result.TEMPERROR, Result.PERMERROR)
+# the rule acts on the best signature: pass, else a lookup to retry, else the first failure
+_ORDER = (Result.PASS, Result.TEMPERROR, Result.FAIL, Result.POLICY, Result.PERMERROR,
+          Result.NEUTRAL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +59,8 @@ def _record(sig: SignatureResult) -> CheckResult:
         props.append(("header.a", sig.algorithm))
     if sig.b:
         props.append(("header.b", sig.b))
-    comment = f"{sig.key_bits}-bit key" if sig.result == "pass" and sig.key_bits else sig.reason
+    passed = sig.result is Result.PASS and sig.key_bits
+    comment = f"{sig.key_bits}-bit key" if passed else sig.reason
     if sig.body_length is not None:
         comment += f"; l={sig.body_length}"
     return CheckResult("", "dkim", sig.result, sig.reason,
@@ -74,7 +79,7 @@ def run_verify(ctx: Context, txn: Transaction, args: VerifyArgs) -> CheckOutcome
     finding = verify(ctx, txn, args.max_signatures, args.accept_body_length)
     signatures = finding.signatures
     if not signatures:
-        return CheckOutcome("none", (CheckResult("", "dkim", "none", "no signature"),),
+        return CheckOutcome(Result.NONE, (CheckResult("", "dkim", Result.NONE, "no signature"),),
                             text="No DKIM signature", findings=(finding,))
     records = tuple(_record(sig) for sig in signatures)
     found = {sig.result for sig in signatures}
@@ -84,7 +89,7 @@ def run_verify(ctx: Context, txn: Transaction, args: VerifyArgs) -> CheckOutcome
     return CheckOutcome(decisive, records, text=text, findings=(finding,))
 
 
-def verify_outcomes(args: VerifyArgs) -> Mapping[str, Outcome]:
+def verify_outcomes(args: VerifyArgs) -> Mapping[Result, Outcome]:
     return {}
 
 
@@ -118,7 +123,7 @@ def author_domain(txn: Transaction) -> str:
 
 def _unsigned(status: SignStatus, reason: str, domain: str = "") -> CheckOutcome:
     finding = SigningFinding("", "dkim_sign", status, domain=domain, reason=reason)
-    return CheckOutcome(str(status), text=reason, findings=(finding,))
+    return CheckOutcome(Result(status), text=reason, findings=(finding,))
 
 
 def run_sign(ctx: Context, txn: Transaction, args: SignArgs) -> CheckOutcome:
@@ -143,27 +148,27 @@ def run_sign(ctx: Context, txn: Transaction, args: SignArgs) -> CheckOutcome:
         return _unsigned(SignStatus.ERROR, f"cannot sign: {exc}", domain)
     findings = tuple(SigningFinding("", "dkim_sign", SignStatus.SIGNED, key.domain,
                                     key.selector, key.algorithm) for key in keys)
-    return CheckOutcome("signed", headers=tuple(fields), findings=findings,
+    return CheckOutcome(Result.SIGNED, headers=tuple(fields), findings=findings,
                         text=f"signed for {keys[0].domain} with {len(keys)} key(s)")
 
 
-def sign_outcomes(args: SignArgs) -> Mapping[str, Outcome]:
+def sign_outcomes(args: SignArgs) -> Mapping[Result, Outcome]:
     return {}
 
 
 VERIFY = CheckSpec(
-    name="dkim_verify", stages=("eom",), results=VERIFY_RESULTS,
+    name="dkim_verify", stages=(Stage.EOM,), results=VERIFY_RESULTS,
     parse_args=parse_verify, run=run_verify, outcomes=verify_outcomes,
-    replies={"fail": Reply(550, "5.7.20", "No passing DKIM signature found"),
-             "none": Reply(550, "5.7.20", "No passing DKIM signature found"),
-             "neutral": Reply(550, "5.7.20", "No passing DKIM signature found"),
-             "permerror": Reply(550, "5.7.20", "No passing DKIM signature found"),
-             "policy": Reply(550, "5.7.21", "No acceptable DKIM signature found"),
-             "temperror": Reply(451, "4.7.20", "DKIM key lookup failed, try again later")},
+    replies={Result.FAIL: Reply(550, "5.7.20", "No passing DKIM signature found"),
+             Result.NONE: Reply(550, "5.7.20", "No passing DKIM signature found"),
+             Result.NEUTRAL: Reply(550, "5.7.20", "No passing DKIM signature found"),
+             Result.PERMERROR: Reply(550, "5.7.20", "No passing DKIM signature found"),
+             Result.POLICY: Reply(550, "5.7.21", "No acceptable DKIM signature found"),
+             Result.TEMPERROR: Reply(451, "4.7.20", "DKIM key lookup failed, try again later")},
     needs_body=True,
 )
 SIGN = CheckSpec(
-    name="dkim_sign", stages=("eom",), results=("signed", "none", "error"),
+    name="dkim_sign", stages=(Stage.EOM,), results=(Result.SIGNED, Result.NONE, Result.ERROR),
     parse_args=parse_sign, run=run_sign, outcomes=sign_outcomes, needs_body=True,
     transform=True,
 )

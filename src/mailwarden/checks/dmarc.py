@@ -27,8 +27,9 @@ from mailwarden.config.model import Outcome
 from mailwarden.dmarc.evaluate import DkimInput, DmarcResult, evaluate
 from mailwarden.findings import DmarcFinding, SpfIdentity
 from mailwarden.relay import Membership
+from mailwarden.results import Result
 from mailwarden.transaction import CheckResult, Transaction
-from mailwarden.verdict import Action, Reply
+from mailwarden.verdict import Action, Reply, Stage
 
 if TYPE_CHECKING:
     from mailwarden.config.model import Config
@@ -39,8 +40,9 @@ log = logging.getLogger("mailwarden.dmarc")
 # an author domain DNS can be asked about: LDH labels (and '_'), two or more (RFC 9989 §4.4)
 _LABEL = r"[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?"
 _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})+")
-RESULTS = ("pass", "fail", "quarantine", "reject", "none", "temperror", "permerror",
-           "unusable_from")
+RESULTS = (Result.PASS, Result.FAIL, Result.QUARANTINE, Result.REJECT, Result.NONE,
+           Result.TEMPERROR, Result.PERMERROR, Result.UNUSABLE_FROM)
+_REFUSING = (Result.REJECT, Result.QUARANTINE)  # the dispositions a policy can ask
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,11 +61,11 @@ def parse_args(section: Section, config: Config) -> DmarcArgs:
     return DmarcArgs(section.boolean("enforce", True), groups, sealers)
 
 
-def outcomes(args: DmarcArgs) -> Mapping[str, Outcome]:
+def outcomes(args: DmarcArgs) -> Mapping[Result, Outcome]:
     if not args.enforce:
         return {}
-    return {"reject": Outcome(Action.REJECT), "quarantine": Outcome(Action.QUARANTINE),
-            "unusable_from": Outcome(Action.REJECT)}
+    return {Result.REJECT: Outcome(Action.REJECT), Result.QUARANTINE: Outcome(Action.QUARANTINE),
+            Result.UNUSABLE_FROM: Outcome(Action.REJECT)}
 
 
 def author_domain(txn: Transaction) -> tuple[str, str]:
@@ -104,23 +106,23 @@ def author_domain(txn: Transaction) -> tuple[str, str]:
     return domain, ""
 
 
-def _spf(txn: Transaction) -> tuple[str, str, tuple[tuple[str, str, str], ...]]:
+def _spf(txn: Transaction) -> tuple[str, Result, tuple[tuple[str, str, str], ...]]:
     """The MAIL FROM identity's domain and SPF result (RFC 9989 uses only that identity),
     and every SPF result for the report."""
     found = txn.findings.spf
     mailfrom = found.get(SpfIdentity.MAILFROM)
     reported = tuple((f.domain, "mfrom" if f.identity is SpfIdentity.MAILFROM else "helo",
-                      f.result) for f in found.values())
+                      str(f.result)) for f in found.values())
     if mailfrom is None:
-        return "", "none", reported
+        return "", Result.NONE, reported
     return mailfrom.domain, mailfrom.result, reported
 
 
 def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
     domain, problem = author_domain(txn)
     if problem:
-        record = CheckResult("", "dmarc", "permerror", problem)
-        return CheckOutcome("unusable_from", (record,),
+        record = CheckResult("", "dmarc", Result.PERMERROR, problem)
+        return CheckOutcome(Result.UNUSABLE_FROM, (record,),
                             text=f"Message refused: {problem} (RFC 9989 needs one author domain)")
     spf_domain, spf_result, spf_reported = _spf(txn)
     verified = txn.findings.dkim  # the engine verifies first when no dkim_verify rule did
@@ -129,13 +131,13 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
     found = evaluate(ctx.dns, domain, spf_domain=spf_domain, spf_result=spf_result,
                      dkim=dkim, mode=ctx.config.dmarc.mode)
     decisive, overrides = found.result, []
-    if found.result == "fail":
-        decisive = found.disposition if found.disposition in ("reject", "quarantine") else "fail"
+    if found.result is Result.FAIL:
+        decisive = found.disposition if found.disposition in _REFUSING else Result.FAIL
         why = _override(ctx, txn, args)
-        if why and decisive != "fail":
+        if why and decisive is not Result.FAIL:
             overrides.append(("local_policy", why))
-            decisive = "fail"
-    asked = decisive if decisive in ("reject", "quarantine") else "none"
+            decisive = Result.FAIL
+    asked = decisive if decisive in _REFUSING else Result.NONE
     finding = DmarcFinding("", found, asked, spf_reported, tuple(overrides))
     props = [("header.from", domain)]
     if found.record is not None:
@@ -144,15 +146,15 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
     result = CheckResult("", "dmarc", found.result, found.reason, tuple(props),
                          comment=_comment(found, asked, bool(overrides)))
     text = f"DMARC {found.result} for {domain}: {found.reason}"
-    if decisive == "reject":
+    if decisive is Result.REJECT:
         text = (f"Unauthenticated mail from {domain} is refused by its DMARC policy "
                 f"({found.reason})")
-    elif decisive == "quarantine":
+    elif decisive is Result.QUARANTINE:
         text = f"DMARC quarantine: {domain} ({found.reason})"
     return CheckOutcome(decisive, (result,), text=text, findings=(finding,))
 
 
-def _comment(found: DmarcResult, disposition: str, overridden: bool) -> str | None:
+def _comment(found: DmarcResult, disposition: Result, overridden: bool) -> str | None:
     """The Authentication-Results comment: the policy that applied and the disposition."""
     comment = None
     if found.record is not None:
@@ -168,14 +170,15 @@ def _override(ctx: Context, txn: Transaction, args: DmarcArgs) -> str:
         if ctx.client_in(txn, (group,)) is Membership.IN:
             return f"client in never_reject group {group}"
     arc = txn.findings.arc
-    if arc is not None and arc.result == "pass" and arc.sealers:
+    if arc is not None and arc.result is Result.PASS and arc.sealers:
         latest = arc.sealers[-1].lower().rstrip(".")
         if latest in args.trusted_sealers:
             return f"arc=pass, sealed by trusted {latest}"
     return ""
 
 
-def finish(ctx: Context, txn: Transaction, finding: DmarcFinding, applied: str | None) -> None:
+def finish(ctx: Context, txn: Transaction, finding: DmarcFinding,
+           applied: Result | None) -> None:
     """After the verdict: the disposition actually applied to the message (`applied`: none,
     quarantine or reject; None when the message was tempfailed and will be tried again) goes
     into our Authentication-Results and into the report store (RFC 9990 §2.1: the final
@@ -193,12 +196,12 @@ def finish(ctx: Context, txn: Transaction, finding: DmarcFinding, applied: str |
         _record(ctx, txn, finding, applied, overrides)
 
 
-def _record(ctx: Context, txn: Transaction, finding: DmarcFinding, disposition: str,
+def _record(ctx: Context, txn: Transaction, finding: DmarcFinding, disposition: Result,
             overrides: tuple[tuple[str, str], ...]) -> None:
     """Every final evaluation with a policy goes to the report store (RFC 9990); a temperror
     is not final (the message may be retried and evaluated again)."""
     found = finding.evaluation
-    if found.record is None or found.result == "temperror" or not ctx.config.dmarc.store:
+    if found.record is None or found.result is Result.TEMPERROR or not ctx.config.dmarc.store:
         return
     from mailwarden.dmarc.store import Evaluation
 
@@ -210,10 +213,10 @@ def _record(ctx: Context, txn: Transaction, finding: DmarcFinding, disposition: 
         envelope_from=txn.sender_domain, envelope_to=(txn.rcpt_domains or [""])[0],
         policy_domain=found.policy_domain, p=record.p, sp=record.sp, np=record.np,
         adkim=record.adkim, aspf=record.aspf, testing=record.testing, psd=record.psd,
-        disposition=disposition,
+        disposition=str(disposition),
         dkim_aligned="pass" if found.dkim_aligned else "fail",
         spf_aligned="pass" if found.spf_aligned else "fail",
-        dkim=tuple((s.domain, s.selector, s.result) for s in signatures if s.domain),
+        dkim=tuple((s.domain, s.selector, str(s.result)) for s in signatures if s.domain),
         spf=finding.spf_reported, overrides=overrides, rua=record.rua,
     )
     try:
@@ -224,10 +227,11 @@ def _record(ctx: Context, txn: Transaction, finding: DmarcFinding, disposition: 
 
 
 SPEC = CheckSpec(
-    name="dmarc", stages=("eom",), results=RESULTS, parse_args=parse_args, run=run,
+    name="dmarc", stages=(Stage.EOM,), results=RESULTS, parse_args=parse_args, run=run,
     outcomes=outcomes, needs_dkim=True,
-    replies={"reject": Reply(550, "5.7.1", "Message refused by the sender domain's DMARC policy"),
-             "unusable_from": Reply(550, "5.7.1", "Message has no usable From header field"),
-             "temperror": Reply(451, "4.7.1", "DMARC evaluation failed, try again later")},
+    replies={Result.REJECT: Reply(550, "5.7.1",
+                                  "Message refused by the sender domain's DMARC policy"),
+             Result.UNUSABLE_FROM: Reply(550, "5.7.1", "Message has no usable From header field"),
+             Result.TEMPERROR: Reply(451, "4.7.1", "DMARC evaluation failed, try again later")},
     needs_body=True,
 )

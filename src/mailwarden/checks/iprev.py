@@ -18,13 +18,15 @@ from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
 from mailwarden.config.model import Outcome
 from mailwarden.dns import DNSClient, IPAddress, Status
 from mailwarden.policy import codes
+from mailwarden.results import Result
 from mailwarden.transaction import CheckResult, Transaction
+from mailwarden.verdict import Stage
 
 if TYPE_CHECKING:
     from mailwarden.config.model import Config
     from mailwarden.config.reader import Section
 
-RESULTS = ("pass", "fail", "temperror", "permerror")
+RESULTS = (Result.PASS, Result.FAIL, Result.TEMPERROR, Result.PERMERROR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,13 +40,13 @@ def parse_args(section: Section, config: Config) -> IprevArgs:
                                      maximum=50))
 
 
-def outcomes(args: IprevArgs) -> Mapping[str, Outcome]:
+def outcomes(args: IprevArgs) -> Mapping[Result, Outcome]:
     return {}
 
 
 @dataclass(frozen=True, slots=True)
 class IprevResult:
-    result: str
+    result: Result
     name: str  # the confirmed name, or the first PTR name
     reason: str
 
@@ -53,9 +55,9 @@ def iprev(dns: DNSClient, ip: IPAddress, max_names: int = 10) -> IprevResult:
     """RFC 8601 §2.7.3: the iprev evaluation of `ip`."""
     answer = dns.ptr(ip.reverse_pointer)
     if answer.status is Status.TEMPERROR:
-        return IprevResult("temperror", "", f"PTR lookup failed: {answer.error}")
+        return IprevResult(Result.TEMPERROR, "", f"PTR lookup failed: {answer.error}")
     if not answer.ok:
-        return IprevResult("permerror", "", f"no PTR record for {ip} ({answer.status})")
+        return IprevResult(Result.PERMERROR, "", f"no PTR record for {ip} ({answer.status})")
     names: tuple[str, ...] = answer.records[:max_names]
     temporary = ""
     for name in names:
@@ -63,15 +65,15 @@ def iprev(dns: DNSClient, ip: IPAddress, max_names: int = 10) -> IprevResult:
         if forward.status is Status.TEMPERROR:
             temporary = f"forward lookup of {name} failed: {forward.error}"
         elif ip in forward.records:
-            return IprevResult("pass", name, f"{ip} is {name}")
+            return IprevResult(Result.PASS, name, f"{ip} is {name}")
     if temporary:
-        return IprevResult("temperror", names[0], temporary)
-    return IprevResult("fail", names[0], f"no PTR name of {ip} resolves back to it")
+        return IprevResult(Result.TEMPERROR, names[0], temporary)
+    return IprevResult(Result.FAIL, names[0], f"no PTR name of {ip} resolves back to it")
 
 
 def run(ctx: Context, txn: Transaction, args: IprevArgs) -> CheckOutcome:
     if txn.client_ip is None:
-        return CheckOutcome("permerror", text="no client address")
+        return CheckOutcome(Result.PERMERROR, text="no client address")
     found = iprev(ctx.dns, txn.client_ip, args.max_names)
     record = CheckResult("", "iprev", found.result, found.reason,
                          (("policy.iprev", str(txn.client_ip)),), comment=found.name or None)
@@ -80,8 +82,9 @@ def run(ctx: Context, txn: Transaction, args: IprevArgs) -> CheckOutcome:
 
 
 SPEC = CheckSpec(
-    name="iprev", stages=("connect", "helo", "mail", "rcpt", "eom"), results=RESULTS,
+    name="iprev", stages=(Stage.CONNECT, Stage.HELO, Stage.MAIL, Stage.RCPT, Stage.EOM),
+    results=RESULTS,
     parse_args=parse_args, run=run, outcomes=outcomes,
-    replies={"fail": codes.IPREV_FAIL, "permerror": codes.IPREV_FAIL,
-             "temperror": codes.IPREV_TEMPERROR},
+    replies={Result.FAIL: codes.IPREV_FAIL, Result.PERMERROR: codes.IPREV_FAIL,
+             Result.TEMPERROR: codes.IPREV_TEMPERROR},
 )

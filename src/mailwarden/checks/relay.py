@@ -19,14 +19,15 @@ from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
 from mailwarden.config.model import Outcome
 from mailwarden.policy import codes
 from mailwarden.relay import Membership
+from mailwarden.results import Result
 from mailwarden.transaction import CheckResult, Transaction
-from mailwarden.verdict import Action
+from mailwarden.verdict import Action, Stage
 
 if TYPE_CHECKING:
     from mailwarden.config.model import Config
     from mailwarden.config.reader import Section
 
-RESULTS = ("pass", "fail", "temperror")
+RESULTS = (Result.PASS, Result.FAIL, Result.TEMPERROR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,11 +44,11 @@ def parse_args(section: Section, config: Config) -> RelayArgs:
     return RelayArgs(groups, section.boolean("allow_authenticated", True))
 
 
-def outcomes(args: RelayArgs) -> Mapping[str, Outcome]:
-    return {"fail": Outcome(Action.REJECT), "temperror": Outcome(Action.TEMPFAIL)}
+def outcomes(args: RelayArgs) -> Mapping[Result, Outcome]:
+    return {Result.FAIL: Outcome(Action.REJECT), Result.TEMPERROR: Outcome(Action.TEMPFAIL)}
 
 
-def _outcome(method: str, result: str, reason: str, prop: tuple[str, str], text: str
+def _outcome(method: str, result: Result, reason: str, prop: tuple[str, str], text: str
              ) -> CheckOutcome:
     record = CheckResult("", method, result, reason, (prop,), report=False)
     return CheckOutcome(result, (record,), text=text)
@@ -59,11 +60,11 @@ def _judge(method: str, ctx: Context, txn: Transaction, args: RelayArgs,
     when a host group could not be resolved."""
     allowed = ctx.client_in(txn, args.allowed_hosts, args.allow_authenticated)
     if allowed is Membership.IN:
-        return _outcome(method, "pass", "client is allowed", prop, "")
+        return _outcome(method, Result.PASS, "client is allowed", prop, "")
     if allowed is Membership.UNKNOWN:
-        return _outcome(method, "temperror", "host group lookup failed", prop,
+        return _outcome(method, Result.TEMPERROR, "host group lookup failed", prop,
                         "Cannot verify the client just now, try again later")
-    return _outcome(method, "fail", fail_reason, prop, fail_text)
+    return _outcome(method, Result.FAIL, fail_reason, prop, fail_text)
 
 
 def run_mail(ctx: Context, txn: Transaction, args: RelayArgs) -> CheckOutcome:
@@ -71,7 +72,7 @@ def run_mail(ctx: Context, txn: Transaction, args: RelayArgs) -> CheckOutcome:
     prop = ("smtp.mailfrom", sender or "<>")
     domain = txn.sender_domain
     if not domain or not ctx.config.is_our_domain(domain):
-        return _outcome("mail_relay", "pass", "sender domain is not ours", prop, "")
+        return _outcome("mail_relay", Result.PASS, "sender domain is not ours", prop, "")
     return _judge("mail_relay", ctx, txn, args, prop, f"{txn.client} may not send as {domain}",
                   f"Sender address <{sender}> is not allowed from {txn.client}")
 
@@ -81,21 +82,21 @@ def run_rcpt(ctx: Context, txn: Transaction, args: RelayArgs) -> CheckOutcome:
     prop = ("smtp.rcptto", rcpt)
     domain = rcpt.rpartition("@")[2].lower().rstrip(".")
     if domain and ctx.config.is_our_domain(domain):
-        return _outcome("rcpt_relay", "pass", "recipient domain is ours", prop, "")
+        return _outcome("rcpt_relay", Result.PASS, "recipient domain is ours", prop, "")
     return _judge("rcpt_relay", ctx, txn, args, prop,
                   f"relay to {domain or rcpt} denied for {txn.client}",
                   f"<{rcpt}>: Relay access denied")
 
 
 MAIL_RELAY = CheckSpec(
-    name="mail_relay", stages=("mail", "rcpt", "eom"), results=RESULTS,
+    name="mail_relay", stages=(Stage.MAIL, Stage.RCPT, Stage.EOM), results=RESULTS,
     parse_args=parse_args, run=run_mail, outcomes=outcomes,
-    replies={"fail": codes.SENDER_DENIED, "temperror": codes.DNS_TEMPERROR},
-    macros={"mail": ("{auth_authen}",)},
+    replies={Result.FAIL: codes.SENDER_DENIED, Result.TEMPERROR: codes.DNS_TEMPERROR},
+    macros={Stage.MAIL: ("{auth_authen}",)},
 )
 RCPT_RELAY = CheckSpec(
-    name="rcpt_relay", stages=("rcpt",), results=RESULTS,
+    name="rcpt_relay", stages=(Stage.RCPT,), results=RESULTS,
     parse_args=parse_args, run=run_rcpt, outcomes=outcomes,
-    replies={"fail": codes.RELAY_DENIED, "temperror": codes.DNS_TEMPERROR},
-    macros={"mail": ("{auth_authen}",)},
+    replies={Result.FAIL: codes.RELAY_DENIED, Result.TEMPERROR: codes.DNS_TEMPERROR},
+    macros={Stage.MAIL: ("{auth_authen}",)},
 )

@@ -16,16 +16,19 @@ from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
 from mailwarden.config.model import Outcome
 from mailwarden.findings import SpfFinding, SpfIdentity
 from mailwarden.policy import codes
+from mailwarden.results import Result
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
+from mailwarden.spf.check import Result as SPFOutcome
 from mailwarden.spf.check import valid_domain
 from mailwarden.transaction import CheckResult, Transaction
-from mailwarden.verdict import Action
+from mailwarden.verdict import Action, Stage
 
 if TYPE_CHECKING:
     from mailwarden.config.model import Config
     from mailwarden.config.reader import Section
 
-RESULTS = ("pass", "fail", "softfail", "neutral", "none", "temperror", "permerror")
+RESULTS = (Result.PASS, Result.FAIL, Result.SOFTFAIL, Result.NEUTRAL, Result.NONE,
+           Result.TEMPERROR, Result.PERMERROR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,17 +42,17 @@ def parse_args(section: Section, config: Config) -> SPFArgs:
                    section.string("policy", "soft", choices=("soft", "strict")))
 
 
-def outcomes(args: SPFArgs) -> Mapping[str, Outcome]:
-    table = {"fail": Outcome(Action.REJECT), "temperror": Outcome(Action.TEMPFAIL)}
+def outcomes(args: SPFArgs) -> Mapping[Result, Outcome]:
+    table = {Result.FAIL: Outcome(Action.REJECT), Result.TEMPERROR: Outcome(Action.TEMPFAIL)}
     if args.policy == "strict":
-        table["softfail"] = Outcome(Action.REJECT)
-        table["permerror"] = Outcome(Action.REJECT)
+        table[Result.SOFTFAIL] = Outcome(Action.REJECT)
+        table[Result.PERMERROR] = Outcome(Action.REJECT)
     return table
 
 
 def run(ctx: Context, txn: Transaction, args: SPFArgs) -> CheckOutcome:
     if txn.client_ip is None:
-        return CheckOutcome("none", text="no client address")
+        return CheckOutcome(Result.NONE, text="no client address")
     helo = txn.helo or ""
     limits = spf_limits(ctx.config)
     receiver = ctx.config.authserv_id
@@ -61,16 +64,16 @@ def run(ctx: Context, txn: Transaction, args: SPFArgs) -> CheckOutcome:
                                  clock=ctx.clock)
         results.append(_record(helo_result, "smtp.helo", helo, report))
         findings.append(SpfFinding(SpfIdentity.HELO, helo.lower().rstrip("."),
-                                   str(helo_result.result)))
+                                   Result(helo_result.result)))
     mail_from = txn.mail_from or ""
     result = check_mailfrom(ctx.dns, txn.client_ip, mail_from, helo, receiver=receiver,
                             limits=limits, clock=ctx.clock)
     results.append(_record(result, "smtp.mailfrom", result.sender, report))
     findings.append(SpfFinding(SpfIdentity.MAILFROM,
                                result.sender.rpartition("@")[2].lower().rstrip("."),
-                               str(result.result)))
+                               Result(result.result)))
     headers = (result.header(),) if args.header in ("spf", "both") else ()
-    return CheckOutcome(str(result.result), tuple(results), headers, _reply_text(result),
+    return CheckOutcome(Result(result.result), tuple(results), headers, _reply_text(result),
                         tuple(findings))
 
 
@@ -83,30 +86,30 @@ def spf_limits(config: Config) -> Limits:
 
 
 def _record(result: SPFResult, prop: str, value: str, report: bool) -> CheckResult:
-    return CheckResult("", "spf", str(result.result), result.cause, ((prop, value),),
+    return CheckResult("", "spf", Result(result.result), result.cause, ((prop, value),),
                        report=report)
 
 
 def _reply_text(result: SPFResult) -> str:
     """RFC 7208 §8.4: a fail reply SHOULD carry the explanation."""
-    if result.result == "fail":
+    if result.result is SPFOutcome.FAIL:
         why = result.explanation or (f"{result.ip} is not allowed to send mail for "
                                      f"{result.domain}")
         return f"SPF fail: {why}"
-    if result.result == "softfail":
+    if result.result is SPFOutcome.SOFTFAIL:
         return f"SPF softfail: {result.ip} is not allowed to send mail for {result.domain}"
-    if result.result in ("temperror", "permerror"):
+    if result.result in (SPFOutcome.TEMPERROR, SPFOutcome.PERMERROR):
         return f"SPF {result.result} for {result.domain}: {result.cause}"
     return f"SPF {result.result} for {result.domain}"
 
 
 SPEC = CheckSpec(
     name="spf",
-    stages=("mail", "rcpt", "eom"),
+    stages=(Stage.MAIL, Stage.RCPT, Stage.EOM),
     results=RESULTS,
     parse_args=parse_args,
     run=run,
     outcomes=outcomes,
-    replies={"fail": codes.SPF_FAIL, "softfail": codes.SPF_FAIL,
-             "temperror": codes.SPF_TEMPERROR, "permerror": codes.SPF_PERMERROR},
+    replies={Result.FAIL: codes.SPF_FAIL, Result.SOFTFAIL: codes.SPF_FAIL,
+             Result.TEMPERROR: codes.SPF_TEMPERROR, Result.PERMERROR: codes.SPF_PERMERROR},
 )

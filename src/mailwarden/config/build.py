@@ -33,7 +33,8 @@ from mailwarden.config.model import (
 )
 from mailwarden.config.reader import ConfigError, Section, _line, as_section
 from mailwarden.dns import Nameserver, parse_nameserver
-from mailwarden.verdict import Action, Stage
+from mailwarden.results import Result
+from mailwarden.verdict import Action, Mode, Stage
 
 _STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
 _DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
@@ -178,7 +179,7 @@ def _build(top: Section) -> Config:
     spool_directory = top.optional_str("spool_directory")
     if spool_directory is not None and not spool_directory.startswith("/"):
         raise top.error("spool_directory", "must be an absolute path")
-    mode = top.string("mode", "enforce", choices=MODES)
+    mode = Mode(top.string("mode", "enforce", choices=MODES))
     metrics_listen = _metrics(top)
     limits = _limits(top)
     transport = top.string("transport", "libmilter", choices=TRANSPORTS)
@@ -187,7 +188,7 @@ def _build(top: Section) -> Config:
                      drain_timeout, dns, spf_budget, frozenset(domains), hosts, {}, signing,
                      spool_threshold, dmarc, mode, metrics_listen, limits, socket_group,
                      spool_directory, transport, progress_interval)
-    rules: dict[str, tuple[RuleConfig, ...]] = {}
+    rules: dict[Stage, tuple[RuleConfig, ...]] = {}
     rules_section = top.section("rules")
     if rules_section is not None:
         for stage in rules_section.names():
@@ -197,13 +198,13 @@ def _build(top: Section) -> Config:
             parsed: list[RuleConfig] = []
             names: set[str] = set()
             for path, node in rules_section.sequence(stage):
-                rule = _rule(as_section(node, top.file, path), stage, partial, CHECKS)
+                rule = _rule(as_section(node, top.file, path), Stage(stage), partial, CHECKS)
                 if rule.name in names:
                     raise ConfigError(top.file, rule.line, path,
                                       f"duplicate rule name {rule.name!r}")
                 names.add(rule.name)
                 parsed.append(rule)
-            rules[stage] = tuple(parsed)
+            rules[Stage(stage)] = tuple(parsed)
         rules_section.finish()
     top.finish()
     return dataclasses.replace(partial, rules=rules)
@@ -323,7 +324,8 @@ def _octal_mode(text: str) -> int:
     return int(text, 8)
 
 
-def _rule(section: Section, stage: str, config: Config, checks: Mapping[str, Any]) -> RuleConfig:
+def _rule(section: Section, stage: Stage, config: Config,
+          checks: Mapping[str, Any]) -> RuleConfig:
     line = _line(section.node)
     name = section.string("name", required=True)
     check_name = section.string("check", required=True, choices=tuple(sorted(checks)))
@@ -335,19 +337,20 @@ def _rule(section: Section, stage: str, config: Config, checks: Mapping[str, Any
     when_section = section.section("when")
     if when_section is not None:
         when = _condition(when_section, config)
-    on: dict[str, Outcome] = {}
+    on: dict[Result, Outcome] = {}
     on_section = section.section("on")
     if on_section is not None:
-        for result in on_section.names():
-            if result not in check.results:
-                raise on_section.key_error(result, f"{check_name} has no result {result!r} "
-                                               f"(results: {', '.join(check.results)})")
-            on[result] = _outcome(on_section, result)
+        for word in on_section.names():
+            result = next((r for r in check.results if r.value == word), None)
+            if result is None:
+                raise on_section.key_error(word, f"{check_name} has no result {word!r} "
+                                             f"(results: {', '.join(check.results)})")
+            on[result] = _outcome(on_section, word)
         on_section.finish()
-    mode = section.string("mode", config.mode, choices=MODES)
+    mode = Mode(section.string("mode", str(config.mode), choices=MODES))
     args = check.parse_args(section, config)
     section.finish()
-    return RuleConfig(name, Stage(stage), check_name, args, when, on, line, mode)
+    return RuleConfig(name, stage, check_name, args, when, on, line, mode)
 
 
 def _outcome(parent: Section, result: str) -> Outcome:

@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailwarden.dns import Nameserver
-from mailwarden.verdict import Action, Stage
+from mailwarden.results import Result
+from mailwarden.verdict import Action, Mode, Stage
 
 STAGES = tuple(Stage(name) for name in ("connect", "helo", "mail", "rcpt", "eom"))
 ACTIONS = tuple(str(action) for action in Action)
 TRANSPORTS = ("libmilter", "native")
-MODES = ("enforce", "monitor")
+MODES = tuple(str(mode) for mode in Mode)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
@@ -47,9 +48,9 @@ class RuleConfig:
     check: str
     args: Any  # the check's own frozen dataclass
     when: Condition | None
-    on: Mapping[str, Outcome]
+    on: Mapping[Result, Outcome]
     line: int
-    mode: str = "enforce"  # monitor: the verdict is logged and counted, never applied
+    mode: Mode = Mode.ENFORCE  # monitor: the verdict is logged and counted, never applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +134,11 @@ class Config:
     spf_budget: float = 20.0
     domains: frozenset[str] = frozenset()
     hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    rules: Mapping[str, tuple[RuleConfig, ...]] = field(default_factory=dict)
+    rules: Mapping[Stage, tuple[RuleConfig, ...]] = field(default_factory=dict)
     signing: SigningConfig = SigningConfig()
     spool_threshold: int = 1024 * 1024
     dmarc: DmarcConfig = DmarcConfig()
-    mode: str = "enforce"  # the rules' default; monitor: nothing is refused
+    mode: Mode = Mode.ENFORCE  # the rules' default; monitor: nothing is refused
     metrics_listen: str = ""  # HOST:PORT of the Prometheus endpoint; empty: none
     limits: LimitsConfig = LimitsConfig()
     socket_group: str | None = None  # group of the unix socket (the MTA's); default: `group`
@@ -145,7 +146,7 @@ class Config:
     transport: str = "libmilter"  # or "native": our own milter protocol implementation
     progress_interval: float = 5.0  # seconds a reply may take before the MTA hears "alive"
 
-    def stage_rules(self, stage: str) -> tuple[RuleConfig, ...]:
+    def stage_rules(self, stage: Stage) -> tuple[RuleConfig, ...]:
         return self.rules.get(stage, ())
 
     def all_rules(self) -> Iterator[RuleConfig]:

@@ -33,13 +33,14 @@ from mailwarden.dkim import fastrsa
 from mailwarden.dkim.canon import body_hash
 from mailwarden.dkim.headerhash import HeaderFormatError, parse_fields, signed_data
 from mailwarden.dns import DNSClient, Status
+from mailwarden.results import Result
 
 MANDATORY = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
 
 
 @dataclass(frozen=True, slots=True)
 class SignatureResult:
-    result: str
+    result: Result  # RFC 6376 §6.1, RFC 8601 §2.7.1
     reason: str
     domain: str = ""  # d=
     selector: str = ""  # s=
@@ -148,7 +149,7 @@ def verify_message(message: bytes, dns: DNSClient, *, body: BodySource | None = 
     try:
         fields = parse_fields(message)
     except HeaderFormatError as exc:
-        return [SignatureResult("permerror", f"unparseable message: {exc}")]
+        return [SignatureResult(Result.PERMERROR, f"unparseable message: {exc}")]
     hashes = _BodyHashes(body, crlf)
     headers = [(name, value) for name, value in fields if name.lower() == b"dkim-signature"]
     present = {name.lower() for name, _ in fields}
@@ -158,8 +159,8 @@ def verify_message(message: bytes, dns: DNSClient, *, body: BodySource | None = 
     skipped = len(headers) - max_signatures
     if skipped > 0:
         results.append(SignatureResult(
-            "neutral", f"{skipped} not evaluated: more than {max_signatures} signatures "
-                       f"(limits.dkim_signatures)"))
+            Result.NEUTRAL, f"{skipped} not evaluated: more than {max_signatures} signatures "
+                            "(limits.dkim_signatures)"))
     return results
 
 
@@ -170,7 +171,7 @@ def _verify_one(fields: list[tuple[bytes, bytes]], present: set[bytes],
     try:
         sig = dkim.util.parse_tag_value(header[1])
     except dkim.util.InvalidTagValueList as exc:
-        return SignatureResult("neutral", f"malformed tag list: {exc}")
+        return SignatureResult(Result.NEUTRAL, f"malformed tag list: {exc}")
     info = {
         "domain": _text(sig.get(b"d", b"")).lower(),
         "selector": _text(sig.get(b"s", b"")),
@@ -181,7 +182,7 @@ def _verify_one(fields: list[tuple[bytes, bytes]], present: set[bytes],
     if sig.get(b"l", b"").isdigit():
         info["body_length"] = int(sig[b"l"])  # type: ignore[assignment]
 
-    def result(word: str, reason: str, **more: object) -> SignatureResult:
+    def result(word: Result, reason: str, **more: object) -> SignatureResult:
         return SignatureResult(word, reason, **{**info, **more})  # type: ignore[arg-type]
 
     # x= and t= are judged below against our clock; dkimpy's own check uses the wall clock
@@ -190,78 +191,78 @@ def _verify_one(fields: list[tuple[bytes, bytes]], present: set[bytes],
     try:
         dkim.validate_signature_fields(untimed, list(MANDATORY))
     except dkim.ValidationError as exc:
-        return result("neutral", f"invalid signature: {exc}")
+        return result(Result.NEUTRAL, f"invalid signature: {exc}")
     for tag in (b"x", b"t"):
         if tag in sig and not sig[tag].strip().isdigit():
-            return result("neutral", f"{tag.decode()}= is not a number")
+            return result(Result.NEUTRAL, f"{tag.decode()}= is not a number")
     if sig[b"v"] != b"1":
-        return result("neutral", f"unknown version v={_text(sig[b'v'])}")
+        return result(Result.NEUTRAL, f"unknown version v={_text(sig[b'v'])}")
     if b"x" in sig and sig[b"x"].isdigit():
         expires = int(sig[b"x"])
         if b"t" in sig and sig[b"t"].isdigit() and expires < int(sig[b"t"]):
-            return result("neutral", "x= is earlier than t= (RFC 6376 §3.5)")
+            return result(Result.NEUTRAL, "x= is earlier than t= (RFC 6376 §3.5)")
         if expires < now:
-            return result("fail", f"signature expired at {expires} (x=)")
+            return result(Result.FAIL, f"signature expired at {expires} (x=)")
     if b"t" in sig and sig[b"t"].isdigit() and int(sig[b"t"]) > now + 300:
-        return result("fail", f"signature dated in the future (t={int(sig[b't'])})")
+        return result(Result.FAIL, f"signature dated in the future (t={int(sig[b't'])})")
     include = [h.lower() for h in re.split(rb"\s*:\s*", sig[b"h"].strip())]
     if b"from" not in include:
-        return result("neutral", "h= does not include From (RFC 6376 §6.1.1)")
+        return result(Result.NEUTRAL, "h= does not include From (RFC 6376 §6.1.1)")
     if sig[b"a"].lower() == b"rsa-sha1":
-        return result("policy", "rsa-sha1 is not accepted (RFC 8301 §3.1)")
+        return result(Result.POLICY, "rsa-sha1 is not accepted (RFC 8301 §3.1)")
     if b"l" in sig and not accept_body_length:
-        return result("policy", "l= (body length) signatures are not accepted here")
+        return result(Result.POLICY, "l= (body length) signatures are not accepted here")
 
     name = f"{info['selector']}._domainkey.{info['domain']}"
     answer = dns.txt(name, deadline)
     if answer.status is Status.TEMPERROR:
-        return result("temperror", f"key lookup {name}: {answer.error}")
+        return result(Result.TEMPERROR, f"key lookup {name}: {answer.error}")
     if not answer.ok or not answer.records:
-        return result("permerror", f"no key at {name} ({answer.status})")
+        return result(Result.PERMERROR, f"no key at {name} ({answer.status})")
     record = answer.records[0].encode("latin-1")
     try:
         key_tags = _key_tags(record)
     except dkim.util.InvalidTagValueList as exc:
-        return result("permerror", f"malformed key record at {name}: {exc}")
+        return result(Result.PERMERROR, f"malformed key record at {name}: {exc}")
     if not key_tags.get(b"p", b"").strip():
-        return result("permerror", f"key revoked (empty p=) at {name}")
+        return result(Result.PERMERROR, f"key revoked (empty p=) at {name}")
     problem = _key_constraints(sig, key_tags)
     if problem:
-        return result("permerror", problem)
+        return result(Result.PERMERROR, problem)
     try:
         key = public_key(record)
     except (dkim.util.InvalidTagValueList, ValueError) as exc:
-        return result("permerror", f"unusable key at {name}: {exc}")
+        return result(Result.PERMERROR, f"unusable key at {name}: {exc}")
     bits = key.bits
     if key.kind == b"rsa" and bits < 1024:
-        return result("policy", f"RSA key of {bits} bits (RFC 8301 §3.2 requires 1024+)",
+        return result(Result.POLICY, f"RSA key of {bits} bits (RFC 8301 §3.2 requires 1024+)",
                       key_bits=bits)
     canon = sig.get(b"c", b"simple/simple").decode("ascii", "replace").lower()
     body_canon = canon.partition("/")[2] or "simple"
     if body_canon not in ("simple", "relaxed") or \
             canon.partition("/")[0] not in ("simple", "relaxed"):
-        return result("neutral", f"unknown canonicalization c={canon}")
+        return result(Result.NEUTRAL, f"unknown canonicalization c={canon}")
     limit = int(sig[b"l"]) if b"l" in sig else None
     digest = hashes.get(body_canon, "sha256" if algorithm_hash(sig) == b"sha256" else "sha1",
                         limit)
     try:
         expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]), validate=True)
     except ValueError:
-        return result("neutral", "bh= is not base64")
+        return result(Result.NEUTRAL, "bh= is not base64")
     if digest != expected:
-        return result("fail", "body hash mismatch", key_bits=bits, authentic=answer.authentic)
+        return result(Result.FAIL, "body hash mismatch", key_bits=bits, authentic=answer.authentic)
     try:
         signature = base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"]), validate=True)
     except ValueError:
-        return result("neutral", "b= is not base64")
+        return result(Result.NEUTRAL, "b= is not base64")
     # A name of h= that no field has contributes nothing (RFC 6376 §5.4.2): dropped first, so
     # that a long h= of absent names costs no scan of the header per name.
     include = [name for name in include if name in present]
     data = signed_data(fields, include, header, relaxed=canon.partition("/")[0] == "relaxed")
     if not key.verifies(signature, data, algorithm_hash(sig)):
-        return result("fail", "signature does not verify", key_bits=bits,
+        return result(Result.FAIL, "signature does not verify", key_bits=bits,
                       authentic=answer.authentic)
-    return result("pass", "signature verified", key_bits=bits, authentic=answer.authentic)
+    return result(Result.PASS, "signature verified", key_bits=bits, authentic=answer.authentic)
 
 
 def algorithm_hash(sig: dict[bytes, bytes]) -> bytes:

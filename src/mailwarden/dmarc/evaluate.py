@@ -12,26 +12,29 @@ from dataclasses import dataclass, field
 from mailwarden.dmarc.orgdomain import Discovery, TemporaryError
 from mailwarden.dmarc.record import DmarcRecord
 from mailwarden.dns import DNSClient, Status
+from mailwarden.results import Result
 
-LESS_STRICT = {"reject": "quarantine", "quarantine": "none", "none": "none"}
+LESS_STRICT = {Result.REJECT: Result.QUARANTINE, Result.QUARANTINE: Result.NONE,
+               Result.NONE: Result.NONE}
 
 
 @dataclass(frozen=True, slots=True)
 class DkimInput:
     domain: str
     selector: str
-    result: str
+    result: Result
 
 
 @dataclass(frozen=True, slots=True)
 class DmarcResult:
-    result: str  # pass | fail | none | temperror | permerror
+    result: Result  # pass | fail | none | temperror | permerror
     reason: str
     author_domain: str
     policy_domain: str = ""
     record: DmarcRecord | None = None
     policy_tag: str = ""  # which tag applied: p, sp or np
-    disposition: str = "none"  # what the policy asks (after t=y): none | quarantine | reject
+    # what the policy asks (after t=y): none | quarantine | reject
+    disposition: Result = Result.NONE
     spf_aligned: bool = False
     dkim_aligned: bool = False
     aligned_dkim_domain: str = ""
@@ -48,21 +51,21 @@ def non_existent(dns: DNSClient, domain: str, deadline: float | None = None) -> 
 
 
 def _undecided(discovery: Discovery, author: str, record: DmarcRecord, spf_domain: str,
-               spf_result: str, dkim: Sequence[DkimInput]) -> str:
+               spf_result: Result, dkim: Sequence[DkimInput]) -> str:
     """An aligned identifier whose check could not finish (SPF or DKIM temperror: RFC 7208
     §2.6.6, RFC 6376 §6.1.2) might still pass: DMARC has no final result then, which is
     temperror ("a later attempt might produce a final result": RFC 9989's registration of
     the dmarc result codes), never
     the policy's fail. Names the first such identifier, or ''."""
     for sig in dkim:
-        if sig.result == "temperror" and discovery.aligned(sig.domain, author, record.adkim):
+        if sig.result is Result.TEMPERROR and discovery.aligned(sig.domain, author, record.adkim):
             return f"DKIM verification for d={sig.domain}"
-    if spf_result == "temperror" and discovery.aligned(spf_domain, author, record.aspf):
+    if spf_result is Result.TEMPERROR and discovery.aligned(spf_domain, author, record.aspf):
         return f"SPF for {spf_domain}"
     return ""
 
 
-def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result: str,
+def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result: Result,
              dkim: Sequence[DkimInput], mode: str = "rfc9989",
              deadline: float | None = None) -> DmarcResult:
     """The DMARC result for a message whose author domain is `author_domain`."""
@@ -71,17 +74,17 @@ def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result:
     try:
         found = discovery.policy(author)
         if found is None:
-            return DmarcResult("none", "no DMARC policy record", author,
+            return DmarcResult(Result.NONE, "no DMARC policy record", author,
                                queries=discovery.queries)
         record = found.record
-        spf_ok = spf_result == "pass" and discovery.aligned(spf_domain, author, record.aspf)
-        dkim_domain = next((sig.domain for sig in dkim if sig.result == "pass"
+        spf_ok = spf_result is Result.PASS and discovery.aligned(spf_domain, author, record.aspf)
+        dkim_domain = next((sig.domain for sig in dkim if sig.result is Result.PASS
                             and discovery.aligned(sig.domain, author, record.adkim)), "")
         if not (spf_ok or dkim_domain):
             undecided = _undecided(discovery, author, record, spf_domain, spf_result, dkim)
             if undecided:
                 return DmarcResult(
-                    "temperror", f"{undecided} failed temporarily: no final result yet",
+                    Result.TEMPERROR, f"{undecided} failed temporarily: no final result yet",
                     author, policy_domain=found.domain, record=record,
                     queries=discovery.queries, warnings=record.warnings)
         tag, policy = "p", record.p
@@ -90,16 +93,17 @@ def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result:
             if not (spf_ok or dkim_domain) and non_existent(dns, author, deadline):
                 tag, policy = "np", record.np
     except TemporaryError as exc:
-        return DmarcResult("temperror", f"DNS error: {exc}", author, queries=discovery.queries)
+        return DmarcResult(Result.TEMPERROR, f"DNS error: {exc}", author, queries=discovery.queries)
     base = DmarcResult(
-        "fail", "", author, policy_domain=found.domain, record=record, policy_tag=tag,
+        Result.FAIL, "", author, policy_domain=found.domain, record=record, policy_tag=tag,
         spf_aligned=spf_ok, dkim_aligned=bool(dkim_domain), aligned_dkim_domain=dkim_domain,
         queries=discovery.queries, warnings=record.warnings,
     )
     if spf_ok or dkim_domain:
         how = "DKIM" if dkim_domain else "SPF"
-        return dataclasses.replace(base, result="pass", reason=f"aligned {how} pass")
-    disposition = LESS_STRICT[policy] if record.testing else policy
+        return dataclasses.replace(base, result=Result.PASS, reason=f"aligned {how} pass")
+    asked = Result(policy)  # p=, sp= and np= are none, quarantine or reject (record.py)
+    disposition = LESS_STRICT[asked] if record.testing else asked
     reason = f"no aligned SPF or DKIM pass; {tag}={policy}"
     if record.testing:
         reason += " (t=y: one level less strict)"

@@ -9,6 +9,7 @@ from typing import Any
 from mailwarden.checks import CHECKS
 from mailwarden.config import STAGES, Config, Outcome
 from mailwarden.policy import codes
+from mailwarden.results import Result
 from mailwarden.verdict import Action
 
 
@@ -22,16 +23,16 @@ def effective_policy(config: Config) -> dict[str, Any]:
             for result in spec.results:
                 outcome = rule.on.get(result) or defaults.get(result) or Outcome(Action.CONTINUE)
                 action = outcome.action
-                if result == "temperror" and action is Action.REJECT:
+                if result is Result.TEMPERROR and action is Action.REJECT:
                     action = Action.TEMPFAIL
                     outcome = dataclasses.replace(outcome, action=action)
                 text = str(action)
                 if action in (Action.REJECT, Action.TEMPFAIL):
                     text += " " + str(codes.reply_for(spec.replies.get(result), outcome,
                                                       str(action)))
-                results[result] = text
+                results[str(result)] = text
             entry: dict[str, Any] = {"name": rule.name, "check": rule.check,
-                                     "line": rule.line, "mode": rule.mode}
+                                     "line": rule.line, "mode": str(rule.mode)}
             args = rule.args
             is_record = dataclasses.is_dataclass(args) and not isinstance(args, type)
             entry["args"] = dataclasses.asdict(args) if is_record else {}

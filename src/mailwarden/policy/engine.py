@@ -35,8 +35,9 @@ from mailwarden.headers import AR, authentication_results, forged_indices
 from mailwarden.policy import codes
 from mailwarden.policy.logline import describe, printable
 from mailwarden.relay import HostGroup, Membership
+from mailwarden.results import Result
 from mailwarden.transaction import Monitored, Transaction
-from mailwarden.verdict import CONTINUE, Action, Verdict
+from mailwarden.verdict import CONTINUE, Action, Mode, Stage, Verdict
 
 __all__ = ["CONTINUE", "Engine", "HeaderEdits", "Verdict", "describe"]
 
@@ -54,15 +55,15 @@ class HeaderEdits:
     insert: tuple[tuple[str, str], ...] = ()
 
 
-def applied_disposition(verdict: Verdict, txn: Transaction) -> str | None:
+def applied_disposition(verdict: Verdict, txn: Transaction) -> Result | None:
     """What was done with the message, in RFC 9990's words; None: tempfailed (it comes back)."""
     if verdict.action is Action.TEMPFAIL:
         return None
     if verdict.action in (Action.REJECT, Action.DISCARD):
-        return "reject"
+        return Result.REJECT
     if verdict.action is Action.QUARANTINE or txn.quarantine:
-        return "quarantine"
-    return "none"
+        return Result.QUARANTINE
+    return Result.NONE
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Engine:
         self.ctx = Context(self.config, self.dns, groups, self.clock)
 
     # -- stages ------------------------------------------------------------------------------
-    def run_stage(self, stage: str, txn: Transaction) -> Verdict:
+    def run_stage(self, stage: Stage, txn: Transaction) -> Verdict:
         """Run the checks of `stage`; a refusal or an accept ends the stage. After an accept
         (or quarantine) no check runs for this message."""
         if txn.accepted:
@@ -95,14 +96,14 @@ class Engine:
                 verdict = self._apply(rule, stage, txn)
             if verdict.action is Action.CONTINUE:
                 continue
-            if rule.mode == "monitor" and verdict.action is not Action.ACCEPT:
+            if rule.mode is Mode.MONITOR and verdict.action is not Action.ACCEPT:
                 self._monitor(verdict, stage, txn)
                 continue
             if verdict.action in (Action.ACCEPT, Action.QUARANTINE):
                 txn.accepted = True
                 if verdict.action is Action.QUARANTINE:
                     txn.quarantine = verdict.reason
-                if stage in ("connect", "helo"):
+                if stage in (Stage.CONNECT, Stage.HELO):
                     txn.connection_accepted = True
                     txn.connection_quarantine = txn.quarantine
             return verdict
@@ -112,7 +113,7 @@ class Engine:
         """The end-of-message pipeline: checks and verdict, then the transformations of every
         message not refused, and the header edits (forged Authentication-Results out, ours
         in)."""
-        verdict = self.run_stage("eom", txn)
+        verdict = self.run_stage(Stage.EOM, txn)
         transforms = [] if verdict.refuses else self._transforms(txn)
         if transforms is None:
             verdict = Verdict(Action.TEMPFAIL, codes.DNS_TEMPERROR, "", _UNRESOLVED)
@@ -139,29 +140,29 @@ class Engine:
     def _transforms(self, txn: Transaction) -> list[RuleConfig] | None:
         """The transformation rules whose `when:` holds; None if one cannot be decided now."""
         chosen = []
-        for rule in self.config.stage_rules("eom"):
+        for rule in self.config.stage_rules(Stage.EOM):
             if not CHECKS[rule.check].transform:
                 continue
-            holds = self._holds(rule.when, txn, "eom")
+            holds = self._holds(rule.when, txn, Stage.EOM)
             if holds is None:
                 return None
             if holds:
                 chosen.append(rule)
         return chosen
 
-    def _monitor(self, verdict: Verdict, stage: str, txn: Transaction) -> None:
+    def _monitor(self, verdict: Verdict, stage: Stage, txn: Transaction) -> None:
         """Monitor mode: the refusal (or quarantine) is noted for the log and the metrics,
         and the rules go on as if the check had said continue."""
-        noted = Monitored(stage, str(verdict.action), verdict.rule,
+        noted = Monitored(stage, verdict.action, verdict.rule,
                           str(verdict.reply) if verdict.reply is not None else "",
                           verdict.reason)
         txn.monitored.append(noted)
-        if stage in ("connect", "helo"):
+        if stage in (Stage.CONNECT, Stage.HELO):
             txn.connection_monitored.append(noted)
         metrics.METRICS.monitored(str(verdict.action), verdict.rule)
 
     # -- one rule ----------------------------------------------------------------------------
-    def _run(self, rule: RuleConfig, stage: str, txn: Transaction) -> CheckOutcome | None:
+    def _run(self, rule: RuleConfig, stage: Stage, txn: Transaction) -> CheckOutcome | None:
         """Run the rule's check and file what it found; None when the check failed (a bug,
         logged with its traceback)."""
         spec = CHECKS[rule.check]
@@ -182,7 +183,7 @@ class Engine:
             recorded = dataclasses.replace(result, rule=rule.name)
             txn.results.append(recorded)
             recorder.result(result.method, result.result)
-            if stage in ("connect", "helo"):
+            if stage in (Stage.CONNECT, Stage.HELO):
                 txn.connection_results.append(recorded)
         for finding in outcome.findings:
             if isinstance(finding, DmarcFinding | SigningFinding):
@@ -195,14 +196,14 @@ class Engine:
     def _transform(self, rule: RuleConfig, txn: Transaction) -> tuple[tuple[str, str], ...]:
         """A signing or sealing rule: the fields it adds (none if it failed: the message
         still goes, unsigned, and the failure is logged)."""
-        outcome = self._run(rule, "eom", txn)
+        outcome = self._run(rule, Stage.EOM, txn)
         if outcome is None:
             txn.findings.add(SigningFinding(rule.name, rule.check, SignStatus.ERROR,
                                             reason="internal error"))
             return ()
         return outcome.headers
 
-    def _apply(self, rule: RuleConfig, stage: str, txn: Transaction) -> Verdict:
+    def _apply(self, rule: RuleConfig, stage: Stage, txn: Transaction) -> Verdict:
         spec = CHECKS[rule.check]
         outcome = self._run(rule, stage, txn)
         if outcome is None:
@@ -212,7 +213,7 @@ class Engine:
         chosen = rule.on.get(outcome.decisive) or spec.outcomes(rule.args).get(outcome.decisive)
         chosen = chosen or Outcome(Action.CONTINUE)
         action = chosen.action
-        if outcome.decisive == "temperror" and action is Action.REJECT:
+        if outcome.decisive is Result.TEMPERROR and action is Action.REJECT:
             action = Action.TEMPFAIL  # a DNS temporary error never becomes a permanent rejection
         if action not in (Action.REJECT, Action.TEMPFAIL):
             reason = f"{rule.check}={outcome.decisive}"
@@ -224,7 +225,7 @@ class Engine:
                        f"{rule.check}={outcome.decisive}")
 
     # -- when: -------------------------------------------------------------------------------
-    def _holds(self, when: Condition | None, txn: Transaction, stage: str) -> bool | None:
+    def _holds(self, when: Condition | None, txn: Transaction, stage: Stage) -> bool | None:
         """True, False, or None when a host group could not be resolved just now."""
         if when is None:
             return True
@@ -236,7 +237,7 @@ class Engine:
                                                          when.sender_domain_in):
             return False
         if when.rcpt_domain_in:
-            domains = txn.rcpt_domains[-1:] if stage == "rcpt" else txn.rcpt_domains
+            domains = txn.rcpt_domains[-1:] if stage is Stage.RCPT else txn.rcpt_domains
             if not any(self._domain_in(d, when.rcpt_domain_in) for d in domains):
                 return False
         if when.client_in:

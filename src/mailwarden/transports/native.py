@@ -19,7 +19,7 @@ from mailwarden.policy.codes import INTERNAL_ERROR
 from mailwarden.stage import ACTIVE, Connection, Decision, Plan, Runtime
 from mailwarden.transaction import Transaction
 from mailwarden.transports.edits import DeleteHeader, EditPlanner, InsertHeader
-from mailwarden.verdict import Action, Stage
+from mailwarden.verdict import Action, Mode, Stage
 
 __all__ = ["ACTIVE", "AR_HEAD", "MACRO_STAGE", "HeaderBudget", "Runtime", "Session",
            "protocol_flags"]
@@ -126,7 +126,7 @@ class Session:
             metrics.METRICS.error("session")
             if self._no_reply(command) or command in (mp.C_MACRO, mp.C_ABORT):
                 return None
-            if command in _REFUSABLE and self.runtime.config.mode != "monitor":
+            if command in _REFUSABLE and self.runtime.config.mode is not Mode.MONITOR:
                 if command in (mp.C_MAIL, mp.C_EOB):
                     self._open = False
                 return _INTERNAL_ERROR
