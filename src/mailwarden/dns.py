@@ -37,6 +37,7 @@ import dns.rdatatype
 import dns.resolver
 
 from mailwarden import metrics
+from mailwarden.deadline import Deadline
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -90,11 +91,13 @@ class Answer(Generic[T_co]):
 class DNSClient(Protocol):
     """The lookups the checks need; `Resolver` implements it, unit tests may fake it."""
 
-    def a(self, name: str, deadline: float | None = None) -> Answer[ipaddress.IPv4Address]: ...
-    def aaaa(self, name: str, deadline: float | None = None) -> Answer[ipaddress.IPv6Address]: ...
-    def mx(self, name: str, deadline: float | None = None) -> Answer[MX]: ...
-    def ptr(self, name: str, deadline: float | None = None) -> Answer[str]: ...
-    def txt(self, name: str, deadline: float | None = None) -> Answer[str]: ...
+    def a(self, name: str, deadline: Deadline | None = None
+          ) -> Answer[ipaddress.IPv4Address]: ...
+    def aaaa(self, name: str, deadline: Deadline | None = None
+             ) -> Answer[ipaddress.IPv6Address]: ...
+    def mx(self, name: str, deadline: Deadline | None = None) -> Answer[MX]: ...
+    def ptr(self, name: str, deadline: Deadline | None = None) -> Answer[str]: ...
+    def txt(self, name: str, deadline: Deadline | None = None) -> Answer[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +184,8 @@ class Resolver:
     """A caching DNS client over dnspython; safe to share between threads.
 
     timeout: seconds for one query to one server; lifetime: seconds for one lookup across every
-    retry and server; a caller's `deadline` (time.monotonic() value) shortens both.
+    retry and server; a caller's `deadline` shortens both. Every socket operation (the UDP
+    receive, the TCP connect, each TCP read) waits at most what is left of them.
     """
 
     nameservers: Sequence[Nameserver] = field(default_factory=system_nameservers)
@@ -201,19 +205,20 @@ class Resolver:
         self._lock = threading.Lock()
 
     # -- typed lookups -------------------------------------------------------------------
-    def a(self, name: str, deadline: float | None = None) -> Answer[ipaddress.IPv4Address]:
+    def a(self, name: str, deadline: Deadline | None = None) -> Answer[ipaddress.IPv4Address]:
         return self.lookup(name, "A", deadline)  # type: ignore[return-value]
 
-    def aaaa(self, name: str, deadline: float | None = None) -> Answer[ipaddress.IPv6Address]:
+    def aaaa(self, name: str, deadline: Deadline | None = None
+             ) -> Answer[ipaddress.IPv6Address]:
         return self.lookup(name, "AAAA", deadline)  # type: ignore[return-value]
 
-    def mx(self, name: str, deadline: float | None = None) -> Answer[MX]:
+    def mx(self, name: str, deadline: Deadline | None = None) -> Answer[MX]:
         return self.lookup(name, "MX", deadline)  # type: ignore[return-value]
 
-    def ptr(self, name: str, deadline: float | None = None) -> Answer[str]:
+    def ptr(self, name: str, deadline: Deadline | None = None) -> Answer[str]:
         return self.lookup(name, "PTR", deadline)  # type: ignore[return-value]
 
-    def txt(self, name: str, deadline: float | None = None) -> Answer[str]:
+    def txt(self, name: str, deadline: Deadline | None = None) -> Answer[str]:
         return self.lookup(name, "TXT", deadline)  # type: ignore[return-value]
 
     # -- cache ---------------------------------------------------------------------------
@@ -257,7 +262,8 @@ class Resolver:
                 self._cache.popitem(last=False)
 
     # -- the lookup ----------------------------------------------------------------------
-    def lookup(self, name: str, rdtype: str, deadline: float | None = None) -> Answer[object]:
+    def lookup(self, name: str, rdtype: str, deadline: Deadline | None = None
+               ) -> Answer[object]:
         """Look `name` up, from the cache when a live entry exists."""
         name = name.lower().rstrip(".")
         key = (name, rdtype)
@@ -277,11 +283,9 @@ class Resolver:
         return answer
 
     def _resolve(
-        self, name: str, qname: dns.name.Name, rdtype: str, deadline: float | None
+        self, name: str, qname: dns.name.Name, rdtype: str, deadline: Deadline | None
     ) -> tuple[Answer[object], int]:
-        end = self.clock() + self.lifetime
-        if deadline is not None:
-            end = min(end, deadline)
+        limit = Deadline.within(self.lifetime, self.clock).earlier(deadline)
         qtype = _TYPES[rdtype]
         wire_name = qname.to_wire()
         assert wire_name is not None  # to_wire() returns bytes when given no file
@@ -294,11 +298,10 @@ class Resolver:
             for server in self.nameservers:
                 if server in failed:
                     continue
-                remaining = end - self.clock()
-                if remaining <= 0 or attempts <= 0:
+                if limit.expired or attempts <= 0:
                     return self._temperror(name, rdtype, f"timeout ({last_error})"), 0
                 attempts -= 1
-                response, error = self._exchange(question, server, min(self.timeout, remaining))
+                response, error = self._exchange(question, server, limit)
                 if response is None:
                     last_error = f"{server}: {error}"
                     if error != "timeout":
@@ -312,18 +315,21 @@ class Resolver:
         return self._temperror(name, rdtype, last_error), 0
 
     def _exchange(
-        self, question: bytes, server: Nameserver, timeout: float
+        self, question: bytes, server: Nameserver, limit: Deadline
     ) -> tuple[dns.message.Message | None, str]:
-        """One query to one server over UDP, and over TCP when the UDP answer is truncated."""
+        """One query to one server over UDP, and over TCP when the UDP answer is truncated;
+        each within `timeout` and what is left of `limit`."""
         self.stats.queries_sent += 1
         qid = secrets.randbits(16)
         wire = _HEADER.pack(qid, _QUERY_FLAGS, 1, 0, 0, 1) + question + _OPT
         try:
-            data = _udp_exchange(wire, qid, question, server, timeout)
+            data = _udp_exchange(wire, qid, question, server,
+                                 Deadline.within(self.timeout, self.clock).earlier(limit))
             response = dns.message.from_wire(data)
             if response.flags & dns.flags.TC:
                 self.stats.tcp_retries += 1
-                data = _tcp_exchange(wire, qid, question, server, timeout)
+                data = _tcp_exchange(wire, qid, question, server,
+                                     Deadline.within(self.timeout, self.clock).earlier(limit))
                 response = dns.message.from_wire(data)
         except TimeoutError:
             return None, "timeout"
@@ -359,7 +365,8 @@ class Resolver:
 _HEADER = struct.Struct("!HHHHHH")
 _QUERY_FLAGS = 0x0100 | 0x0020  # RD, and AD to ask for the AD bit (RFC 6840 §5.7)
 # EDNS(0) OPT pseudo-RR (RFC 6891 §6.1.2): root owner, type 41, UDP payload 1232, no options.
-_OPT = b"\x00" + struct.pack("!HHIH", 41, 1232, 0, 0)
+_EDNS_SIZE = 1232
+_OPT = b"\x00" + struct.pack("!HHIH", 41, _EDNS_SIZE, 0, 0)
 _MAX_UDP = 65535
 
 
@@ -376,39 +383,54 @@ def _family(server: Nameserver) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in server.host else socket.AF_INET
 
 
+def _wait(sock: socket.socket, until: Deadline) -> None:
+    """The timeout of the next socket operation: what is left, or TimeoutError now."""
+    remaining = until.remaining()
+    if remaining <= 0:
+        raise TimeoutError
+    sock.settimeout(remaining)
+
+
 def _udp_exchange(wire: bytes, qid: int, question: bytes, server: Nameserver,
-                  timeout: float) -> bytes:
+                  until: Deadline) -> bytes:
     """Send over a connected UDP socket (fresh source port per query, RFC 5452 §9.2) and
-    return the first datagram that answers it; stray datagrams are ignored."""
-    end = time.monotonic() + timeout
+    return the first datagram that answers it; stray datagrams (another id, another
+    question) are ignored. A datagram over the EDNS size we advertised breaks RFC 6891
+    §6.2.5: the server's answer is not used."""
     with socket.socket(_family(server), socket.SOCK_DGRAM) as sock:
         sock.connect((server.host, server.port))
         sock.send(wire)
         while True:
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError
-            sock.settimeout(remaining)
+            _wait(sock, until)
             data = sock.recv(_MAX_UDP)
             if _matches(data, qid, question):
+                if len(data) > _EDNS_SIZE:
+                    raise ValueError(f"a UDP answer of {len(data)} octets, over the "
+                                     f"{_EDNS_SIZE} advertised (RFC 6891 §6.2.5)")
                 return data
 
 
 def _tcp_exchange(wire: bytes, qid: int, question: bytes, server: Nameserver,
-                  timeout: float) -> bytes:
-    """RFC 7766: the same query over TCP, with its two-octet length prefix."""
-    with socket.create_connection((server.host, server.port), timeout=timeout) as sock:
+                  until: Deadline) -> bytes:
+    """RFC 7766: the same query over TCP, with its two-octet length prefix; the connect and
+    every read wait only for what is left of `until`."""
+    remaining = until.remaining()
+    if remaining <= 0:
+        raise TimeoutError
+    with socket.create_connection((server.host, server.port), timeout=remaining) as sock:
+        _wait(sock, until)
         sock.sendall(struct.pack("!H", len(wire)) + wire)
-        (length,) = struct.unpack("!H", _recv_exactly(sock, 2))
-        data = _recv_exactly(sock, length)
+        (length,) = struct.unpack("!H", _recv_exactly(sock, 2, until))
+        data = _recv_exactly(sock, length, until)
     if not _matches(data, qid, question):
         raise ValueError("TCP answer does not match the query")
     return data
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+def _recv_exactly(sock: socket.socket, size: int, until: Deadline) -> bytes:
     chunks: list[bytes] = []
     while size:
+        _wait(sock, until)
         chunk = sock.recv(size)
         if not chunk:
             raise EOFError("connection closed by the server")

@@ -8,6 +8,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
+from mailwarden.deadline import Deadline
 from mailwarden.dns import DNSClient, IPAddress, Status
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -53,7 +54,7 @@ class HostGroup:
                 networks.append(ipaddress.ip_network(entry, strict=False))
         return cls(name, tuple(networks), tuple(hostnames))
 
-    def membership(self, ip: IPAddress, dns: DNSClient, deadline: float | None = None
+    def membership(self, ip: IPAddress, dns: DNSClient, deadline: Deadline | None = None
                    ) -> Membership:
         """Is `ip` in the group? Host names are looked up (A or AAAA by the address family)."""
         if ip.version == 6 and ip.ipv4_mapped is not None:

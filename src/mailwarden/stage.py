@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from mailwarden import metrics
 from mailwarden.checks import CHECKS
 from mailwarden.config import STAGES, Config, Reply
+from mailwarden.deadline import Deadline
 from mailwarden.findings import SigningFinding
 from mailwarden.headerbudget import HeaderBudget
 from mailwarden.policy.codes import INTERNAL_ERROR
@@ -144,12 +145,14 @@ class Connection:
         """The client's name and address as the MTA saw them (address None: not an IP
         connection, then the {client_addr} macro is used)."""
         def run() -> Decision:
+            deadline = self.txn.deadline
             self.txn = Transaction.for_client(address, hostname, port)
             self._macros(macros)
             if self.txn.client_ip is None and self.txn.macros.get("{client_addr}"):
                 known = dict(self.txn.macros)
                 self.txn = Transaction.for_client(known["{client_addr}"], hostname)
                 self.txn.macros.update(known)
+            self.txn.deadline = deadline
             verdict = self.engine.run_stage(Stage.CONNECT, self.txn)
             if verdict.refuses:
                 self.pending = verdict
@@ -286,6 +289,7 @@ class Connection:
 
     def _guard(self, stage: Stage, run: Callable[[], Decision],
                message_ends: bool = True) -> Decision:
+        self.txn.deadline = Deadline.within(self.runtime.config.stage_budget)
         try:
             return run()
         except Exception:

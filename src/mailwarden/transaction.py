@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 
+from mailwarden.deadline import Deadline
 from mailwarden.dns import IPAddress
 from mailwarden.findings import Findings
 from mailwarden.outage import Outage
@@ -231,6 +232,7 @@ class Transaction:
     header_cut: str = ""  # why the checks do not see the whole header (limits.header_*)
     monitored: list[Monitored] = field(default_factory=list)  # what enforcement would do
     messages: int = 0  # messages begun on this connection
+    deadline: Deadline | None = None  # of the stage being judged: every wait of a check ends by it
     _message: bytes | None = None
 
     def add_body(self, chunk: bytes) -> None:

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from mailwarden.deadline import Deadline
 from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dns import MX, Nameserver, Resolver, Status, parse_nameserver
 
@@ -196,7 +197,7 @@ def test_next_nameserver_is_tried_after_a_failure(server: DevDNSServer) -> None:
 
 
 def test_a_past_deadline_is_a_temporary_error_without_a_query(server: DevDNSServer) -> None:
-    answer = make_resolver(server).a("example.com", deadline=time.monotonic() - 1)
+    answer = make_resolver(server).a("example.com", deadline=Deadline.within(-1))
     assert answer.status is Status.TEMPERROR
     assert server.queries == []
 

@@ -26,6 +26,7 @@ import ipaddress
 from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
+from mailwarden.deadline import Deadline
 from mailwarden.dns import MX, Answer, Status
 
 TEMPERROR = "TEMPERROR"
@@ -63,7 +64,7 @@ class FakeDNS:
         self.zone: dict[str, dict[str, tuple[Any, ...] | str] | str] = {}
         self.authentic = {normalize(name) for name in authentic}
         self.queries: list[tuple[str, str]] = []
-        self.deadlines: list[float | None] = []
+        self.deadlines: list[Deadline | None] = []
         # called as hook(name, rdtype) before each answer; tests use it to move a fake clock
         self.hook: Callable[[str, str], None] | None = None
         for name, entry in (zone or {}).items():
@@ -90,19 +91,19 @@ class FakeDNS:
         self.zone[normalize(name)] = types
 
     # -- the DNSClient protocol -----------------------------------------------------------
-    def a(self, name: str, deadline: float | None = None) -> Answer[ipaddress.IPv4Address]:
+    def a(self, name: str, deadline: Deadline | None = None) -> Answer[ipaddress.IPv4Address]:
         return self._lookup(name, "A", deadline)
 
-    def aaaa(self, name: str, deadline: float | None = None) -> Answer[ipaddress.IPv6Address]:
+    def aaaa(self, name: str, deadline: Deadline | None = None) -> Answer[ipaddress.IPv6Address]:
         return self._lookup(name, "AAAA", deadline)
 
-    def mx(self, name: str, deadline: float | None = None) -> Answer[MX]:
+    def mx(self, name: str, deadline: Deadline | None = None) -> Answer[MX]:
         return self._lookup(name, "MX", deadline)
 
-    def ptr(self, name: str, deadline: float | None = None) -> Answer[str]:
+    def ptr(self, name: str, deadline: Deadline | None = None) -> Answer[str]:
         return self._lookup(name, "PTR", deadline)
 
-    def txt(self, name: str, deadline: float | None = None) -> Answer[str]:
+    def txt(self, name: str, deadline: Deadline | None = None) -> Answer[str]:
         return self._lookup(name, "TXT", deadline)
 
     def _lookup(self, name: str, rdtype: str, deadline: float | None) -> Answer[Any]:

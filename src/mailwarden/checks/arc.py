@@ -14,6 +14,7 @@ import dkim as dkimpy
 
 from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
 from mailwarden.config.model import Outcome
+from mailwarden.deadline import Deadline
 from mailwarden.dns import DNSClient, Status
 from mailwarden.findings import ArcFinding, SigningFinding, SignStatus
 from mailwarden.headers import AR, forged_indices
@@ -30,12 +31,13 @@ class _Temporary(dkimpy.DKIMException):  # type: ignore[misc]
     pass
 
 
-def dnsfunc(dns: DNSClient, failures: list[str]) -> Callable[..., bytes | None]:
+def dnsfunc(dns: DNSClient, failures: list[str],
+            deadline: Deadline | None = None) -> Callable[..., bytes | None]:
     """dkimpy's DNS hook over our resolver. A temporary error raises and is also noted in
     `failures`, because dkimpy's ARC code swallows exceptions from key lookups."""
 
     def txt(name: bytes, timeout: float = 5) -> bytes | None:
-        answer = dns.txt(name.decode("ascii", "replace").rstrip("."))
+        answer = dns.txt(name.decode("ascii", "replace").rstrip("."), deadline)
         if answer.status is Status.TEMPERROR:
             failures.append(f"DNS error for {name.decode('ascii', 'replace')}: {answer.error}")
             raise _Temporary(failures[-1])
@@ -88,7 +90,8 @@ def run_verify(ctx: Context, txn: Transaction, args: NoArgs) -> CheckOutcome:
     message = txn.message()
     failures: list[str] = []
     try:
-        cv, results, comment = dkimpy.arc_verify(message, dnsfunc=dnsfunc(ctx.dns, failures))
+        lookup = dnsfunc(ctx.dns, failures, txn.deadline)
+        cv, results, comment = dkimpy.arc_verify(message, dnsfunc=lookup)
     except dkimpy.DKIMException as exc:
         cv, results, comment = b"fail", [], str(exc)
     if failures:  # a key could not be fetched just now: no verdict (RFC 8601 §2.7.1)

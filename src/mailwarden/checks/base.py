@@ -43,7 +43,7 @@ class Context:
             return Membership.OUT
         unknown = False
         for name in groups:
-            member = self.groups[name].membership(txn.client_ip, self.dns)
+            member = self.groups[name].membership(txn.client_ip, self.dns, txn.deadline)
             if member is Membership.IN:
                 return member
             unknown = unknown or member is Membership.UNKNOWN

@@ -72,7 +72,8 @@ def verify(ctx: Context, txn: Transaction, max_signatures: int,
     """Every DKIM-Signature of the message, verified (RFC 6376 §6)."""
     return DkimFinding(tuple(verify_message(
         txn.header_block(), ctx.dns, body=txn.body_chunks, crlf=True,
-        max_signatures=max_signatures, accept_body_length=accept_body_length)))
+        max_signatures=max_signatures, accept_body_length=accept_body_length,
+        deadline=txn.deadline)))
 
 
 def run_verify(ctx: Context, txn: Transaction, args: VerifyArgs) -> CheckOutcome:

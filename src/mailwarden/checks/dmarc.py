@@ -129,7 +129,7 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
     signatures = verified.signatures if verified is not None else ()
     dkim = [DkimInput(s.domain, s.selector, s.result) for s in signatures if s.domain]
     found = evaluate(ctx.dns, domain, spf_domain=spf_domain, spf_result=spf_result,
-                     dkim=dkim, mode=ctx.config.dmarc.mode)
+                     dkim=dkim, mode=ctx.config.dmarc.mode, deadline=txn.deadline)
     decisive, overrides = found.result, []
     if found.result is Result.FAIL:
         decisive = found.disposition if found.disposition in _REFUSING else Result.FAIL

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
 from mailwarden.config.model import Outcome
+from mailwarden.deadline import Deadline
 from mailwarden.dns import DNSClient, IPAddress, Status
 from mailwarden.policy import codes
 from mailwarden.results import Result
@@ -51,9 +52,10 @@ class IprevResult:
     reason: str
 
 
-def iprev(dns: DNSClient, ip: IPAddress, max_names: int = 10) -> IprevResult:
+def iprev(dns: DNSClient, ip: IPAddress, max_names: int = 10,
+          deadline: Deadline | None = None) -> IprevResult:
     """RFC 8601 §2.7.3: the iprev evaluation of `ip`."""
-    answer = dns.ptr(ip.reverse_pointer)
+    answer = dns.ptr(ip.reverse_pointer, deadline)
     if answer.status is Status.TEMPERROR:
         return IprevResult(Result.TEMPERROR, "", f"PTR lookup failed: {answer.error}")
     if not answer.ok:
@@ -61,7 +63,7 @@ def iprev(dns: DNSClient, ip: IPAddress, max_names: int = 10) -> IprevResult:
     names: tuple[str, ...] = answer.records[:max_names]
     temporary = ""
     for name in names:
-        forward = dns.a(name) if ip.version == 4 else dns.aaaa(name)
+        forward = dns.a(name, deadline) if ip.version == 4 else dns.aaaa(name, deadline)
         if forward.status is Status.TEMPERROR:
             temporary = f"forward lookup of {name} failed: {forward.error}"
         elif ip in forward.records:
@@ -74,7 +76,7 @@ def iprev(dns: DNSClient, ip: IPAddress, max_names: int = 10) -> IprevResult:
 def run(ctx: Context, txn: Transaction, args: IprevArgs) -> CheckOutcome:
     if txn.client_ip is None:
         return CheckOutcome(Result.PERMERROR, text="no client address")
-    found = iprev(ctx.dns, txn.client_ip, args.max_names)
+    found = iprev(ctx.dns, txn.client_ip, args.max_names, txn.deadline)
     record = CheckResult("", "iprev", found.result, found.reason,
                          (("policy.iprev", str(txn.client_ip)),), comment=found.name or None)
     text = f"Reverse DNS of {txn.client_ip}: {found.reason}"

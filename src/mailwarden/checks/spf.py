@@ -61,13 +61,13 @@ def run(ctx: Context, txn: Transaction, args: SPFArgs) -> CheckOutcome:
     findings: list[SpfFinding] = []
     if helo and valid_domain(helo) is None:
         helo_result = check_helo(ctx.dns, txn.client_ip, helo, receiver=receiver, limits=limits,
-                                 clock=ctx.clock)
+                                 clock=ctx.clock, deadline=txn.deadline)
         results.append(_record(helo_result, "smtp.helo", helo, report))
         findings.append(SpfFinding(SpfIdentity.HELO, helo.lower().rstrip("."),
                                    Result(helo_result.result)))
     mail_from = txn.mail_from or ""
     result = check_mailfrom(ctx.dns, txn.client_ip, mail_from, helo, receiver=receiver,
-                            limits=limits, clock=ctx.clock)
+                            limits=limits, clock=ctx.clock, deadline=txn.deadline)
     results.append(_record(result, "smtp.mailfrom", result.sender, report))
     findings.append(SpfFinding(SpfIdentity.MAILFROM,
                                result.sender.rpartition("@")[2].lower().rstrip("."),

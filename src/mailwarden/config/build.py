@@ -184,10 +184,11 @@ def _build(top: Section) -> Config:
     limits = _limits(top)
     transport = top.string("transport", "libmilter", choices=TRANSPORTS)
     progress_interval = top.number("progress_interval", 5.0, minimum=0.2, maximum=60)
+    stage_budget = top.number("stage_budget", 25.0, minimum=0.5, maximum=600)
     partial = Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
                      drain_timeout, dns, spf_budget, frozenset(domains), hosts, {}, signing,
                      spool_threshold, dmarc, mode, metrics_listen, limits, socket_group,
-                     spool_directory, transport, progress_interval)
+                     spool_directory, transport, progress_interval, stage_budget)
     rules: dict[Stage, tuple[RuleConfig, ...]] = {}
     rules_section = top.section("rules")
     if rules_section is not None:

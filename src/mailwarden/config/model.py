@@ -145,6 +145,7 @@ class Config:
     spool_directory: str | None = None  # where large bodies are spooled; default: $TMPDIR
     transport: str = "libmilter"  # or "native": our own milter protocol implementation
     progress_interval: float = 5.0  # seconds a reply may take before the MTA hears "alive"
+    stage_budget: float = 25.0  # seconds the checks of one stage may take: then temperror
 
     def stage_rules(self, stage: Stage) -> tuple[RuleConfig, ...]:
         return self.rules.get(stage, ())

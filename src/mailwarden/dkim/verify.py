@@ -29,6 +29,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 
+from mailwarden.deadline import Deadline
 from mailwarden.dkim import fastrsa
 from mailwarden.dkim.canon import body_hash
 from mailwarden.dkim.headerhash import HeaderFormatError, parse_fields, signed_data
@@ -136,7 +137,7 @@ class _BodyHashes:
 def verify_message(message: bytes, dns: DNSClient, *, body: BodySource | None = None,
                    crlf: bool = False, max_signatures: int = 8,
                    accept_body_length: bool = True,
-                   now: float | None = None, deadline: float | None = None
+                   now: float | None = None, deadline: Deadline | None = None
                    ) -> list[SignatureResult]:
     """Every DKIM-Signature, top first. `message` is the whole message, or only its header
     block when `body` streams the body (so a large body is never held whole in memory).
@@ -166,7 +167,7 @@ def verify_message(message: bytes, dns: DNSClient, *, body: BodySource | None = 
 
 def _verify_one(fields: list[tuple[bytes, bytes]], present: set[bytes],
                 header: tuple[bytes, bytes], hashes: _BodyHashes,
-                dns: DNSClient, accept_body_length: bool, now: float, deadline: float | None
+                dns: DNSClient, accept_body_length: bool, now: float, deadline: Deadline | None
                 ) -> SignatureResult:
     try:
         sig = dkim.util.parse_tag_value(header[1])

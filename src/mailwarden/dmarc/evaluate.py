@@ -9,6 +9,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from mailwarden.deadline import Deadline
 from mailwarden.dmarc.orgdomain import Discovery, TemporaryError
 from mailwarden.dmarc.record import DmarcRecord
 from mailwarden.dns import DNSClient, Status
@@ -42,7 +43,7 @@ class DmarcResult:
     warnings: tuple[str, ...] = field(default=())
 
 
-def non_existent(dns: DNSClient, domain: str, deadline: float | None = None) -> bool:
+def non_existent(dns: DNSClient, domain: str, deadline: Deadline | None = None) -> bool:
     """RFC 9989 np=: the author domain does not exist (NXDOMAIN)."""
     answer = dns.a(domain, deadline)
     if answer.status is Status.TEMPERROR:
@@ -67,7 +68,7 @@ def _undecided(discovery: Discovery, author: str, record: DmarcRecord, spf_domai
 
 def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result: Result,
              dkim: Sequence[DkimInput], mode: str = "rfc9989",
-             deadline: float | None = None) -> DmarcResult:
+             deadline: Deadline | None = None) -> DmarcResult:
     """The DMARC result for a message whose author domain is `author_domain`."""
     author = author_domain.lower().rstrip(".")
     discovery = Discovery(dns, mode, deadline)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from publicsuffixlist import PublicSuffixList
 
+from mailwarden.deadline import Deadline
 from mailwarden.dmarc.record import DmarcRecord, is_dmarc, parse
 from mailwarden.dns import DNSClient, Status
 
@@ -46,7 +47,7 @@ class Found:
     record: DmarcRecord
 
 
-def fetch(dns: DNSClient, domain: str, deadline: float | None = None) -> DmarcRecord | None:
+def fetch(dns: DNSClient, domain: str, deadline: Deadline | None = None) -> DmarcRecord | None:
     """The one valid DMARC record at _dmarc.DOMAIN (RFC 9989 §4.10: several records, or none
     valid, mean none). Raises TemporaryError."""
     answer = dns.txt(f"_dmarc.{domain}", deadline)
@@ -64,7 +65,7 @@ class Discovery:
     shared resolver's cache across evaluations)."""
 
     def __init__(self, dns: DNSClient, mode: str = "rfc9989",
-                 deadline: float | None = None) -> None:
+                 deadline: Deadline | None = None) -> None:
         self.dns, self.mode, self.deadline = dns, mode, deadline
         self.queries = 0
         self._records: dict[str, DmarcRecord | None] = {}

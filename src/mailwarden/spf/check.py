@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from mailwarden.deadline import Deadline
 from mailwarden.dns import Answer, DNSClient, IPAddress, Status
 from mailwarden.spf.macro import (
     MacroContext,
@@ -111,6 +112,7 @@ def check_mailfrom(
     receiver: str = "unknown",
     limits: Limits = Limits(),
     clock: Callable[[], float] = time.monotonic,
+    deadline: Deadline | None = None,
 ) -> SPFResult:
     """The MAIL FROM identity (§2.4); the null reverse-path stands for postmaster@HELO."""
     sender = mail_from.strip().strip("<>") or f"postmaster@{helo}"
@@ -120,7 +122,7 @@ def check_mailfrom(
     if not local:
         sender = f"postmaster@{domain}"
     return check_host(dns, ip, domain, sender, helo=helo, identity="mailfrom",
-                      receiver=receiver, limits=limits, clock=clock)
+                      receiver=receiver, limits=limits, clock=clock, deadline=deadline)
 
 
 def check_helo(
@@ -131,10 +133,11 @@ def check_helo(
     receiver: str = "unknown",
     limits: Limits = Limits(),
     clock: Callable[[], float] = time.monotonic,
+    deadline: Deadline | None = None,
 ) -> SPFResult:
     """The HELO identity (§2.3): check_host() of the HELO name with sender postmaster@HELO."""
     return check_host(dns, ip, helo, f"postmaster@{helo}", helo=helo, identity="helo",
-                      receiver=receiver, limits=limits, clock=clock)
+                      receiver=receiver, limits=limits, clock=clock, deadline=deadline)
 
 
 def check_host(
@@ -148,8 +151,10 @@ def check_host(
     receiver: str = "unknown",
     limits: Limits = Limits(),
     clock: Callable[[], float] = time.monotonic,
+    deadline: Deadline | None = None,
 ) -> SPFResult:
-    """Evaluate the SPF policy of `domain` for a message from `ip` (§4)."""
+    """Evaluate the SPF policy of `domain` for a message from `ip` (§4), within the time
+    budget (`limits.budget`) and the caller's `deadline`, whichever ends first."""
     address = _parse_ip(ip)
     if address is None:
         outcome = _Outcome(Result.PERMERROR, cause=f"client address {str(ip)!r} is not an IP")
@@ -158,7 +163,7 @@ def check_host(
     if not local:
         # §4.3: a sender without a local-part stands for postmaster@ its domain.
         sender = f"postmaster@{sender_domain if at else sender}"
-    evaluation = _Evaluation(dns, address, sender, helo, receiver, limits, clock)
+    evaluation = _Evaluation(dns, address, sender, helo, receiver, limits, clock, deadline)
     try:
         outcome = evaluation.run(domain)
     except RecursionError:
@@ -238,16 +243,17 @@ class _Evaluation:
     receiver: str
     limits: Limits
     clock: Callable[[], float]
+    outer: Deadline | None = None  # the caller's (a stage's budget)
     lookups: int = 0
     void: int = 0
     answers: int = 0
     authentic: bool = True
-    deadline: float = 0.0
+    deadline: Deadline = field(init=False)
     ctx: MacroContext = field(init=False)
     _validated: list[str] | None = None
 
     def __post_init__(self) -> None:
-        self.deadline = self.clock() + self.limits.budget
+        self.deadline = Deadline.within(self.limits.budget, self.clock).earlier(self.outer)
         local, _, sender_domain = self.sender.rpartition("@")
         readable = str(self.ip)
         self.ctx = MacroContext(
@@ -272,11 +278,11 @@ class _Evaluation:
 
     # -- DNS ---------------------------------------------------------------------------
     def _query(self, kind: str, name: str) -> Answer[Any]:
-        if self.clock() >= self.deadline:
+        if self.deadline.expired:
             raise self._budget_exceeded()
-        method: Callable[[str, float | None], Answer[Any]] = getattr(self.dns, kind)
+        method: Callable[[str, Deadline | None], Answer[Any]] = getattr(self.dns, kind)
         answer = method(name, self.deadline)
-        if answer.status is Status.TEMPERROR and self.clock() >= self.deadline:
+        if answer.status is Status.TEMPERROR and self.deadline.expired:
             raise self._budget_exceeded()
         if answer.status is not Status.TEMPERROR:
             self.answers += 1
@@ -284,6 +290,8 @@ class _Evaluation:
         return answer
 
     def _budget_exceeded(self) -> _Stop:
+        if self.deadline is self.outer:
+            return _Stop(Result.TEMPERROR, "evaluation ran out of the stage's time budget")
         return _Stop(Result.TEMPERROR,
                      f"evaluation exceeded its time budget of {self.limits.budget:g} s")
 
@@ -321,7 +329,7 @@ class _Evaluation:
         if isinstance(record, _Outcome):
             return record
         for directive in record.directives:
-            if self.clock() >= self.deadline:
+            if self.deadline.expired:
                 raise self._budget_exceeded()
             if self._matches(directive, domain):
                 result = Result(directive.result)
