@@ -10,7 +10,8 @@ Every query gets the same answer (`TXT "v=spf1 -all"` for its name), spoiled by 
 * ``wrong-id``: over UDP an answer whose id is not the query's;
 * ``oversize``: over UDP an answer bigger than the EDNS size the query advertised (and no TC).
 
-`queries` counts what came in; `stop()` ends every thread it started.
+`queries` counts what came in, `open_tcp` the TCP connections the client has not closed yet;
+`stop()` ends every thread it started.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class HostileDNS:
             raise ValueError(f"unknown mode {mode!r}")
         self.mode, self.pace, self.host = mode, pace, host
         self.queries = 0
+        self.open_tcp = 0
+        self._count = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._socks: list[socket.socket] = []
@@ -134,9 +137,29 @@ class HostileDNS:
             except (TimeoutError, OSError):
                 continue
             self._socks.append(conn)
+            with self._count:
+                self.open_tcp += 1
             self._spawn(self._serve_tcp, conn)
 
     def _serve_tcp(self, conn: socket.socket) -> None:
+        try:
+            self._answer_tcp(conn)
+        finally:
+            with self._count:
+                self.open_tcp -= 1
+
+    def _until_closed(self, conn: socket.socket) -> None:
+        """Read (and drop) until the client closes the connection."""
+        while not self._stop.is_set():
+            try:
+                if not conn.recv(4096):
+                    return
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+
+    def _answer_tcp(self, conn: socket.socket) -> None:
         conn.settimeout(0.1)
         data = b""
         while not self._stop.is_set() and (len(data) < 2
@@ -154,7 +177,7 @@ class HostileDNS:
             return
         self.queries += 1
         if self.mode == "tcp-silent":
-            self._stop.wait()
+            self._until_closed(conn)
             return
         wire = self.answer(dns.message.from_wire(data[2:])).to_wire()
         for octet in struct.pack("!H", len(wire)) + wire:  # drip
@@ -164,3 +187,4 @@ class HostileDNS:
                 conn.sendall(bytes([octet]))
             except OSError:
                 return
+        self._until_closed(conn)
