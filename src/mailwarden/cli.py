@@ -11,8 +11,10 @@ from pathlib import Path
 
 from mailwarden import __version__
 from mailwarden.config import Config
+from mailwarden.dmarc.backends import sqlite_path
 from mailwarden.dns import Nameserver, Resolver, parse_nameserver, system_nameservers
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
+from mailwarden.startchecks import StoreState, store_state
 
 
 def _positive_float(text: str) -> float:
@@ -420,8 +422,23 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     policy = effective_policy(config)
-    print(json.dumps(policy, indent=2) if args.json else format_policy(policy))
-    return 0
+    state, store_text = _store_state(config)
+    if args.json:
+        policy["store"] = {"state": str(state), "detail": store_text}
+        print(json.dumps(policy, indent=2))
+    else:
+        print(format_policy(policy))
+        print(f"DMARC store: {store_text}")
+    return 1 if state is StoreState.BROKEN else 0
+
+
+def _store_state(config: Config) -> tuple[StoreState, str]:
+    """A PostgreSQL store is tried as the daemon would; a SQLite file is not opened here
+    (opening it as another user, root, could leave files the daemon cannot write)."""
+    if config.dmarc.store and sqlite_path(config.dmarc.store) is not None:
+        return StoreState.OK, (f"SQLite {sqlite_path(config.dmarc.store)}, opened by the "
+                               "daemon as its user")
+    return store_state(config)
 
 
 def _cmd_spf(args: argparse.Namespace) -> int:

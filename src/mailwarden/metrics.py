@@ -62,6 +62,12 @@ class Recorder:
     def error(self, kind: str) -> None:
         """An internal error, a protocol error from the MTA, a worker lost."""
 
+    def dmarc_recording(self, recorded: bool) -> None:
+        """One DMARC evaluation written into the report store, or not."""
+
+    def dmarc_store(self, available: bool) -> None:
+        """Whether this process has its DMARC report store open."""
+
 
 class PrometheusRecorder(Recorder):
     """Every event into a prometheus_client metric (multi-process mode)."""
@@ -105,6 +111,14 @@ class PrometheusRecorder(Recorder):
             "mailwarden_errors_total",
             "Internal errors (check, session), MTA protocol errors (protocol), lost workers",
             ["kind"])
+        self._recordings = Counter(
+            "mailwarden_dmarc_recordings_total",
+            "DMARC evaluations for aggregate reports, by result (recorded, not_recorded)",
+            ["result"])
+        self._store_available = Gauge(
+            "mailwarden_dmarc_store_available",
+            "1 when every worker that has tried has its DMARC report store open, 0 when one "
+            "cannot open or write it", multiprocess_mode="livemin")
         # every known series from the start, at 0, so that rates and alerts see them
         for kind in ("check", "session", "protocol", "worker"):
             self._errors.labels(kind)
@@ -142,6 +156,12 @@ class PrometheusRecorder(Recorder):
 
     def error(self, kind: str) -> None:
         self._errors.labels(kind).inc()
+
+    def dmarc_recording(self, recorded: bool) -> None:
+        self._recordings.labels("recorded" if recorded else "not_recorded").inc()
+
+    def dmarc_store(self, available: bool) -> None:
+        self._store_available.set(1 if available else 0)
 
 
 METRICS: Recorder = Recorder()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from enum import StrEnum
 from pathlib import Path
 
 from mailwarden.config import Config
@@ -14,28 +15,47 @@ from mailwarden.config import Config
 log = logging.getLogger("mailwarden.daemon")
 
 
-def check_store(config: Config) -> None:
-    """Open the DMARC report store now, as the user the workers run as, so that a bad
-    path or permission stops the start instead of every message. A store on a read-only
-    or full file system does not stop it: that state may pass, and refusing to start would
-    tempfail all mail for want of report rows; the workers skip recording (logged once)
-    and try again."""
-    if not config.dmarc.store:
-        return
-    from mailwarden.dmarc.recorder import unavailable_for_now
-    from mailwarden.dmarc.store import Store
+class StoreState(StrEnum):
+    NONE = "none"  # no store configured
+    OK = "ok"
+    UNAVAILABLE = "unavailable"  # for now: the daemon starts and records once it is back
+    BROKEN = "broken"  # a configuration to fix: the daemon does not start
 
+
+def store_state(config: Config) -> tuple[StoreState, str]:
+    """Open the DMARC report store now: its state, and what to tell the admin."""
+    if not config.dmarc.store:
+        return StoreState.NONE, "no DMARC report store configured"
+    from mailwarden.dmarc.recorder import RETRY_OPEN, unavailable_for_now
+    from mailwarden.dmarc.store import Store, redact, sqlite_path
+
+    shown = redact(config.dmarc.store)
     try:
         Store.open(config.dmarc.store).close()
     except Exception as exc:
         why = unavailable_for_now(config.dmarc.store, exc)
+        cause = " ".join(str(exc.__cause__ or exc).split())  # one line
         if why:
-            log.error("the DMARC store %s cannot be opened (%s; %s): starting anyway; "
-                      "evaluations are not recorded until it can", config.dmarc.store,
-                      exc.__cause__ or exc, why)
-            return
-        raise SystemExit(f"mailwarden: cannot open the DMARC store "
-                         f"{config.dmarc.store}: {exc}") from None
+            # PostgreSQL's reason quotes the error already; SQLite's names the file system
+            detail = why if sqlite_path(config.dmarc.store) is None else f"{cause}; {why}"
+            return StoreState.UNAVAILABLE, (
+                f"the DMARC store {shown} cannot be opened now ({detail}): the daemon starts "
+                f"anyway and records evaluations once it can (retried every {RETRY_OPEN:g} s)")
+        return StoreState.BROKEN, f"cannot open the DMARC store {shown}: {cause}"
+    return StoreState.OK, f"the DMARC store {shown} is open"
+
+
+def check_store(config: Config) -> None:
+    """Open the DMARC report store now, as the user the workers run as, so that a bad
+    path, permission or password stops the start instead of every message. A store that is
+    unavailable for a while -- a read-only or full file system, a PostgreSQL server that is
+    down or full -- does not stop it: refusing to start would tempfail all mail for want of
+    report rows; the workers skip recording (logged once) and try again."""
+    state, text = store_state(config)
+    if state is StoreState.UNAVAILABLE:
+        log.error("%s", text)
+    elif state is StoreState.BROKEN:
+        raise SystemExit(f"mailwarden: {text}")
 
 
 def check_permissions(config: Config, config_path: str) -> None:

@@ -64,6 +64,15 @@ class Server:
     base: Path
     port: int
     counter: itertools.count[int]
+    control: Any = None  # pg_ctl, with its arguments: control("stop"), control("start")
+
+    def stop(self) -> None:
+        done = self.control("-m", "fast", "-w", "stop")
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def start(self) -> None:
+        done = self.control("-w", "-t", "60", "start")
+        assert done.returncode == 0, done.stdout + done.stderr
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@/{database}?host={self.base}&port={self.port}"
@@ -114,8 +123,12 @@ def pg() -> Iterator[Server]:
                "-o", options, "start")
     assert done.returncode == 0, done.stdout + done.stderr + (
         log.read_text() if log.exists() else "")
+    def control(*args: str) -> subprocess.CompletedProcess[str]:
+        return run(str(bindir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options,
+                   *args)
+
     try:
-        yield Server(base, port, itertools.count(1))
+        yield Server(base, port, itertools.count(1), control)
     finally:
         run(str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop")
         shutil.rmtree(base, ignore_errors=True)

@@ -902,9 +902,11 @@ def _disk_fault(env: Env, ns: MountNamespace, fault: str) -> None:
             assert "recording again; 3 evaluation(s) were not recorded" in log, log
         else:
             # once by the master at the start, which goes on, and once by the worker
-            store_failures = re.findall(r"DMARC store \S+ cannot be opened \((.*?)\)", log)
+            store_failures = re.findall(r"DMARC store \S+ cannot be opened(?: now)? \((.*?)\)",
+                                        log)
             assert store_failures == ["unable to open database file; read-only file system"] * 2
-            assert len(re.findall(r"cannot be opened .*: starting anyway", log)) == 1, log
+            assert len(re.findall(r"cannot be opened now .*: the daemon starts anyway", log)) \
+                == 1, log
         for trouble in ("Traceback", "internal error", "worker failed", "ended unexpectedly"):
             assert trouble not in log, log
     finally:

@@ -10,6 +10,8 @@ import logging
 import os
 import sqlite3
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 
 import mailwarden.transaction as transaction
+from mailwarden.deadline import Deadline
 from mailwarden.dmarc.recorder import Recorder, unavailable_for_now
 from mailwarden.dmarc.store import Evaluation, Store, StoreError
 from mailwarden.transaction import BodySpool, Transaction
@@ -138,14 +141,14 @@ def test_a_failing_write_is_skipped_and_logged_once(tmp_path: Path,
     store = recorder.store()
     assert store is not None
 
-    def full(ev: Evaluation) -> None:
+    def full(evaluations: list[Evaluation]) -> None:
         cause = sqlite3.OperationalError("database or disk is full")
         cause.sqlite_errorcode = 13
         raise StoreError(f"recording failed: {cause}") from cause
 
     with caplog.at_level(logging.WARNING, "mailwarden.dmarc"):
         with monkeypatch.context() as patch:
-            patch.setattr(store, "record", full)
+            patch.setattr(store, "record_many", full)
             assert not any(recorder.record(evaluation()) for _ in range(5))
         assert recorder.record(evaluation("b.example"))
     messages = [r.getMessage() for r in caplog.records]
@@ -153,6 +156,32 @@ def test_a_failing_write_is_skipped_and_logged_once(tmp_path: Path,
     assert "cannot be written (database or disk is full; file system full)" in messages[0]
     assert "5 evaluation(s) were not recorded" in messages[1]
     assert sorted(e.header_from for e in store.evaluations()) == ["a.example", "b.example"]
+    recorder.close()
+
+
+def test_a_hanging_store_holds_the_writer_not_the_message(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that stops answering (a database server that hangs): `record()` returns by the
+    caller's deadline (the stage's), and the evaluation is written once the store answers."""
+    recorder = Recorder(str(tmp_path / "dmarc.db"))
+    store = recorder.store()
+    assert store is not None
+    answering = threading.Event()
+    write = store.record_many
+
+    def hanging(evaluations: list[Evaluation]) -> None:
+        answering.wait(30)
+        write(evaluations)
+
+    monkeypatch.setattr(store, "record_many", hanging)
+    started = time.monotonic()
+    assert not recorder.record(evaluation("slow.example"), Deadline.within(0.3))
+    assert time.monotonic() - started < 0.5
+    assert store.count() == 0
+    answering.set()
+    assert recorder.record(evaluation("after.example"), Deadline.within(5))
+    assert sorted(e.header_from for e in store.evaluations()) == ["after.example",
+                                                                 "slow.example"]
     recorder.close()
 
 
@@ -168,5 +197,19 @@ def test_which_store_failures_may_pass(tmp_path: Path) -> None:
         except StoreError as exc:
             assert unavailable_for_now(url, exc) == why
             assert unavailable_for_now("postgresql://db/dmarc", exc) == ""
+    # PostgreSQL: a server that cannot be reached, or that cannot take us now, may pass; one
+    # that refuses us (a password, a missing database) is a configuration to fix
+    pg_error = type("OperationalError", (Exception,), {})
+    for text, why in (
+            ('connection to server on socket "/run/postgresql/.s.PGSQL.5432" failed: No such '
+             "file or directory", "the server cannot be reached"),
+            ('connection to server at "db" (192.0.2.5), port 5432 failed: timeout expired',
+             "the server cannot be reached"),
+            ("connection failed: FATAL:  the database system is starting up",
+             "the database system is starting up"),
+            ('connection failed: FATAL:  database "dmarc" does not exist', ""),
+            ('connection failed: FATAL:  password authentication failed for user "x"', "")):
+        got = unavailable_for_now("postgresql://db/dmarc", pg_error(text))
+        assert got.startswith(why) and bool(got) == bool(why), (text, got)
     # a permission problem on a writable, roomy file system is for the administrator to fix
     assert unavailable_for_now(str(tmp_path / "sub" / "dmarc.db"), PermissionError(13, "no")) == ""

@@ -56,9 +56,9 @@ class Context:
         never a verdict."""
         with self._store_lock:
             if self._store is None:
-                from mailwarden.dmarc.recorder import Recorder
+                from mailwarden.dmarc.recorder import shared
 
-                self._store = Recorder(self.config.dmarc.store)
+                self._store = shared(self.config.dmarc.store)
             return self._store
 
 

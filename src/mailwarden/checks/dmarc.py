@@ -220,7 +220,7 @@ def _record(ctx: Context, txn: Transaction, finding: DmarcFinding, disposition: 
         spf=finding.spf_reported, overrides=overrides, rua=record.rua,
     )
     try:
-        ctx.store().record(evaluation)
+        ctx.store().record(evaluation, txn.deadline)
     except Exception:
         # A report row is not worth refusing mail for: the evaluation still stands.
         log.exception("could not record the DMARC evaluation for %s", found.author_domain)

@@ -98,6 +98,8 @@ class _Backend(Protocol):
     def lock_report_runs(self) -> contextlib.AbstractContextManager[None]: ...
 
 
+CONNECT_TIMEOUT = 5  # seconds to reach a PostgreSQL server
+
 class _SQLite:
     dialect = "sqlite"
 
@@ -180,8 +182,15 @@ class _Postgres:
         self.conn: Any = None
         self._connect()
 
+    def _open(self, autocommit: bool) -> Any:
+        # a server that does not answer (a dropped SYN) costs at most CONNECT_TIMEOUT, not
+        # the kernel's two minutes of TCP retries; a connect_timeout in the URL wins
+        params = self._psycopg.conninfo.conninfo_to_dict(self.url)
+        timeout = {} if "connect_timeout" in params else {"connect_timeout": CONNECT_TIMEOUT}
+        return self._psycopg.connect(self.url, autocommit=autocommit, **timeout)
+
     def _connect(self) -> None:
-        self.conn = self._psycopg.connect(self.url, autocommit=False)
+        self.conn = self._open(autocommit=False)
 
     def _live(self) -> Any:
         if self.conn is None or self.conn.closed or self.conn.broken:
@@ -215,7 +224,7 @@ class _Postgres:
     def lock_report_runs(self) -> Iterator[None]:
         # A connection of its own: the session lock lives exactly as long as it does, and the
         # server drops it when this process dies.
-        conn = self._psycopg.connect(self.url, autocommit=True)
+        conn = self._open(autocommit=True)
         held = False
         try:
             got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_PG_REPORT_LOCK,)).fetchone()

@@ -271,6 +271,10 @@ class Store:
         if batch.error is not None:
             raise StoreError(f"recording failed: {batch.error}") from batch.error
 
+    def record_many(self, evaluations: Sequence[Evaluation]) -> None:
+        """Store these evaluations in one transaction (the milter's writer thread)."""
+        self._write(evaluations)
+
     def _write(self, items: Sequence[Evaluation]) -> None:
         rows = [_to_row(item) for item in items]
         with self._lock:
