@@ -94,6 +94,63 @@ def authentication_results(authserv_id: str, results: Iterable[CheckResult]) -> 
     return str(header.header_value())
 
 
+FOLD_WIDTH = 78  # RFC 5322 §2.1.1: lines SHOULD be no longer than 78 characters
+LINE_LIMIT = 998  # and MUST be no longer than 998
+
+
+def fold(name: str, value: str, width: int = FOLD_WIDTH) -> str:
+    """`value` of the field `name` folded (RFC 5322 §2.2.3): a line break goes before a
+    space outside quoted-strings -- between resinfo units and properties of RFC 8601, between
+    the tag=value pairs of Received-SPF and ARC fields, inside comments -- wherever the line
+    would pass `width`. Breaks already in the value are taken out first. Only whitespace
+    becomes folding whitespace, so relaxed canonicalization (RFC 6376 §3.4.2) reads the
+    folded field exactly as the unfolded one. Lines are LF-separated, as the MTA takes them.
+    A line longer than `width` remains only where a single word is (values are capped well
+    below RFC 5322's 998)."""
+    words = _words(unfold(value))
+    lines: list[str] = []
+    line = words[0] if words else ""
+    used = len(name) + 2 + len(line)
+    for word in words[1:]:
+        if used + 1 + len(word) > width:
+            lines.append(line)
+            line, used = " " + word, 1 + len(word)
+        else:
+            line += " " + word
+            used += 1 + len(word)
+    lines.append(line)
+    return "\n".join(lines)
+
+
+def unfold(value: str) -> str:
+    """RFC 5322 §2.2.3 unfolding: every line break followed by whitespace taken out."""
+    return re.sub(r"\r?\n(?=[ \t])", "", value)
+
+
+def _words(value: str) -> list[str]:
+    """`value` cut at the spaces where a fold may go: outside quoted-strings, and followed
+    by something other than whitespace (a folded line must not be all whitespace)."""
+    words, start, quoted, depth, index = [], 0, False, 0, 0
+    while index < len(value):
+        char = value[index]
+        if char == "\\":
+            index += 2
+            continue
+        if char == '"' and depth == 0:
+            quoted = not quoted
+        elif not quoted and char == "(":
+            depth += 1
+        elif not quoted and char == ")" and depth:
+            depth -= 1
+        elif (char == " " and not quoted and index > start
+              and index + 1 < len(value) and value[index + 1] not in " \t"):
+            words.append(value[start:index])
+            start = index + 1
+        index += 1
+    words.append(value[start:])
+    return words
+
+
 def authserv_id_of(value: str) -> str:
     """The authserv-id an Authentication-Results value claims (RFC 8601 §2.2): its first
     token or quoted-string after optional comments (RFC 5322 CFWS, with quoted-pairs).

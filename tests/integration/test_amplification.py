@@ -33,6 +33,7 @@ from milterload import MilterClient, MilterResult
 from mailwarden.config import LimitsConfig
 from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dkim.keys import public_record
+from mailwarden.headers import unfold
 
 AUTHSERV = "mx.test.example"
 HELO = "client.helo.example"
@@ -199,7 +200,7 @@ def our_results(result: MilterResult) -> str:
     values = [value for name, value in result.headers_added
               if name == "Authentication-Results"]
     assert len(values) == 1, result.headers_added
-    return str(values[0])
+    return unfold(str(values[0]))
 
 
 def under(lookups: list[tuple[str, str]], domain: str) -> list[tuple[str, str]]:

@@ -150,6 +150,8 @@ def run(daemon: Daemon, message: Message) -> Seen:
         reply = re.match(r"REPLY (.+) (SMFIR_\w+|\S+) \(", line)
         if reply:
             replies[reply.group(1)] = reply.group(2)
+        elif line[:1] in (" ", "\t") and headers:
+            headers[-1] += line  # a folded field: its next line (unfolded, RFC 5322 §2.2.3)
         elif line.startswith("HEADER "):
             # values carry their leading space (SMFIP_HDR_LEADSPC is negotiated)
             headers.append(re.sub(r"^([^:]+): +", r"\1: ", line[7:]))

@@ -23,6 +23,7 @@ from mailwarden.dkim.keys import SigningKey, generate, load_key, write_private
 from mailwarden.dkim.sign import SignOptions, sign_message
 from mailwarden.dkim.verify import verify_message
 from mailwarden.dns import Resolver
+from mailwarden.headers import unfold
 
 from helpers import make_resolver
 
@@ -217,7 +218,7 @@ def test_missing_helo(stack: Stack) -> None:
         code, _ = smtp.getreply()
         assert code == 250
     got = delivered(stack, "e2e-nohelo")
-    results = str(got["Authentication-Results"])
+    results = unfold(str(got["Authentication-Results"]))
     assert "spf=pass smtp.mailfrom=alice@pass.example" in results
     assert "smtp.helo" not in results
 

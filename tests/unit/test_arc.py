@@ -19,7 +19,9 @@ from mailwarden.config.build import parse
 from mailwarden.dkim.keys import generate, public_record, write_private
 from mailwarden.findings import ArcFinding
 from mailwarden.policy.engine import Engine
-from mailwarden.transaction import Transaction
+from mailwarden.results import Result
+from mailwarden.transaction import CheckResult, Transaction
+from mailwarden.verdict import Action
 
 from fakedns import FakeDNS
 
@@ -304,3 +306,37 @@ rules:
     outcome = run_verify(relay_ctx, delivered, NoArgs())
     assert outcome.decisive == "pass"
     assert outcome.results[0].properties == (("arc.chain", "example.org"),)
+
+
+def test_folded_results_are_sealed_as_folded(
+        tmp_path: Path, rsa_keys: dict[str, rsa.RSAPrivateKey], dns: FakeDNS,
+        relay_ctx: Context) -> None:
+    """Authentication-Results and ARC-Authentication-Results long enough to be folded at 78
+    (RFC 5322 §2.1.1): the next hop validates the chain over the fields as the MTA inserts
+    them, folding included."""
+    key = write_key(tmp_path, "k.pem", rsa_keys["example.org"])
+    config = parse(f"""authserv_id: mx.example.org
+signing:
+  keys:
+    - {{domain: example.org, selector: arc, key: {key}}}
+rules:
+  eom:
+    - name: arc
+      check: arc_verify
+    - name: seal
+      check: arc_seal
+      domain: example.org
+""")
+    txn = transaction(ORIGINAL)
+    sender, helo = "a.rather.long.local.part@sub.sub.example.net", "relay" * 8 + ".example"
+    txn.results += [CheckResult("spf", "spf", Result.PASS, "", (("smtp.mailfrom", sender),)),
+                    CheckResult("spf", "spf", Result.NONE, "", (("smtp.helo", helo),))]
+    verdict, edits = Engine(config, dns).end_of_message(txn)
+    assert verdict.action is Action.CONTINUE
+    fields = dict(edits.insert)
+    for name in ("Authentication-Results", "ARC-Authentication-Results"):
+        lines = f"{name}: {fields[name].lstrip()}".split("\n")
+        assert len(lines) > 1 and all(len(line) <= 78 for line in lines), lines
+    delivered = transaction([*edits.insert, *ORIGINAL])
+    outcome = run_verify(relay_ctx, delivered, NoArgs())
+    assert outcome.decisive is Result.PASS

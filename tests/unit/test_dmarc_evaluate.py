@@ -18,6 +18,7 @@ from mailwarden.dkim.verify import SignatureResult
 from mailwarden.dmarc.evaluate import DkimInput, DmarcResult, evaluate, non_existent
 from mailwarden.dmarc.orgdomain import TemporaryError
 from mailwarden.findings import ArcFinding, DkimFinding, SpfFinding, SpfIdentity
+from mailwarden.headers import unfold
 from mailwarden.policy.engine import CONTINUE, Engine
 from mailwarden.results import Result
 from mailwarden.transaction import CheckResult, Transaction
@@ -717,7 +718,7 @@ def test_engine_p_none_fail_continues_with_the_header() -> None:
     engine, _ = make()
     verdict, edits = engine.end_of_message(message("a@none.example"))
     assert verdict == CONTINUE
-    ar = dict(edits.insert)["Authentication-Results"]
+    ar = unfold(dict(edits.insert)["Authentication-Results"])
     assert "dmarc=fail" in ar
     assert "header.from=none.example" in ar
     assert "polrec.p=none" in ar and "polrec.domain=none.example" in ar
@@ -728,7 +729,7 @@ def test_engine_pass_header() -> None:
     t = message("a@example.com", spf=("bounce.example.com", "pass"))
     verdict, edits = engine.end_of_message(t)
     assert verdict == CONTINUE
-    ar = dict(edits.insert)["Authentication-Results"]
+    ar = unfold(dict(edits.insert)["Authentication-Results"])
     assert "dmarc=pass (p=reject dis=none) header.from=example.com" in ar
 
 
@@ -764,8 +765,8 @@ def test_engine_trusted_sealer_from_config() -> None:
     t = message("a@example.com", ip=OUTSIDE, arc=("pass", ("sealer.example",)))
     verdict, edits = engine.end_of_message(t)
     assert verdict == CONTINUE
-    assert "dmarc=fail (p=reject dis=none override=local_policy)" in dict(
-        edits.insert)["Authentication-Results"]
+    assert "dmarc=fail (p=reject dis=none override=local_policy)" in unfold(dict(
+        edits.insert)["Authentication-Results"])
 
 
 def test_engine_temperror_continues_by_default_and_tempfails_when_asked() -> None:

@@ -12,6 +12,7 @@ import pytest
 from mailwarden.config import Config, Reply
 from mailwarden.config.build import parse
 from mailwarden.dns import Answer
+from mailwarden.headers import unfold
 from mailwarden.policy.engine import CONTINUE, Engine, Verdict, describe
 from mailwarden.transaction import Transaction
 from mailwarden.verdict import Action, Stage
@@ -605,7 +606,7 @@ def test_end_of_message_adds_one_authentication_results_rfc8601() -> None:
     e, t = full_message()
     verdict, edits = e.end_of_message(t)
     assert verdict == CONTINUE
-    ar = [value for name, value in edits.insert if name == "Authentication-Results"]
+    ar = [unfold(value) for name, value in edits.insert if name == "Authentication-Results"]
     assert len(ar) == 1
     assert edits.insert[0][0] == "Authentication-Results"  # ours goes on top
     assert ar[0] == (

@@ -17,7 +17,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_fuzz_corpus import budget, corpus, examples, fuzzed
 
-from mailwarden.headers import RESULTS, authentication_results, authserv_id_of, forged_indices
+from mailwarden.headers import (
+    FOLD_WIDTH,
+    LINE_LIMIT,
+    RESULTS,
+    _words,
+    authentication_results,
+    authserv_id_of,
+    fold,
+    forged_indices,
+    unfold,
+)
 from mailwarden.spf.received import received_spf
 from mailwarden.transaction import CheckResult
 
@@ -108,11 +118,31 @@ def authres_view(props: list[tuple[str, str]]) -> list[tuple[str, str, str]]:
     return view
 
 
+def check_folded(name: str, value: str) -> None:
+    """RFC 5322 §2.1.1 and §2.2.3: the field as we insert it has no line over 998 octets and
+    none over 78 that a space outside a quoted-string could have broken; it unfolds to the
+    value exactly, and authres reads the folded field as the unfolded one."""
+    folded = fold(name, value)
+    lines = f"{name}: {folded}".split("\n")
+    assert all(len(line) <= LINE_LIMIT for line in lines), lines
+    for line in lines:
+        assert len(line) <= FOLD_WIDTH or len(_words(line.strip())) == 1, line
+    assert all(line.strip() for line in lines)  # no line of whitespace alone
+    assert all(line.startswith(" ") for line in lines[1:])
+    assert unfold(folded) == value
+    if name == "Authentication-Results":
+        flat = authres.AuthenticationResultsHeader.parse(f"{name}: {value}")
+        wrapped = authres.AuthenticationResultsHeader.parse(
+            f"{name}: " + folded.replace("\n", "\r\n"))
+        assert str(wrapped) == str(flat)
+
+
 def check_ar(results: list[CheckResult]) -> str:
     """authentication_results() must never raise, and its value must read back (strictly,
     with authres, and after authres's re-serialisation) to the results it was given."""
     value = authentication_results(AUTHSERV, results)
     assert "\r" not in value and "\n" not in value and "\0" not in value
+    check_folded("Authentication-Results", value)
     authserv_id, clauses = strict_ar(value)
     assert authserv_id == AUTHSERV
     reported = [r for r in results if r.report and re.fullmatch(KEYWORD, r.method)]
@@ -256,6 +286,7 @@ def test_received_spf_fuzzed(result: str, fields: list[str], mechanism: str | No
     value = received_spf(result, receiver=receiver, ip=ip, sender=sender, helo=helo,
                          identity=identity, mechanism=mechanism, problem=problem)
     written, _, pairs = strict_received_spf(value)
+    check_folded("Received-SPF", value)
     assert written == (result if result in SPF_RESULTS else "permerror")
     assert pairs["receiver"] == spf_clean(receiver)
     assert pairs["client-ip"] == spf_clean(ip)

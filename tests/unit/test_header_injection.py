@@ -28,7 +28,7 @@ from test_fuzz_headers import (
 from mailwarden.config import Config
 from mailwarden.config.build import parse
 from mailwarden.dkim.keys import public_record, write_private
-from mailwarden.headers import authserv_id_of
+from mailwarden.headers import FOLD_WIDTH, LINE_LIMIT, _words, authserv_id_of
 from mailwarden.policy.engine import Engine, HeaderEdits, Verdict, describe
 from mailwarden.transaction import Transaction
 from mailwarden.verdict import Stage
@@ -121,11 +121,17 @@ def check_delivery(setup: tuple[Config, FakeDNS], helo: str, mail_from: str,
         assert re.fullmatch(r"(?:[\x20-\x7e]|\n(?=[ \t]))*", value), (name, value)
         block = f"{name}:{value}"
         assert not re.search(r"\n[^ \t]", block)  # so no line can start a field of its own
+        # RFC 5322 §2.1.1: no line over 998; ours folded at 78 wherever a word ends there
+        lines = f"{name}: {value.lstrip(' ')}".split("\n")
+        assert all(len(line) <= LINE_LIMIT for line in lines), (name, value)
+        if name in ("Authentication-Results", "Received-SPF", "ARC-Authentication-Results"):
+            for line in lines:
+                assert len(line) <= FOLD_WIDTH or len(_words(line.strip())) == 1, (name, line)
 
     fields = dict(edits.insert)
     spf_results = [r for r in txn.results if r.method == "spf"]
     # Authentication-Results: strictly our grammar, authres agrees, hostile text quoted
-    authserv_id, clauses = strict_ar(fields["Authentication-Results"])
+    authserv_id, clauses = strict_ar(unfold(fields["Authentication-Results"]))
     assert authserv_id == AUTHSERV
     assert [m for m, _, _, _ in clauses] == [r.method for r in txn.results]
     for (_, result, _, props), given_result in zip(clauses, txn.results, strict=True):
@@ -140,7 +146,7 @@ def check_delivery(setup: tuple[Config, FakeDNS], helo: str, mail_from: str,
         [(r.method, r.result) for r in txn.results]
 
     # Received-SPF: the MAIL FROM identity's result, every value a dot-atom or quoted-string
-    result, _, pairs = strict_received_spf(fields["Received-SPF"].strip())
+    result, _, pairs = strict_received_spf(unfold(fields["Received-SPF"]).strip())
     assert result == spf_results[-1].result
     assert pairs["helo"] == spf_clean(helo)
     assert pairs["envelope-from"] == spf_clean(spf_results[-1].properties[0][1])

@@ -31,7 +31,7 @@ from mailwarden.checks import dmarc as dmarc_check
 from mailwarden.config import Condition, Config, Outcome, Reply, RuleConfig
 from mailwarden.dns import DNSClient
 from mailwarden.findings import DmarcFinding, SigningFinding, SignStatus
-from mailwarden.headers import AR, authentication_results, forged_indices
+from mailwarden.headers import AR, authentication_results, fold, forged_indices
 from mailwarden.policy import codes
 from mailwarden.policy.logline import describe, printable
 from mailwarden.relay import HostGroup, Membership
@@ -65,6 +65,10 @@ def applied_disposition(verdict: Verdict, txn: Transaction) -> Result | None:
         return Result.QUARANTINE
     return Result.NONE
 
+
+# The fields we write whose folding is ours to choose (RFC 5322 §2.1.1). A DKIM-Signature keeps
+# its signer's folding: under c=simple its header hash covers the exact lines.
+_FOLDED = frozenset({AR, "Received-SPF", "ARC-Authentication-Results"})
 
 @dataclass
 class Engine:
@@ -133,7 +137,8 @@ class Engine:
         for rule in transforms:
             if CHECKS[rule.check].after_headers:
                 above.extend(self._transform(rule, txn))
-        insert = (*above, (AR, value), *below)
+        insert = tuple((name, fold(name, field) if name in _FOLDED else field)
+                       for name, field in (*above, (AR, value), *below))
         delete = tuple(forged_indices(txn.headers, self.config.authserv_id))
         return verdict, HeaderEdits(delete, insert)
 
