@@ -9,12 +9,13 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mailwarden import __version__
+from mailwarden import __version__, textout
 from mailwarden.config import Config
 from mailwarden.dmarc.backends import sqlite_path
 from mailwarden.dns import Nameserver, Resolver, parse_nameserver, system_nameservers
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
 from mailwarden.startchecks import StoreState, store_state
+from mailwarden.textout import shown
 
 
 def _positive_float(text: str) -> float:
@@ -471,12 +472,14 @@ def format_spf(result: SPFResult, limits: Limits) -> str:
         f"DNSSEC-authentic: {'yes' if result.authentic else 'no'}",
         f"Received-SPF: {result.received_spf}",
     ]
-    return "\n".join(lines)
+    return "\n".join(shown(line) for line in lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.handler is not _cmd_run:  # the daemon's log lines are made printable already
+        textout.install()
     code: int = args.handler(args)
     return code
 

@@ -18,6 +18,7 @@ from mailwarden.config import Config, Reply
 from mailwarden.dns import Nameserver
 from mailwarden.findings import SigningFinding, SignStatus
 from mailwarden.stage import Connection, Decision, Runtime
+from mailwarden.textout import shown
 from mailwarden.transaction import CheckResult
 from mailwarden.verdict import Action, Stage
 
@@ -247,8 +248,12 @@ def format_report(report: Report) -> str:
                      for name, index in report.removed)
     if report.added:
         lines.append("headers added (top of the message):")
-        lines.extend(f"  {name}: {value}" for name, value in report.added)
-    return "\n".join(lines)
+        for name, value in report.added:  # as folded in the message
+            first, *rest = value.strip().split("\n")
+            lines.append(f"  {name}: {first}")
+            lines.extend(f"  {line}" for line in rest)
+    # what came from elsewhere (envelope, message, DNS) cannot break or forge a line
+    return "\n".join(shown(line) for line in lines)
 
 
 def _signing_line(finding: SigningFinding) -> str:
