@@ -274,13 +274,9 @@ rules:
     assert info.value.line == 9
 
 
-def test_engine_seals_after_writing_authentication_results(
-        tmp_path: Path, rsa_keys: dict[str, rsa.RSAPrivateKey], dns: FakeDNS,
-        relay_ctx: Context) -> None:
-    """Through the engine: arc_verify and arc_seal at eom; the ARC set goes on top of our
-    Authentication-Results, and the next hop validates it."""
-    key = write_key(tmp_path, "k.pem", rsa_keys["example.org"])
-    config = parse(f"""authserv_id: mx.example.org
+def sealing_config(key: str) -> Config:
+    """arc_verify, then arc_seal for example.org, at the end of message."""
+    return parse(f"""authserv_id: mx.example.org
 signing:
   keys:
     - {{domain: example.org, selector: arc, key: {key}}}
@@ -292,6 +288,14 @@ rules:
       check: arc_seal
       domain: example.org
 """)
+
+
+def test_engine_seals_after_writing_authentication_results(
+        tmp_path: Path, rsa_keys: dict[str, rsa.RSAPrivateKey], dns: FakeDNS,
+        relay_ctx: Context) -> None:
+    """Through the engine: arc_verify and arc_seal at eom; the ARC set goes on top of our
+    Authentication-Results, and the next hop validates it."""
+    config = sealing_config(write_key(tmp_path, "k.pem", rsa_keys["example.org"]))
     txn = transaction(ORIGINAL)
     verdict, edits = Engine(config, dns).end_of_message(txn)
     assert verdict.action == "continue"
@@ -314,19 +318,7 @@ def test_folded_results_are_sealed_as_folded(
     """Authentication-Results and ARC-Authentication-Results long enough to be folded at 78
     (RFC 5322 §2.1.1): the next hop validates the chain over the fields as the MTA inserts
     them, folding included."""
-    key = write_key(tmp_path, "k.pem", rsa_keys["example.org"])
-    config = parse(f"""authserv_id: mx.example.org
-signing:
-  keys:
-    - {{domain: example.org, selector: arc, key: {key}}}
-rules:
-  eom:
-    - name: arc
-      check: arc_verify
-    - name: seal
-      check: arc_seal
-      domain: example.org
-""")
+    config = sealing_config(write_key(tmp_path, "k.pem", rsa_keys["example.org"]))
     txn = transaction(ORIGINAL)
     sender, helo = "a.rather.long.local.part@sub.sub.example.net", "relay" * 8 + ".example"
     txn.results += [CheckResult("spf", "spf", Result.PASS, "", (("smtp.mailfrom", sender),)),
