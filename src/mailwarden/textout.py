@@ -61,6 +61,11 @@ class _Escaping(io.TextIOBase):
     def encoding(self) -> str:  # type: ignore[override]
         return self.under.encoding
 
+    @property
+    def buffer(self) -> object:
+        """The byte stream under it, for output that is data, not text (a signed message)."""
+        return self.under.buffer
+
 
 def install() -> None:
     """Escape everything a command prints from now on (standard output and error)."""
