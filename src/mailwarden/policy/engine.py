@@ -268,6 +268,9 @@ class Engine:
 
 
 def _reply(spec: CheckSpec, outcome: CheckOutcome, chosen: Outcome, action: Action) -> Reply:
+    """The rule's text, else the check's own. A temperror's own text names a DNS failure,
+    which names our resolver: the client gets the check's fixed text (the log line keeps the
+    cause)."""
     reply = codes.reply_for(spec.replies.get(outcome.decisive), chosen, str(action))
-    return Reply(reply.code, reply.status,
-                 codes.smtp_text(chosen.text or outcome.text or reply.text))
+    found = "" if outcome.decisive is Result.TEMPERROR else outcome.text
+    return Reply(reply.code, reply.status, codes.smtp_text(chosen.text or found or reply.text))
