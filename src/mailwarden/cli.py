@@ -13,6 +13,7 @@ from mailwarden import __version__, textout
 from mailwarden.config import Config
 from mailwarden.dmarc.backends import sqlite_path
 from mailwarden.dns import Nameserver, Resolver, parse_nameserver, system_nameservers
+from mailwarden.relay import HostGroup
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
 from mailwarden.startchecks import StoreState, store_state
 from mailwarden.textout import shown
@@ -256,7 +257,9 @@ def _cmd_dmarc_report(args: argparse.Namespace) -> int:
         return 2
     resolver = Resolver(nameservers=list(config.dns.nameservers) or system_nameservers(),
                         timeout=config.dns.timeout, lifetime=config.dns.lifetime)
-    settings = ReportSettings(**config.dmarc.reports)
+    networks = tuple(str(net) for name, entries in config.hosts.items()
+                     for net in HostGroup.from_entries(name, entries).networks)
+    settings = ReportSettings(**config.dmarc.reports, internal_networks=networks)
     return run_report_command(store_url=config.dmarc.store, settings=settings, dns=resolver,
                               period=args.period, dry_run=args.dry_run)
 

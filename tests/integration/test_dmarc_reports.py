@@ -11,6 +11,7 @@ import email.policy
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import socketserver
@@ -23,6 +24,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -275,7 +277,7 @@ def test_reports_aggregate_identical_rows_and_validate(store: Store, tmp_path: P
 def test_a_report_too_large_for_max_size_is_split(tmp_path: Path) -> None:
     store = Store.open(str(tmp_path / "big.db"))
     for i in range(300):
-        store.record(evaluation(time=DAY + i, source_ip=f"10.{i // 250}.{i % 250}.1"))
+        store.record(evaluation(time=DAY + i, source_ip=f"203.0.{i // 250}.{i % 250 + 1}"))
     small = replace(SETTINGS, max_size=6_000)
     reports = build_reports(store, period_start=DAY, period_end=DAY + 86400, settings=small)
     store.close()
@@ -540,3 +542,27 @@ def test_a_second_concurrent_run_is_refused(store: Store, sink: Sink,
     assert "another report run" in outcomes[0].detail
     assert sink.messages() == []
     assert os.path.exists(str(store.url).removeprefix("sqlite://") + ".report-lock")
+
+
+def test_internal_sources_stay_out_of_reports_unless_asked(tmp_path: Path) -> None:
+    """Private-use sources and our host groups' networks are nobody else's business: left out
+    by default, reported with include_internal_sources. Nothing reported names a host group."""
+    store = Store.open(str(tmp_path / "internal.db"))
+    sources = ["10.1.2.3", "192.168.7.7", "100.64.0.9", "fd00::25", "::ffff:172.16.0.1",
+               "203.0.113.25",  # in the `internal` host group's network below
+               "198.51.100.7"]  # outside: the only one reported by default
+    for n, source in enumerate(sources):
+        store.record(evaluation(time=DAY + n, source_ip=source, overrides=(
+            ("local_policy", "the client is one of the receiver's own hosts"),)))
+    ours = replace(SETTINGS, internal_networks=("203.0.113.0/24",))
+    default = build_reports(store, period_start=DAY, period_end=DAY + 86400, settings=ours)
+    asked = build_reports(store, period_start=DAY, period_end=DAY + 86400,
+                          settings=replace(ours, include_internal_sources=True))
+    store.close()
+
+    def reported(reports: list[Any]) -> set[str]:
+        return {ip for r in reports for ip in re.findall(rb"<source_ip>([^<]+)</source_ip>",
+                                                        r.xml)}
+
+    assert reported(default) == {b"198.51.100.7"}
+    assert len(reported(asked)) == len(sources)

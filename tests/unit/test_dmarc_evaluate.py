@@ -637,6 +637,10 @@ def test_never_reject_group_turns_a_refusal_into_fail(author: str) -> None:
     (ar,) = outcome.results
     assert ar.result == "fail"
     assert ar.comment is not None and ar.comment.endswith("dis=none override=local_policy")
+    # what the aggregate report will say: no name of ours (the group's is "partners")
+    (finding,) = outcome.findings
+    assert finding.overrides == (("local_policy", "the client is one of the receiver's own "
+                                                  "hosts"),), finding.overrides
 
 
 def test_never_reject_does_not_apply_outside_the_group() -> None:

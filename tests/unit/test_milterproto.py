@@ -48,6 +48,9 @@ rules:
       allowed_hosts: internal
 """
 PERCENT_CONFIG = CONFIG + '      on: {fail: {action: reject, text: "100% not a relay"}}\n'
+# A check whose result goes into Authentication-Results without the DNS (an unsigned message
+# is dkim=none): with no reported result no field is written at all.
+REPORTING_CONFIG = CONFIG + "  eom:\n    - {name: dkim, check: dkim_verify}\n"
 
 # Offers as an MTA makes them (Postfix 3.x / milterload: every action, every v6 step).
 ALL_ACTIONS = SMFIF_ALL
@@ -96,6 +99,13 @@ def runtime() -> Runtime:
 @pytest.fixture
 def session(runtime: Runtime) -> Iterator[Session]:
     s = Session(runtime)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def reporting() -> Iterator[Session]:
+    s = Session(build_runtime(parse(REPORTING_CONFIG)))
     yield s
     s.close()
 
@@ -401,32 +411,41 @@ FORGED = (
 )
 
 
-def test_eom_deletes_forged_results_then_inserts_ours_at_the_top(session: Session) -> None:
-    start(session)
-    edits = send_message(session, headers=FORGED)
+def test_eom_deletes_forged_results_then_inserts_ours_at_the_top(reporting: Session) -> None:
+    start(reporting)
+    edits = send_message(reporting, headers=FORGED)
     # deletions first, from the last, so that the indexes stay right and ours (inserted at
     # the top, where it would become Authentication-Results number 1) is never deleted
     assert edits[:2] == [("m", struct.pack(">I", 3) + cstr(AR) + b"\0"),
                          ("m", struct.pack(">I", 1) + cstr(AR) + b"\0")]
     assert edits[2][0] == "i"
-    assert index_edit(edits[2][1]) == (0, AR, f" {AUTHSERV}; none")
+    assert index_edit(edits[2][1]) == (0, AR, f" {AUTHSERV}; dkim=none")
     assert edits[3:] == [("c", b"")]
 
 
-def test_eom_without_leading_space_step(session: Session) -> None:
-    start(session, protocol=ALL_STEPS & ~mp.P_HDR_LEADSPC)
-    edits = send_message(session, headers=((AR, f"{AUTHSERV}; spf=pass"),))
+def test_eom_without_reported_results_deletes_forged_ones_and_adds_nothing(
+        session: Session) -> None:
+    """Only a relay rule ran (its result is not for Authentication-Results): the forged
+    fields go, and no empty "authserv-id; none" field is added."""
+    start(session)
+    edits = send_message(session, headers=FORGED)
+    assert [command for command, _ in edits] == ["m", "m", "c"]
+
+
+def test_eom_without_leading_space_step(reporting: Session) -> None:
+    start(reporting, protocol=ALL_STEPS & ~mp.P_HDR_LEADSPC)
+    edits = send_message(reporting, headers=((AR, f"{AUTHSERV}; spf=pass"),))
     assert [command for command, _ in edits] == ["m", "i", "c"]
     assert index_edit(edits[0][1]) == (1, AR, "")
-    assert index_edit(edits[1][1]) == (0, AR, f"{AUTHSERV}; none")
+    assert index_edit(edits[1][1]) == (0, AR, f"{AUTHSERV}; dkim=none")
 
 
-def test_eom_without_change_header_action_still_adds_ours(session: Session,
+def test_eom_without_change_header_action_still_adds_ours(reporting: Session,
                                                           caplog: pytest.LogCaptureFixture
                                                           ) -> None:
-    start(session, actions=mp.F_ADDHDRS)
+    start(reporting, actions=mp.F_ADDHDRS)
     with caplog.at_level(logging.WARNING, "mailwarden.milter"):
-        edits = send_message(session, headers=FORGED)
+        edits = send_message(reporting, headers=FORGED)
     assert [command for command, _ in edits] == ["i", "c"]
     assert "does not let milters delete forged headers" in caplog.text
 
@@ -632,7 +651,7 @@ def test_an_exception_in_a_check_is_a_451_and_the_session_goes_on(
         assert replies(s.handle(mp.C_MAIL, cstr("<alice@sender.example>"))) == [("c", b"")]
         assert replies(s.handle(mp.C_RCPT, cstr("<bob@ours.example>"))) == [("c", b"")]
         edits = replies(s.handle(mp.C_EOB, b""))
-        assert [command for command, _ in edits] == ["i", "c"]
+        assert [command for command, _ in edits] == ["c"]  # no result to report
     finally:
         s.close()
 

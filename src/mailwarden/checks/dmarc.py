@@ -168,7 +168,8 @@ def _comment(found: DmarcResult, disposition: Result, overridden: bool) -> str |
 def _override(ctx: Context, txn: Transaction, args: DmarcArgs) -> str:
     for group in args.never_reject:
         if ctx.client_in(txn, (group,)) is Membership.IN:
-            return f"client in never_reject group {group}"
+            # what goes into reports to other domains: no name of ours (issue 15 #8)
+            return "the client is one of the receiver's own hosts"
     arc = txn.findings.arc
     if arc is not None and arc.result is Result.PASS and arc.sealers:
         latest = arc.sealers[-1].lower().rstrip(".")

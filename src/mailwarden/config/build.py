@@ -268,6 +268,8 @@ def _dmarc(top: Section) -> DmarcConfig:
         reports["smarthost"] = reports_section.optional_str("smarthost")
         reports["mail_from"] = reports_section.string("mail_from", reports["email"])
         reports["directory"] = reports_section.optional_str("directory")
+        reports["include_internal_sources"] = reports_section.boolean(
+            "include_internal_sources", False)
         if not reports["smarthost"] and not reports["directory"]:
             raise reports_section.error(None, "give a smarthost (HOST:PORT) or a directory")
         reports_section.finish()

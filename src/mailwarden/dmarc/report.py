@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import ipaddress
 import math
 import re
 import xml.etree.ElementTree as ET
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 
 from mailwarden import __version__
 from mailwarden.dmarc.store import Evaluation, Store
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 __all__ = ["NAMESPACE", "Report", "ReportSettings", "build_reports"]
 
@@ -68,6 +71,11 @@ class ReportSettings:
     mail_from: str = ""  # envelope/header From of report mails (default: `email`)
     directory: str | None = None  # write .xml.gz files here instead of mailing
     max_size: int = 10 * 1024 * 1024
+    # Sources left out unless this is set: private-use addresses (RFC 1918, RFC 6598, RFC 4193,
+    # loopback, link-local) and `internal_networks` (the networks of the configured host
+    # groups): how mail moves inside our network is nobody else's business.
+    include_internal_sources: bool = False
+    internal_networks: tuple[str, ...] = ()
 
     @property
     def submitter(self) -> str:
@@ -271,6 +279,22 @@ def _report_id(store: Store, policy_domain: str, begin: int, end: int, part: int
     return hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+_PRIVATE_USE = tuple(ipaddress.ip_network(net) for net in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "127.0.0.0/8",
+    "169.254.0.0/16", "0.0.0.0/8", "::1/128", "::/128", "fc00::/7", "fe80::/10"))
+
+
+def _internal(source: str, networks: Sequence[IPNetwork]) -> bool:
+    """A private-use address, or one in our own host groups' networks."""
+    try:
+        ip = ipaddress.ip_address(source.strip())
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip.version == net.version and ip in net for net in (*_PRIVATE_USE, *networks))
+
+
 def build_reports(store: Store, *, period_start: float, period_end: float,
                   settings: ReportSettings) -> list[Report]:
     """The aggregate reports of [period_start, period_end): one per policy domain (more when
@@ -278,11 +302,14 @@ def build_reports(store: Store, *, period_start: float, period_end: float,
     if period_end <= period_start:
         raise ValueError("the period ends before it starts")
     begin, end = math.floor(period_start), math.ceil(period_end) - 1
+    internal = [ipaddress.ip_network(net, strict=False) for net in settings.internal_networks]
     reports: list[Report] = []
     for domain in store.policy_domains(period_start, period_end):
         counts: dict[_Row, int] = {}
         latest: Evaluation | None = None
         for ev in store.iter_evaluations(period_start, period_end, domain):
+            if not settings.include_internal_sources and _internal(ev.source_ip, internal):
+                continue
             key = _row(ev)
             counts[key] = counts.get(key, 0) + 1
             if latest is None or ev.time >= latest.time:

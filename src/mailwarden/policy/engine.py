@@ -134,11 +134,16 @@ class Engine:
         value = authentication_results(self.config.authserv_id, txn.results)
         txn.authentication_results = value
         above: list[tuple[str, str]] = []
+        sealing = False
         for rule in transforms:
             if CHECKS[rule.check].after_headers:
                 above.extend(self._transform(rule, txn))
+                sealing = True
+        # No checks, no field: "authserv-id; none" (RFC 8601 §2.2) tells the next hop nothing
+        # and would go out on every outbound message. An ARC seal needs ours all the same.
+        ours = [(AR, value)] if sealing or any(r.report for r in txn.results) else []
         insert = tuple((name, fold(name, field) if name in _FOLDED else field)
-                       for name, field in (*above, (AR, value), *below))
+                       for name, field in (*above, *ours, *below))
         delete = tuple(forged_indices(txn.headers, self.config.authserv_id))
         return verdict, HeaderEdits(delete, insert)
 
