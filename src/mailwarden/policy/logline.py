@@ -22,6 +22,12 @@ def describe(txn: Transaction, stage: str, verdict: Verdict) -> str:
         f"results=[{results}]",
         f"verdict={verdict}",
     ]
+    if verdict.action.refuses and verdict.rule:
+        # why, in full: the reply to the client does not carry a DNS error (it names our
+        # resolver), the log line does
+        causes = [r.reason for r in txn.results if r.rule == verdict.rule and r.reason]
+        if causes:
+            parts.append(f'cause="{causes[-1]}"')
     parts.extend(finding.short() for finding in txn.findings.signing)
     if txn.header_cut:
         parts.append("headers=over_limit")
