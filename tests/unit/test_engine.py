@@ -719,7 +719,7 @@ def test_describe_lists_at_most_ten_recipients() -> None:
 def test_describe_shows_quarantine() -> None:
     t = txn()
     t.quarantine = "held\r\nfor review"
-    line = describe(t, "eom", Verdict("quarantine", None, "q", "held"))
+    line = describe(t, "eom", Verdict(Action.QUARANTINE, None, "q", "held"))
     assert 'quarantine="held??for review"' in line
 
 
