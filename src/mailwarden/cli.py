@@ -16,6 +16,7 @@ from mailwarden.dns import Nameserver, Resolver, parse_nameserver, system_namese
 from mailwarden.relay import HostGroup
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
 from mailwarden.startchecks import StoreState, store_state
+from mailwarden.storeowner import become_store_owner
 from mailwarden.textout import shown
 
 
@@ -260,6 +261,7 @@ def _cmd_dmarc_report(args: argparse.Namespace) -> int:
     networks = tuple(str(net) for name, entries in config.hosts.items()
                      for net in HostGroup.from_entries(name, entries).networks)
     settings = ReportSettings(**config.dmarc.reports, internal_networks=networks)
+    become_store_owner(config.dmarc.store, config.user)
     return run_report_command(store_url=config.dmarc.store, settings=settings, dns=resolver,
                               period=args.period, dry_run=args.dry_run)
 
@@ -268,16 +270,17 @@ def _cmd_dmarc_summary(args: argparse.Namespace) -> int:
     from mailwarden.dmarc.store import Store, StoreError
     from mailwarden.dmarc.summary import format_text, summarize, to_json
 
-    url = args.store
+    url, user = args.store, None
     if url is None:
         config = _load_config(args.config)
         if config is None:
             return 1
-        url = config.dmarc.store
+        url, user = config.dmarc.store, config.user
         if not url:
             print(f"mailwarden: {args.config}: no dmarc.store configured (or give --store)",
                   file=sys.stderr)
             return 1
+    become_store_owner(url, user)
     try:
         store = Store.open_existing(url)  # reading never creates a store
         try:
