@@ -643,6 +643,19 @@ def test_never_reject_group_turns_a_refusal_into_fail(author: str) -> None:
                                                   "hosts"),), finding.overrides
 
 
+@pytest.mark.parametrize("from_values", [(), ("",), ("a@example.com", "b@example.com")])
+def test_never_reject_covers_an_unusable_from(from_values: tuple[str, ...]) -> None:
+    """cron and monitoring mail from our own hosts often has no From: never_reject keeps it
+    from the 550 an unusable From gets from anyone else (issue 15 #2)."""
+    ctx, _ = context()
+    args = DmarcArgs(never_reject=("partners",))
+    ours = dmarc_check.run(ctx, message(*from_values, ip=CLIENT), args)
+    assert ours.decisive is Result.PERMERROR
+    assert dmarc_check.outcomes(args).get(ours.decisive) is None  # continue
+    theirs = dmarc_check.run(ctx, message(*from_values, ip="198.51.100.99"), args)
+    assert theirs.decisive is Result.UNUSABLE_FROM
+
+
 def test_never_reject_does_not_apply_outside_the_group() -> None:
     ctx, _ = context()
     outcome = dmarc_check.run(ctx, message("a@example.com", ip=OUTSIDE),

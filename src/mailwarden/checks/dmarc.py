@@ -122,6 +122,10 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
     domain, problem = author_domain(txn)
     if problem:
         record = CheckResult("", "dmarc", Result.PERMERROR, problem)
+        if _ours(ctx, txn, args):
+            # never_reject covers every refusal of this rule: cron and monitoring mail from
+            # our own hosts often has no From at all
+            return CheckOutcome(Result.PERMERROR, (record,), text=f"DMARC permerror: {problem}")
         return CheckOutcome(Result.UNUSABLE_FROM, (record,),
                             text=f"Message refused: {problem} (RFC 9989 needs one author domain)")
     spf_domain, spf_result, spf_reported = _spf(txn)
@@ -165,11 +169,15 @@ def _comment(found: DmarcResult, disposition: Result, overridden: bool) -> str |
     return comment
 
 
+def _ours(ctx: Context, txn: Transaction, args: DmarcArgs) -> bool:
+    """The client is in one of the rule's never_reject host groups."""
+    return any(ctx.client_in(txn, (group,)) is Membership.IN for group in args.never_reject)
+
+
 def _override(ctx: Context, txn: Transaction, args: DmarcArgs) -> str:
-    for group in args.never_reject:
-        if ctx.client_in(txn, (group,)) is Membership.IN:
-            # what goes into reports to other domains: no name of ours (issue 15 #8)
-            return "the client is one of the receiver's own hosts"
+    if _ours(ctx, txn, args):
+        # what goes into reports to other domains: no name of ours (issue 15 #8)
+        return "the client is one of the receiver's own hosts"
     arc = txn.findings.arc
     if arc is not None and arc.result is Result.PASS and arc.sealers:
         latest = arc.sealers[-1].lower().rstrip(".")
