@@ -424,18 +424,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
     from mailwarden.policy.describe import effective_policy, format_policy
+    from mailwarden.policy.traps import accept_traps
 
     config = _load_config(args.path)
     if config is None:
         return 1
     policy = effective_policy(config)
     state, store_text = _store_state(config)
+    warnings = accept_traps(config)
     if args.json:
         policy["store"] = {"state": str(state), "detail": store_text}
+        policy["warnings"] = warnings
         print(json.dumps(policy, indent=2))
     else:
         print(format_policy(policy))
         print(f"DMARC store: {store_text}")
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     return 1 if state is StoreState.BROKEN else 0
 
 
