@@ -11,11 +11,10 @@ from pathlib import Path
 
 from mailwarden import __version__, textout
 from mailwarden.config import Config
-from mailwarden.dmarc.backends import sqlite_path
 from mailwarden.dns import Nameserver, Resolver, parse_nameserver, system_nameservers
 from mailwarden.relay import HostGroup
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
-from mailwarden.startchecks import StoreState, store_state
+from mailwarden.startchecks import preflight
 from mailwarden.storeowner import become_store_owner
 from mailwarden.textout import shown
 
@@ -430,27 +429,24 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     if config is None:
         return 1
     policy = effective_policy(config)
-    state, store_text = _store_state(config)
+    # what `run` checks before it serves, as the daemon's user: a problem here would be a
+    # refused start (under systemd, a restart loop)
+    problems, store_text = preflight(config, args.path)
     warnings = accept_traps(config)
     if args.json:
-        policy["store"] = {"state": str(state), "detail": store_text}
+        policy["store"] = store_text
+        policy["problems"] = problems
         policy["warnings"] = warnings
         print(json.dumps(policy, indent=2))
     else:
         print(format_policy(policy))
-        print(f"DMARC store: {store_text}")
+        if store_text:
+            print(f"DMARC store: {store_text}")
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
-    return 1 if state is StoreState.BROKEN else 0
-
-
-def _store_state(config: Config) -> tuple[StoreState, str]:
-    """A PostgreSQL store is tried as the daemon would; a SQLite file is not opened here
-    (opening it as another user, root, could leave files the daemon cannot write)."""
-    if config.dmarc.store and sqlite_path(config.dmarc.store) is not None:
-        return StoreState.OK, (f"SQLite {sqlite_path(config.dmarc.store)}, opened by the "
-                               "daemon as its user")
-    return store_state(config)
+        for problem in problems:
+            print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _cmd_spf(args: argparse.Namespace) -> int:

@@ -18,10 +18,8 @@ the GIL. The master serves no connection itself and talks to each worker over a 
 from __future__ import annotations
 
 import contextlib
-import grp
 import logging
 import os
-import pwd
 import signal
 import socket
 import sys
@@ -33,6 +31,7 @@ from mailwarden import metrics
 from mailwarden.config import Config, ConfigError, configure_logging
 from mailwarden.config.build import load
 from mailwarden.dns import Resolver, system_nameservers
+from mailwarden.identity import drop, identity
 from mailwarden.metrics import Endpoint
 from mailwarden.policy.engine import Engine
 from mailwarden.server import LISTEN_BACKLOG, LoadBoard, open_listener, serve, socket_path
@@ -107,8 +106,9 @@ class Master:
         is bound, that is all. Once dropped, the key files, the DMARC store and the
         configuration file are checked for ownership and permissions."""
         path = socket_path(self.config.listen)
-        uid, gid = self._identity()
-        socket_gid = self._socket_group()
+        who = identity(self.config)
+        uid, gid, socket_gid = who.uid, who.gid, who.socket_gid
+        self.root_allowed = who.root_allowed
         # The socket is created owner-only, and opened up to socket_mode once its group is set
         # (its directory, if it has to be made, with the usual umask).
         if path is not None:
@@ -141,9 +141,7 @@ class Master:
             os.chmod(path, self.config.socket_mode)
         if uid is not None and gid is not None:
             _preload()
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
+            drop(uid, gid)
             log.info("running as %s:%s", self.config.user, self.config.group or gid)
             try:
                 Path(self.config_path).read_bytes()
@@ -157,48 +155,6 @@ class Master:
         check_store(self.config)
         log.info("listening on %s", self.config.listen)
 
-    def _identity(self) -> tuple[int | None, int | None]:
-        """The uid and gid to drop to (None, None: stay as we are). Started as root, a `user`
-        is required: checks never run as root unless `user:` names root itself."""
-        if os.geteuid() != 0:
-            if self.config.user and _uid_of(self.config.user) != os.geteuid():
-                log.warning("not started as root: staying %s instead of %s",
-                            pwd.getpwuid(os.geteuid()).pw_name, self.config.user)
-            return None, None
-        if not self.config.user:
-            raise SystemExit(
-                f"mailwarden: refusing to run as root: {self.config.path} names no `user:` "
-                f"to drop to, and checks never run as root. Set `user:` (and `group:`) to an "
-                f"unprivileged account, e.g. `user: mailwarden` (`user: root` keeps root's "
-                f"privileges: for tests only)")
-        try:
-            entry = pwd.getpwnam(self.config.user)
-        except KeyError:
-            raise SystemExit(f"mailwarden: user {self.config.user!r} does not exist "
-                             f"({self.config.path}: user)") from None
-        gid = entry.pw_gid
-        if self.config.group:
-            try:
-                gid = grp.getgrnam(self.config.group).gr_gid
-            except KeyError:
-                raise SystemExit(f"mailwarden: group {self.config.group!r} does not exist "
-                                 f"({self.config.path}: group)") from None
-        self.root_allowed = entry.pw_uid == 0
-        return entry.pw_uid, gid
-
-    def _socket_group(self) -> int | None:
-        """The gid of `socket_group` (the group the MTA runs as, e.g. postfix), or None: the
-        socket then gets the daemon's group."""
-        name = self.config.socket_group
-        if not name or socket_path(self.config.listen) is None:
-            return None
-        try:
-            return grp.getgrnam(name).gr_gid
-        except KeyError:
-            raise SystemExit(f"mailwarden: group {name!r} does not exist "
-                             f"({self.config.path}: socket_group)") from None
-
-    # -- workers -----------------------------------------------------------------------------
     def spawn(self) -> None:
         if self.loads is None:
             self.loads = LoadBoard(self.config.workers)
@@ -325,13 +281,6 @@ class Master:
             self.metrics.close()
         log.info("stopped")
         return 0
-
-
-def _uid_of(user: str) -> int | None:
-    try:
-        return pwd.getpwnam(user).pw_uid
-    except KeyError:
-        return None
 
 
 def _worker(config_path: str, runtime: Runtime, control: int, listener: socket.socket,

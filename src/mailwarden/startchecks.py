@@ -5,6 +5,7 @@ the store opens. A problem stops the start with its reason (`SystemExit`)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from enum import StrEnum
@@ -103,3 +104,60 @@ def store_problems(path: str) -> list[str]:
                             f"keep the store in a directory of its own (e.g. "
                             f"/var/lib/mailwarden, mode 0750)")
     return problems
+
+
+def preflight(config: Config, config_path: str) -> tuple[list[str], str]:
+    """Every check `mailwarden run` makes before it serves, without serving: the user, group
+    and socket group; then, as the daemon's user (in a child process when started as root),
+    the permissions of keys, configuration file and store, and whether the store opens.
+    Returns the problems that would stop a start, and what to say about the store."""
+    from mailwarden.identity import identity, uid_of
+
+    if os.geteuid() != 0 and config.user and uid_of(config.user) != os.geteuid():
+        return [], (f"not checked: the daemon runs as {config.user}; run check-config as "
+                    f"root to check the keys, the configuration file and the store as that user")
+    try:
+        who = identity(config)
+    except SystemExit as exc:
+        return [str(exc).removeprefix("mailwarden: ")], ""
+    if who.uid is None or who.gid is None or who.uid == os.geteuid():
+        return _as_daemon_user(config, config_path)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: becomes the daemon's user, checks, reports, ends
+        code = 1
+        try:
+            os.close(read)
+            from mailwarden.identity import drop
+
+            drop(who.uid, who.gid)
+            with os.fdopen(write, "w") as out:
+                json.dump(_as_daemon_user(config, config_path), out)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        text = answer.read()
+    _, status = os.waitpid(pid, 0)
+    if not text or os.waitstatus_to_exitcode(status) != 0:
+        return ["the checks as the daemon's user failed to run"], ""
+    problems, store_text = json.loads(text)
+    return list(problems), str(store_text)
+
+
+def _as_daemon_user(config: Config, config_path: str) -> tuple[list[str], str]:
+    problems = []
+    try:
+        Path(config_path).read_bytes()
+    except OSError as exc:
+        problems.append(f"{config.user or 'the daemon'} cannot read {config_path} "
+                        f"({exc.strerror}): a SIGHUP reload would fail")
+    try:
+        check_permissions(config, config_path)
+    except SystemExit as exc:
+        problems.append(str(exc).removeprefix("mailwarden: "))
+    state, text = store_state(config)
+    if state is StoreState.BROKEN:
+        problems.append(text)
+    return problems, text

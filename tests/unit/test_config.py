@@ -710,8 +710,9 @@ def test_check_config_shows_on_overrides(tmp_path: Path) -> None:
                 neutral: {action: tempfail, text: Try later}
         """))
     done = check_config("--json", str(path))
-    assert done.returncode == 0, done.stderr
     policy = json.loads(done.stdout)
+    # run as root (the test), a configuration without `user:` is one `run` refuses
+    assert done.returncode == (1 if os.geteuid() == 0 else 0), policy["problems"]
     iprev = policy["rules"]["connect"][0]["results"]
     assert iprev["fail"] == "reject 550 5.7.25 Reverse DNS validation failed"
     assert iprev["temperror"].startswith("tempfail 451 4.7.25")  # never a permanent reject
