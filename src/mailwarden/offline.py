@@ -47,6 +47,7 @@ class StageReport:
     sent: str
     results: list[CheckResult] = field(default_factory=list)
     reply: str = ""  # "continue", "reject 550 5.7.1 ...", "(no reply: negotiated away)"
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (rule, why it did not run)
 
 
 @dataclass
@@ -68,7 +69,9 @@ class Report:
             "monitored": self.monitored, "quarantine": self.quarantine,
             "rcpts_refused": [{"rcpt": r, "reply": why} for r, why in self.rcpts_refused],
             "stages": [{"stage": s.name, "sent": s.sent, "reply": s.reply,
-                        "results": [_result_dict(r) for r in s.results]} for s in self.stages],
+                        "results": [_result_dict(r) for r in s.results],
+                        "skipped": [{"rule": rule, "why": why} for rule, why in s.skipped]}
+                       for s in self.stages],
             "headers": {"added": [{"name": n, "value": v} for n, v in self.added],
                         "removed": [{"name": n, "index": i} for n, i in self.removed]},
             "signing": [finding.as_dict() for finding in self.signing],
@@ -120,7 +123,7 @@ def _reply_text(decision: Decision) -> str:
 
 def run_offline(runtime: Runtime, raw: bytes, envelope: Envelope) -> Report:
     """Judge one message as the daemon would; `runtime` from `offline_runtime`."""
-    connection = Connection(runtime)
+    connection = Connection(runtime, explain=True)
     try:
         return _run(connection, raw, envelope)
     finally:
@@ -140,11 +143,15 @@ class _Recorder:
     def __init__(self, connection: Connection, report: Report) -> None:
         self.connection, self.report = connection, report
         self.seen = 0
+        self.seen_skipped = 0
 
     def stage(self, name: Stage, sent: str, decision: Decision) -> Decision:
         results = self.connection.txn.results
         stage = StageReport(str(name), sent, list(results[self.seen:]))
         self.seen = len(results)
+        skipped = self.connection.txn.skipped
+        stage.skipped = [(rule, why) for _, rule, why in skipped[self.seen_skipped:]]
+        self.seen_skipped = len(skipped)
         self.report.stages.append(stage)
         if name not in self.connection.runtime.plan.answers:
             stage.reply = "(no reply asked: the policy has nothing to say here)"
@@ -230,6 +237,7 @@ def format_report(report: Report) -> str:
             reason = f" ({result.reason})" if result.reason else ""
             lines.append(f"           rule {result.rule!r}: {result.method}={result.result}"
                          f"{reason}{'  ' + props if props else ''}")
+        lines.extend(f"           rule {rule!r}: skipped ({why})" for rule, why in stage.skipped)
         lines.append(f"           -> {stage.reply}")
     for rcpt, why in report.rcpts_refused:
         lines.append(f"recipient <{rcpt}> refused: {why}")

@@ -129,8 +129,9 @@ _CONTINUE = {stage: Decision(Action.CONTINUE, stage) for stage in Stage}
 class Connection:
     """One MTA connection, stage by stage."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, explain: bool = False) -> None:
         self.runtime = runtime
+        self.explain = explain  # note why rules did not run (`mailwarden test`)
         self.engine = runtime.engine
         self.txn = Transaction()
         self.pending: Verdict | None = None  # a refusal decided where it could not be given
@@ -152,7 +153,7 @@ class Connection:
                 known = dict(self.txn.macros)
                 self.txn = Transaction.for_client(known["{client_addr}"], hostname)
                 self.txn.macros.update(known)
-            self.txn.deadline = deadline
+            self.txn.deadline, self.txn.explain = deadline, self.explain
             verdict = self.engine.run_stage(Stage.CONNECT, self.txn)
             if verdict.refuses:
                 self.pending = verdict
@@ -290,6 +291,7 @@ class Connection:
     def _guard(self, stage: Stage, run: Callable[[], Decision],
                message_ends: bool = True) -> Decision:
         self.txn.deadline = Deadline.within(self.runtime.config.stage_budget)
+        self.txn.explain = self.explain
         try:
             return run()
         except Exception:

@@ -233,6 +233,9 @@ class Transaction:
     monitored: list[Monitored] = field(default_factory=list)  # what enforcement would do
     messages: int = 0  # messages begun on this connection
     deadline: Deadline | None = None  # of the stage being judged: every wait of a check ends by it
+    # `mailwarden test` asks why rules did not run: (stage, rule, why); the daemon never does
+    explain: bool = False
+    skipped: list[tuple[str, str, str]] = field(default_factory=list)
     _message: bytes | None = None
 
     def add_body(self, chunk: bytes) -> None:

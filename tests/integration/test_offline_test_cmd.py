@@ -210,3 +210,27 @@ def test_same_verdict_and_headers_as_the_daemon(world: dict[str, Any], daemon: D
     offline_added = [(h["name"], " ".join(h["value"].split()))
                      for h in offline["headers"]["added"]]
     assert daemon_added == offline_added
+
+
+def test_rules_that_did_not_run_are_shown_with_why(world: dict[str, Any]) -> None:
+    """A rule whose `when:` does not hold, and the rules an earlier `accept` skipped, are
+    listed under their stage with the reason (issue 15 #9): before, they were not shown."""
+    config = dict(world["config"], rules={
+        "mail": [{"name": "internal only", "check": "spf",
+                  "when": {"client_in": ["internal"]}},
+                 {"name": "trusted sender", "check": "spf",
+                  "when": {"not": {"authenticated": True}}, "on": {"pass": "accept"}}],
+        "eom": [{"name": "dmarc", "check": "dmarc"}],
+    })
+    path = world["dir"] / "skipping.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    done = mailwarden_test(world, "signed", config=path)
+    assert done.returncode == 0, done.stderr
+    assert ("rule 'internal only': skipped (when: {client_in: [internal]} does not hold)"
+            in done.stdout), done.stdout
+    assert "rule 'dmarc': skipped (an earlier accept ended the checks)" in done.stdout
+    data = as_json(mailwarden_test(world, "signed", "--json", config=path))
+    skipped = {s["stage"]: s["skipped"] for s in data["stages"]}
+    assert skipped["mail"] == [{"rule": "internal only",
+                                "why": "when: {client_in: [internal]} does not hold"}]
+    assert skipped["eom"] == [{"rule": "dmarc", "why": "an earlier accept ended the checks"}]

@@ -55,6 +55,24 @@ class HeaderEdits:
     insert: tuple[tuple[str, str], ...] = ()
 
 
+def when_text(when: Condition | None) -> str:
+    """A `when:` condition as the configuration writes it."""
+    if when is None:
+        return "{}"
+    parts = []
+    if when.client_in:
+        parts.append(f"client_in: [{', '.join(when.client_in)}]")
+    if when.authenticated is not None:
+        parts.append(f"authenticated: {str(when.authenticated).lower()}")
+    if when.sender_domain_in:
+        parts.append(f"sender_domain_in: [{', '.join(when.sender_domain_in)}]")
+    if when.rcpt_domain_in:
+        parts.append(f"rcpt_domain_in: [{', '.join(when.rcpt_domain_in)}]")
+    if when.negate is not None:
+        parts.append(f"not: {when_text(when.negate)}")
+    return "{" + ", ".join(parts) + "}"
+
+
 def applied_disposition(verdict: Verdict, txn: Transaction) -> Result | None:
     """What was done with the message, in RFC 9990's words; None: tempfailed (it comes back)."""
     if verdict.action is Action.TEMPFAIL:
@@ -87,6 +105,10 @@ class Engine:
         """Run the checks of `stage`; a refusal or an accept ends the stage. After an accept
         (or quarantine) no check runs for this message."""
         if txn.accepted:
+            if txn.explain:
+                txn.skipped += [(str(stage), rule.name, "an earlier accept ended the checks")
+                                for rule in self.config.stage_rules(stage)
+                                if not CHECKS[rule.check].transform]
             return CONTINUE
         for rule in self.config.stage_rules(stage):
             if CHECKS[rule.check].transform:
@@ -95,6 +117,9 @@ class Engine:
             if holds is None:
                 verdict = Verdict(Action.TEMPFAIL, codes.DNS_TEMPERROR, rule.name, _UNRESOLVED)
             elif not holds:
+                if txn.explain:
+                    txn.skipped.append((str(stage), rule.name,
+                                        f"when: {when_text(rule.when)} does not hold"))
                 continue
             else:
                 verdict = self._apply(rule, stage, txn)
