@@ -446,6 +446,8 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         for problem in problems:
             print(f"error: {problem}", file=sys.stderr)
+        if not problems:
+            print("OK: mailwarden run would start with this configuration")
     return 1 if problems else 0
 
 

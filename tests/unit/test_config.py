@@ -666,7 +666,10 @@ def test_check_config_prints_the_effective_policy_of_the_shipped_config() -> Non
     done = check_config(str(SHIPPED))
     assert done.returncode == 0, done.stderr
     out = done.stdout
-    assert "OK" in out.splitlines()[0]
+    assert out.splitlines()[-1] == "OK: mailwarden run would start with this configuration"
+    # written as the configuration writes it: no Python reprs (issue 15 #4)
+    assert "('" not in out and "{'" not in out and "None" not in out, out
+    assert "dmarc mode rfc9989  store /var/lib/mailwarden/dmarc.db" in out
     for rule in load(SHIPPED).all_rules():
         assert f"- {rule.name} (line {rule.line}): {rule.check}" in out
     assert "fail       -> reject 550 5.7.23 SPF validation failed" in out

@@ -8,6 +8,7 @@ from typing import Any
 
 from mailwarden.checks import CHECKS
 from mailwarden.config import STAGES, Config, Outcome
+from mailwarden.dmarc.store import redact
 from mailwarden.policy import codes
 from mailwarden.results import Result
 from mailwarden.verdict import Action
@@ -59,6 +60,14 @@ def effective_policy(config: Config) -> dict[str, Any]:
             "cache_size": config.dns.cache_size,
         },
         "spf_budget": config.spf_budget,
+        "stage_budget": config.stage_budget,
+        "transport": str(config.transport),
+        "socket": {"mode": f"{config.socket_mode:04o}", "group": config.socket_group},
+        "signing": [{"domain": key.domain, "selector": key.selector,
+                     "algorithm": key.algorithm, "key": key.path}
+                    for key in config.signing.keys],
+        "dmarc": {"mode": config.dmarc.mode, "store": redact(config.dmarc.store) or None,
+                  "reports": dict(config.dmarc.reports) or None},
         "domains": sorted(config.domains),
         "hosts": {name: list(entries) for name, entries in config.hosts.items()},
         "rules": rules,
@@ -73,26 +82,49 @@ def _condition(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def shown(value: Any) -> str:
+    """A value as the configuration would write it (no Python reprs)."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(shown(item) for item in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {shown(v)}" for k, v in value.items()) + "}"
+    return str(value)
+
+
 def format_policy(policy: dict[str, Any]) -> str:
-    lines = [f"configuration {policy['file']}: OK",
-             f"listen {policy['listen']}  user {policy['user'] or '-'}:{policy['group'] or '-'}"
+    socket = policy["socket"]
+    lines = [f"configuration {policy['file']}: parsed",
+             f"listen {policy['listen']}  socket mode {socket['mode']}, group "
+             f"{socket['group'] or '(the daemon group)'}  transport {policy['transport']}",
+             f"user {policy['user'] or '-'}:{policy['group'] or '-'}"
              f"  workers {policy['workers']}  authserv-id {policy['authserv_id']}",
              f"mode {policy['mode']}  metrics "
              f"{'http://' + policy['metrics'] + '/metrics' if policy['metrics'] else 'off'}",
-             f"dns {policy['dns']}",
+             f"dns {shown(policy['dns'])}",
+             f"budgets: stage {policy['stage_budget']:g} s, spf {policy['spf_budget']:g} s",
              "limits " + " ".join(f"{k}={v}" for k, v in policy["limits"].items()),
              f"domains {', '.join(policy['domains']) or '-'}"]
+    for key in policy["signing"]:
+        lines.append(f"signing key {key['domain']}/{key['selector']} {key['algorithm']} "
+                     f"{key['key']}")
+    dmarc = policy["dmarc"]
+    lines.append(f"dmarc mode {dmarc['mode']}  store {dmarc['store'] or '-'}  reports "
+                 f"{shown(dmarc['reports']) if dmarc['reports'] else 'off'}")
     for name, entries in policy["hosts"].items():
         lines.append(f"hosts.{name}: {', '.join(entries)}")
     for stage, rules in policy["rules"].items():
         lines.append(f"{stage}:")
         for rule in rules:
-            args = " ".join(f"{k}={v}" for k, v in rule["args"].items())
+            args = " ".join(f"{k}={shown(v)}" for k, v in rule["args"].items())
             monitor = "  [monitor: never refuses]" if rule["mode"] == "monitor" else ""
             lines.append(f"  - {rule['name']} (line {rule['line']}): {rule['check']} {args}"
                          f"{monitor}")
             if "when" in rule:
-                lines.append(f"      when {rule['when']}")
+                lines.append(f"      when {shown(rule['when'])}")
             for result, action in rule["results"].items():
                 lines.append(f"      {result:<10} -> {action}")
     return "\n".join(lines)
