@@ -716,6 +716,17 @@ def test_describe_lists_at_most_ten_recipients() -> None:
     assert "r10@example.com" not in line
 
 
+def test_describe_names_the_author_domain_and_message_id() -> None:
+    """What admins search mail logs by (issue 15 #7): from_domain= and msgid=."""
+    t = txn(mail_from="bounce@esp.example")
+    assert "from_domain=" not in describe(t, "mail", CONTINUE)  # no header yet
+    t.headers = [("From", ' "Alice" <alice@Example.COM>'), ("Message-ID", " <a b@x>")]
+    line = describe(t, "eom", CONTINUE)
+    assert "from_domain=example.com msgid=<a?b@x> stage=eom" in line, line
+    t.headers = [("Subject", " no author")]
+    assert "from_domain=- msgid=- stage=eom" in describe(t, "eom", CONTINUE)
+
+
 def test_describe_shows_quarantine() -> None:
     t = txn()
     t.quarantine = "held\r\nfor review"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from mailwarden.transaction import Transaction
 from mailwarden.verdict import Verdict
 
@@ -18,6 +20,7 @@ def describe(txn: Transaction, stage: str, verdict: Verdict) -> str:
         f"helo={txn.helo or '-'}",
         f"from={sender}",
         f"rcpts={rcpts or '-'}",
+        *_message_fields(txn),
         f"stage={stage}",
         f"results=[{results}]",
         f"verdict={verdict}",
@@ -36,6 +39,25 @@ def describe(txn: Transaction, stage: str, verdict: Verdict) -> str:
     if txn.monitored:
         parts.append(f"monitor=[{'; '.join(str(m) for m in txn.monitored)}]")
     return " ".join(printable(p) for p in parts)
+
+
+_DOMAIN = re.compile(r"@([A-Za-z0-9.-]+)>?\s*$")
+_SPACE = re.compile(r"\s")
+
+
+def _message_fields(txn: Transaction) -> list[str]:
+    """from_domain= and msgid= once the header is known: what an admin searches mail logs
+    by (the author's domain, as DMARC sees it; the Message-ID, as the MTA logs it)."""
+    if not txn.headers:
+        return []
+    fields = []
+    authors = txn.header_values("From")
+    found = _DOMAIN.search(authors[0]) if len(authors) == 1 else None
+    fields.append(f"from_domain={found.group(1).lower().rstrip('.') if found else '-'}")
+    ids = txn.header_values("Message-ID")
+    msgid = _SPACE.sub("?", ids[0][:200]) if ids else "-"
+    fields.append(f"msgid={msgid}")
+    return fields
 
 
 def printable(text: str) -> str:
