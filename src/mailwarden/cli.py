@@ -13,6 +13,7 @@ from mailwarden import __version__, textout
 from mailwarden.config import Config
 from mailwarden.dns import Nameserver, Resolver, parse_nameserver, system_nameservers
 from mailwarden.relay import HostGroup
+from mailwarden.results import Result
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
 from mailwarden.startchecks import preflight
 from mailwarden.storeowner import become_store_owner
@@ -112,7 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate a configuration file; print the effective policy, or the error "
         "with its file, line and key (exit status 1).",
     )
-    check.add_argument("path", nargs="?", default=DEFAULT_CONFIG, metavar="PATH")
+    check.add_argument("path", nargs="?", default=None, metavar="PATH")
+    check.add_argument("--config", metavar="PATH",
+                       help=f"configuration file, as for the other commands (default: "
+                       f"{DEFAULT_CONFIG})")
     check.add_argument("--json", action="store_true", help="print the policy as JSON")
     check.set_defaults(handler=_cmd_check_config)
 
@@ -133,11 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     checkdns.add_argument("--key", required=True, metavar="PATH")
     _dns_options(checkdns)
     checkdns.set_defaults(handler=_cmd_dkim_check_dns)
-    verify = dkim_sub.add_parser("verify", help="verify the DKIM signatures of a message file")
+    verify = dkim_sub.add_parser(
+        "verify", help="verify the DKIM signatures of a message file",
+        description="Verify every DKIM-Signature of a message (FILE.eml, or - for standard "
+        "input) and print one result per signature. Exit status: 0 when one passes, 1 when "
+        "none does (or the message is unsigned), 75 when a key could not be fetched just now.")
     verify.add_argument("file", metavar="FILE.eml")
     _dns_options(verify)
     verify.set_defaults(handler=_cmd_dkim_verify)
-    sign = dkim_sub.add_parser("sign", help="sign a message file; prints the signed message")
+    sign = dkim_sub.add_parser("sign", help="sign a message file; prints the signed message",
+                               description="Sign a message (FILE.eml, or - for standard "
+                               "input) and print it signed.")
     sign.add_argument("file", metavar="FILE.eml")
     sign.add_argument("--domain", required=True)
     sign.add_argument("--selector", required=True)
@@ -309,6 +319,9 @@ def _resolver(args: argparse.Namespace) -> Resolver:
 
 
 def _read_message(path: str) -> bytes:
+    """The message file, or standard input for "-"."""
+    if path == "-":
+        return sys.stdin.buffer.read()
     try:
         return Path(path).read_bytes()
     except OSError as exc:
@@ -360,7 +373,10 @@ def _cmd_dkim_verify(args: argparse.Namespace) -> int:
         for r in results:
             print(f"dkim={r.result} header.d={r.domain} header.s={r.selector} "
                   f"header.a={r.algorithm} header.b={r.b}: {r.reason}")
-    return 0
+    if any(r.result is Result.PASS for r in results):
+        return 0
+    # 75 (EX_TEMPFAIL): a key could not be fetched just now, try again
+    return 75 if any(r.result is Result.TEMPERROR for r in results) else 1
 
 
 def _cmd_dkim_sign(args: argparse.Namespace) -> int:
@@ -425,13 +441,14 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     from mailwarden.policy.describe import effective_policy, format_policy
     from mailwarden.policy.traps import accept_traps
 
-    config = _load_config(args.path)
+    path = args.config or args.path or DEFAULT_CONFIG
+    config = _load_config(path)
     if config is None:
         return 1
     policy = effective_policy(config)
     # what `run` checks before it serves, as the daemon's user: a problem here would be a
     # refused start (under systemd, a restart loop)
-    problems, store_text = preflight(config, args.path)
+    problems, store_text = preflight(config, path)
     warnings = accept_traps(config)
     if args.json:
         policy["store"] = store_text

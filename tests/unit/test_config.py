@@ -741,3 +741,11 @@ def test_check_config_reports_missing_file(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "absent.yaml" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_check_config_takes_config_like_every_other_command() -> None:
+    """`--config PATH`, as run, test and dmarc take it (issue 15 #6); the bare path still works."""
+    positional = check_config("--json", str(SHIPPED))
+    option = check_config("--json", "--config", str(SHIPPED))
+    assert option.returncode == positional.returncode
+    assert json.loads(option.stdout)["file"] == json.loads(positional.stdout)["file"]
