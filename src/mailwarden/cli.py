@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         "non-zero only on a usage error.",
     )
     spf.add_argument("--ip", required=True, type=_ip, help="the SMTP client's IP address")
-    spf.add_argument("--sender", required=True,
-                     help='MAIL FROM address; "" for the null reverse-path (<>)')
+    spf.add_argument("--mail-from", "--sender", dest="sender", required=True, metavar="ADDR",
+                     help='the MAIL FROM address, as for `test` ("" for the null reverse-path); '
+                     '--sender is the older name')
     spf.add_argument("--helo", required=True, help="the HELO/EHLO name")
     spf.add_argument("--identity", choices=("mailfrom", "helo"), default="mailfrom",
                      help="which identity to check (default: mailfrom)")
@@ -402,7 +403,8 @@ def _cmd_dkim_sign(args: argparse.Namespace) -> int:
     return 0
 
 
-DEFAULT_CONFIG = "conf/mailwarden.yaml"
+# Where a Debian administrator keeps it (docs/migrating.md); the example is passed explicitly
+DEFAULT_CONFIG = "/etc/mailwarden/mailwarden.yaml"
 
 
 def _cmd_test(args: argparse.Namespace) -> int:

@@ -108,3 +108,13 @@ def test_usage_errors_exit_non_zero(args: list[str]) -> None:
     assert done.returncode == 2
     assert "error:" in done.stderr
     assert done.stdout == ""
+
+
+def test_mail_from_is_the_name_every_command_uses(nameserver: str) -> None:
+    """`--mail-from`, as `mailwarden test` names it (issue 15 #6); `--sender` still works."""
+    new = run("--ip", "192.0.2.99", "--mail-from", "mallory@example.com", "--helo",
+              "spoofer.example.org", "--nameserver", nameserver, "--json")
+    old = run("--ip", "192.0.2.99", "--sender", "mallory@example.com", "--helo",
+              "spoofer.example.org", "--nameserver", nameserver, "--json")
+    assert new.returncode == old.returncode == 0, new.stderr
+    assert json.loads(new.stdout)["result"] == json.loads(old.stdout)["result"] == "fail"

@@ -749,3 +749,14 @@ def test_check_config_takes_config_like_every_other_command() -> None:
     option = check_config("--json", "--config", str(SHIPPED))
     assert option.returncode == positional.returncode
     assert json.loads(option.stdout)["file"] == json.loads(positional.stdout)["file"]
+
+
+def test_the_default_configuration_path_does_not_depend_on_the_directory() -> None:
+    """Started from / (systemd, cron, a root shell), the commands used to look for a relative
+    conf/mailwarden.yaml (issue 15 #6): the default is where Debian keeps configuration."""
+    from mailwarden import cli
+
+    assert cli.DEFAULT_CONFIG == "/etc/mailwarden/mailwarden.yaml"
+    done = subprocess.run([sys.executable, "-m", "mailwarden", "run", "--help"],
+                          capture_output=True, text=True, cwd="/", timeout=60, check=False)
+    assert "default: /etc/mailwarden/mailwarden.yaml" in done.stdout
