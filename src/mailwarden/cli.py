@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,6 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     genkey.add_argument("--bits", type=int, default=2048)
     genkey.add_argument("--out", metavar="PATH",
                         help="key file (default: DOMAIN.SELECTOR.TYPE.pem here)")
+    genkey.add_argument("--owner", metavar="USER",
+                        help="run as root: the key's owner (default: the `user` of --config)")
+    genkey.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                        help=f"configuration whose `user` gets the key when run as root "
+                        f"(default: {DEFAULT_CONFIG})")
     genkey.set_defaults(handler=_cmd_dkim_genkey)
     checkdns = dkim_sub.add_parser("check-dns", help="does the published record match the key?")
     checkdns.add_argument("--domain", required=True)
@@ -329,17 +335,41 @@ def _read_message(path: str) -> bytes:
         raise SystemExit(f"mailwarden: cannot read {path}: {exc.strerror}") from None
 
 
+def _key_owner(args: argparse.Namespace) -> tuple[tuple[int, int] | None, str]:
+    """Run as root, a new key goes to the daemon's user (`--owner`, else the `user` of the
+    configuration): a root-owned 0600 key is one the daemon cannot read and refuses."""
+    import pwd
+
+    if os.geteuid() != 0:
+        return None, ""
+    name = args.owner
+    if name is None and Path(args.config).is_file():
+        config = _load_config(args.config)
+        name = config.user if config is not None else None
+    if not name or name == "root":
+        return None, ""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise SystemExit(f"mailwarden: no user {name!r} to give the key to") from None
+    return (entry.pw_uid, entry.pw_gid), name
+
+
 def _cmd_dkim_genkey(args: argparse.Namespace) -> int:
     from mailwarden.dkim.keys import generate, public_record, write_private, zone_record
 
     path = args.out or f"{args.domain}.{args.selector}.{args.type}.pem"
+    owner, whom = _key_owner(args)
     try:
         key = generate(args.type, args.bits)
-        write_private(key, path)
-    except (ValueError, OSError) as exc:
+        write_private(key, path, owner)
+    except ValueError as exc:
         print(f"mailwarden: {exc}", file=sys.stderr)
         return 2
-    print(f"; private key written to {path} (mode 0600)")
+    except OSError as exc:
+        print(f"mailwarden: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(f"; private key written to {path} (mode 0600{', owner ' + whom if whom else ''})")
     print(zone_record(f"{args.selector}._domainkey.{args.domain}", public_record(key)))
     return 0
 

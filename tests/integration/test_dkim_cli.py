@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import stat
 import subprocess
@@ -314,3 +315,26 @@ def test_usage_errors_exit_2(tmp_path: Path, args: list[str]) -> None:
     assert b"usage:" in done.stderr
     assert done.stdout == b""
     assert os.listdir(tmp_path) == []  # nothing was written
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file away needs root")
+def test_genkey_as_root_gives_the_key_to_the_daemons_user(tmp_path: Path) -> None:
+    """A root-owned 0600 key is one the daemon (user mailwarden) cannot read and refuses: run as
+    root, genkey gives it to the user of the configuration, or --owner (issue 15 #6); errors are
+    said in words, not errno numbers."""
+    try:
+        user = pwd.getpwnam("mailwarden")
+    except KeyError:
+        pytest.skip("no mailwarden user (scripts/setup.sh creates it)")
+    config = tmp_path / "mailwarden.yaml"
+    config.write_text("authserv_id: mx.example.com\nuser: mailwarden\n")
+    key = tmp_path / "k.pem"
+    done = run("genkey", "--domain", "example.com", "--selector", "s1", "--out", str(key),
+               "--config", str(config))
+    assert done.returncode == 0, done.stderr
+    assert (key.stat().st_uid, key.stat().st_mode & 0o777) == (user.pw_uid, 0o600)
+    assert b"owner mailwarden" in done.stdout
+    again = run("genkey", "--domain", "example.com", "--selector", "s1", "--out", str(key),
+                "--owner", "mailwarden")
+    assert again.returncode == 2
+    assert again.stderr.decode().strip() == f"mailwarden: cannot write {key}: File exists"

@@ -151,11 +151,15 @@ def generate(kind: str, bits: int = 2048) -> rsa.RSAPrivateKey | ed25519.Ed25519
     raise ValueError(f"unknown key type {kind!r}")
 
 
-def write_private(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, path: str) -> None:
-    """Write the key as PEM, created with mode 0600 (never world-readable, not even briefly)."""
+def write_private(key: rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey, path: str,
+                  owner: tuple[int, int] | None = None) -> None:
+    """Write the key as PEM, created with mode 0600 (never world-readable, not even briefly),
+    given to `owner` (uid, gid) before a byte of it is written."""
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if owner is not None:
+        os.fchown(fd, *owner)
     with os.fdopen(fd, "wb") as out:
         out.write(pem)
 
