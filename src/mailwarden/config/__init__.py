@@ -3,8 +3,6 @@ Reading a file is `mailwarden.config.build.load` (or `parse` for text): it needs
 which validate their own arguments, and the checks need the model; keeping `build` out of
 this package's namespace keeps that a line, not a cycle."""
 
-import logging
-
 from mailwarden.config.model import (
     ACTIONS,
     LOG_LEVELS,
@@ -31,5 +29,6 @@ __all__ = ["ACTIONS", "LOG_LEVELS", "MODES", "STAGES", "TRANSPORTS", "Condition"
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper()),
-                        format="mailwarden[%(process)d]: %(levelname)s %(message)s", force=True)
+    from mailwarden.logsetup import configure_logging as configure
+
+    configure(level)
