@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mailwarden import metrics
-from mailwarden.config import Config, ConfigError, configure_logging
+from mailwarden.config import Config, ConfigError
 from mailwarden.config.build import load
 from mailwarden.dns import Resolver, system_nameservers
 from mailwarden.identity import drop, identity
+from mailwarden.logsetup import configure_logging
 from mailwarden.metrics import Endpoint
 from mailwarden.policy.engine import Engine
 from mailwarden.server import LISTEN_BACKLOG, LoadBoard, open_listener, serve, socket_path

@@ -9,7 +9,6 @@ server that answers slowly, a byte at a time, or never, costs at most what is le
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,16 +18,12 @@ Clock = Callable[[], float]
 
 @dataclass(frozen=True, slots=True)
 class Deadline:
-    at: float  # a time.monotonic() value (or of the clock given); inf: no deadline
+    at: float  # a time.monotonic() value (or of the clock given)
     clock: Clock = time.monotonic
 
     @classmethod
     def within(cls, seconds: float, clock: Clock = time.monotonic) -> Deadline:
         return cls(clock() + seconds, clock)
-
-    @classmethod
-    def never(cls, clock: Clock = time.monotonic) -> Deadline:
-        return cls(math.inf, clock)
 
     def remaining(self) -> float:
         """Seconds left, never below zero."""
@@ -43,7 +38,3 @@ class Deadline:
         if other is None or self.at <= other.at:
             return self
         return other
-
-    def cap(self, seconds: float) -> float:
-        """`seconds`, or what is left if that is less: the timeout of one wait."""
-        return min(seconds, self.remaining())

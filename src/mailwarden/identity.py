@@ -27,11 +27,18 @@ class Identity:
         return self.uid == 0
 
 
-def uid_of(user: str) -> int | None:
+def ids_of(user: str) -> tuple[int, int] | None:
+    """(uid, primary gid) of a user; None when there is no such user."""
     try:
-        return pwd.getpwnam(user).pw_uid
+        entry = pwd.getpwnam(user)
     except KeyError:
         return None
+    return entry.pw_uid, entry.pw_gid
+
+
+def uid_of(user: str) -> int | None:
+    ids = ids_of(user)
+    return ids[0] if ids else None
 
 
 def identity(config: Config) -> Identity:

@@ -10,10 +10,10 @@ else of its directory, else the daemon's configured `user`.
 from __future__ import annotations
 
 import os
-import pwd
 from pathlib import Path
 
 from mailwarden.dmarc.backends import sqlite_path
+from mailwarden.identity import drop, ids_of
 
 
 def owner_of(url: str, user: str | None) -> tuple[int, int] | None:
@@ -29,25 +29,14 @@ def owner_of(url: str, user: str | None) -> tuple[int, int] | None:
         if info.st_uid != 0:
             return info.st_uid, info.st_gid
         break
-    if user:
-        try:
-            entry = pwd.getpwnam(user)
-        except KeyError:
-            return None
-        if entry.pw_uid != 0:
-            return entry.pw_uid, entry.pw_gid
-    return None
+    ids = ids_of(user) if user else None
+    return ids if ids is not None and ids[0] != 0 else None
 
 
-def become_store_owner(url: str, user: str | None) -> str:
-    """Run as root: drop to the store's owner for good. Returns whom we run as, or ""."""
+def become_store_owner(url: str, user: str | None) -> None:
+    """Run as root: drop to the store's owner for good."""
     if os.geteuid() != 0:
-        return ""
+        return
     found = owner_of(url, user)
-    if found is None:
-        return ""
-    uid, gid = found
-    os.setgroups([])
-    os.setgid(gid)
-    os.setuid(uid)
-    return pwd.getpwuid(uid).pw_name
+    if found is not None:
+        drop(*found)

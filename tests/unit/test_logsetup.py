@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-CHILD = ("import logging; from mailwarden.config import configure_logging; "
+CHILD = ("import logging; from mailwarden.logsetup import configure_logging; "
          "configure_logging('info'); log = logging.getLogger('mailwarden.test'); "
          "log.info('started'); log.warning('careful'); log.error('boom\\nsecond line')")
 

@@ -24,11 +24,4 @@ from mailwarden.verdict import Reply
 
 __all__ = ["ACTIONS", "LOG_LEVELS", "MODES", "STAGES", "TRANSPORTS", "Condition", "Config",
            "ConfigError", "DNSConfig", "DmarcConfig", "LimitsConfig", "Outcome", "Reply",
-           "RuleConfig", "Section", "SigningConfig", "as_section", "configure_logging",
-           "default_workers"]
-
-
-def configure_logging(level: str) -> None:
-    from mailwarden.logsetup import configure_logging as configure
-
-    configure(level)
+           "RuleConfig", "Section", "SigningConfig", "as_section", "default_workers"]

@@ -1,0 +1,73 @@
+"""What the subcommands share: the default configuration path, argument types, loading the
+configuration, the DNS options and resolver, reading a message file (or standard input)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+
+from mailwarden.config import Config
+from mailwarden.dns import Nameserver, Resolver, parse_nameserver, system_nameservers
+
+# Where a Debian administrator keeps it (docs/migrating.md); the example is passed explicitly
+DEFAULT_CONFIG = "/etc/mailwarden/mailwarden.yaml"
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def ip_argument(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an IP address: {text!r}") from None
+
+
+def nameserver_argument(text: str) -> Nameserver:
+    try:
+        return parse_nameserver(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def dns_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nameserver", action="append", type=nameserver_argument, default=None,
+                        metavar="HOST[:PORT]", help="DNS server (default: /etc/resolv.conf)")
+    parser.add_argument("--timeout", type=positive_float, default=2.0, metavar="S")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def resolver_from(args: argparse.Namespace) -> Resolver:
+    servers: list[Nameserver] = args.nameserver or system_nameservers()
+    return Resolver(nameservers=servers, timeout=args.timeout, lifetime=2 * args.timeout)
+
+
+def load_config(path: str) -> Config | None:
+    """The configuration, or None after printing its error (file:line: key: message)."""
+    from mailwarden.config import ConfigError
+    from mailwarden.config.build import load
+
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return None
+
+
+def read_message(path: str) -> bytes:
+    """The message file, or standard input for "-"."""
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"mailwarden: cannot read {path}: {exc.strerror}") from None

@@ -1,0 +1,161 @@
+"""`mailwarden dkim`: genkey, check-dns, verify, sign."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from mailwarden.cli.common import (
+    DEFAULT_CONFIG,
+    dns_options,
+    load_config,
+    read_message,
+    resolver_from,
+)
+from mailwarden.identity import ids_of
+from mailwarden.results import Result
+
+
+def add_dkim_commands(commands: Any) -> None:
+    dkim_cmd = commands.add_parser("dkim", help="DKIM keys, signing and verification")
+    dkim_sub = dkim_cmd.add_subparsers(dest="dkim_command", required=True, metavar="COMMAND")
+    genkey = dkim_sub.add_parser("genkey", help="write a new private key (mode 0600) and print "
+                                 "its DNS record")
+    genkey.add_argument("--domain", required=True)
+    genkey.add_argument("--selector", required=True)
+    genkey.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
+    genkey.add_argument("--bits", type=int, default=2048)
+    genkey.add_argument("--out", metavar="PATH",
+                        help="key file (default: DOMAIN.SELECTOR.TYPE.pem here)")
+    genkey.add_argument("--owner", metavar="USER",
+                        help="run as root: the key's owner (default: the `user` of --config)")
+    genkey.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                        help=f"configuration whose `user` gets the key when run as root "
+                        f"(default: {DEFAULT_CONFIG})")
+    genkey.set_defaults(handler=_cmd_dkim_genkey)
+    checkdns = dkim_sub.add_parser("check-dns", help="does the published record match the key?")
+    checkdns.add_argument("--domain", required=True)
+    checkdns.add_argument("--selector", required=True)
+    checkdns.add_argument("--key", required=True, metavar="PATH")
+    dns_options(checkdns)
+    checkdns.set_defaults(handler=_cmd_dkim_check_dns)
+    verify = dkim_sub.add_parser(
+        "verify", help="verify the DKIM signatures of a message file",
+        description="Verify every DKIM-Signature of a message (FILE.eml, or - for standard "
+        "input) and print one result per signature. Exit status: 0 when one passes, 1 when "
+        "none does (or the message is unsigned), 75 when a key could not be fetched just now.")
+    verify.add_argument("file", metavar="FILE.eml")
+    dns_options(verify)
+    verify.set_defaults(handler=_cmd_dkim_verify)
+    sign = dkim_sub.add_parser("sign", help="sign a message file; prints the signed message",
+                               description="Sign a message (FILE.eml, or - for standard "
+                               "input) and print it signed.")
+    sign.add_argument("file", metavar="FILE.eml")
+    sign.add_argument("--domain", required=True)
+    sign.add_argument("--selector", required=True)
+    sign.add_argument("--key", required=True, metavar="PATH")
+    sign.add_argument("--canonicalization", default="relaxed/relaxed",
+                      choices=("relaxed/relaxed", "relaxed/simple", "simple/relaxed",
+                               "simple/simple"))
+    sign.add_argument("--json", action="store_true", help="print the header as JSON")
+    sign.set_defaults(handler=_cmd_dkim_sign)
+
+
+
+def _key_owner(args: argparse.Namespace) -> tuple[tuple[int, int] | None, str]:
+    """Run as root, a new key goes to the daemon's user (`--owner`, else the `user` of the
+    configuration): a root-owned 0600 key is one the daemon cannot read and refuses."""
+    if os.geteuid() != 0:
+        return None, ""
+    name = args.owner
+    if name is None and Path(args.config).is_file():
+        config = load_config(args.config)
+        name = config.user if config is not None else None
+    if not name or name == "root":
+        return None, ""
+    ids = ids_of(name)
+    if ids is None:
+        raise SystemExit(f"mailwarden: no user {name!r} to give the key to")
+    return ids, name
+
+
+def _cmd_dkim_genkey(args: argparse.Namespace) -> int:
+    from mailwarden.dkim.keys import generate, public_record, write_private, zone_record
+
+    path = args.out or f"{args.domain}.{args.selector}.{args.type}.pem"
+    owner, whom = _key_owner(args)
+    try:
+        key = generate(args.type, args.bits)
+        write_private(key, path, owner)
+    except ValueError as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"mailwarden: cannot write {path}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(f"; private key written to {path} (mode 0600{', owner ' + whom if whom else ''})")
+    print(zone_record(f"{args.selector}._domainkey.{args.domain}", public_record(key)))
+    return 0
+
+
+def _cmd_dkim_check_dns(args: argparse.Namespace) -> int:
+    from mailwarden.dkim.keys import KeyError_, check_dns, load_key
+
+    try:
+        key = load_key(args.domain, args.selector, args.key, allow_group_readable=True)
+    except KeyError_ as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return 2
+    found = check_dns(resolver_from(args), key)
+    if args.json:
+        print(json.dumps({"ok": found.ok, "message": found.message, "name": key.dns_name}))
+    else:
+        print(("OK: " if found.ok else "MISMATCH: ") + found.message)
+    return 0 if found.ok else 1
+
+
+def _cmd_dkim_verify(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from mailwarden.dkim.verify import verify_message
+
+    results = verify_message(read_message(args.file), resolver_from(args))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(r) for r in results], indent=2))
+    elif not results:
+        print("dkim=none (no DKIM-Signature)")
+    else:
+        for r in results:
+            print(f"dkim={r.result} header.d={r.domain} header.s={r.selector} "
+                  f"header.a={r.algorithm} header.b={r.b}: {r.reason}")
+    if any(r.result is Result.PASS for r in results):
+        return 0
+    # 75 (EX_TEMPFAIL): a key could not be fetched just now, try again
+    return 75 if any(r.result is Result.TEMPERROR for r in results) else 1
+
+
+def _cmd_dkim_sign(args: argparse.Namespace) -> int:
+    import dkim as dkimpy
+
+    from mailwarden.dkim.keys import KeyError_, load_key
+    from mailwarden.dkim.sign import SignOptions, sign_message
+
+    message = read_message(args.file)
+    try:
+        key = load_key(args.domain, args.selector, args.key)
+        header, _, body = args.canonicalization.partition("/")
+        fields = sign_message(message, [key], SignOptions(canonicalization=(header, body)))
+    except (KeyError_, dkimpy.DKIMException) as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return 2
+    lines = "".join(f"{name}:{value.replace(chr(10), chr(13) + chr(10))}\r\n"
+                    for name, value in fields)
+    if args.json:
+        print(json.dumps({"headers": [{"name": n, "value": v} for n, v in fields]}))
+    else:
+        sys.stdout.buffer.write(lines.encode() + message)
+    return 0

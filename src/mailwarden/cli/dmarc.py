@@ -1,0 +1,155 @@
+"""`mailwarden dmarc`: check a domain's policy, send aggregate reports, summarise the store."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from mailwarden.cli.common import (
+    DEFAULT_CONFIG,
+    dns_options,
+    load_config,
+    positive_float,
+    resolver_from,
+)
+from mailwarden.dns import Resolver, system_nameservers
+from mailwarden.relay import HostGroup
+from mailwarden.storeowner import become_store_owner
+
+
+def add_dmarc_commands(commands: Any) -> None:
+    dmarc_cmd = commands.add_parser("dmarc", help="DMARC policy checks and aggregate reports")
+    dmarc_sub = dmarc_cmd.add_subparsers(dest="dmarc_command", required=True, metavar="COMMAND")
+    dcheck = dmarc_sub.add_parser("check", help="show a domain's effective DMARC policy and "
+                                  "every problem in its record")
+    dcheck.add_argument("domain")
+    dcheck.add_argument("--legacy", action="store_true",
+                        help="RFC 7489 Public Suffix List instead of the RFC 9989 tree walk")
+    dns_options(dcheck)
+    dcheck.set_defaults(handler=_cmd_dmarc_check)
+    report = dmarc_sub.add_parser("report", help="build and send RFC 9990 aggregate reports")
+    report.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH")
+    report.add_argument("--period", default="yesterday",
+                        help='"yesterday" (default), "last-hour", or START..END (ISO 8601)')
+    report.add_argument("--dry-run", action="store_true", help="build, print, send nothing")
+    report.set_defaults(handler=_cmd_dmarc_report)
+    dsummary = dmarc_sub.add_parser(
+        "summary", help="per domain and sending source: volume and DMARC pass rates",
+        description="Summarise the stored DMARC evaluations of the last N days per policy "
+        "domain and sending source (From domain, IP): volume, DMARC/DKIM/SPF pass rates and "
+        "dispositions, and whether every source passes (ready for p=reject).")
+    dsummary.add_argument("--days", type=positive_float, default=7.0, metavar="N",
+                          help="the window, in days back from now (default: 7)")
+    dsummary.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                          help="configuration file whose dmarc.store is read "
+                          f"(default: {DEFAULT_CONFIG})")
+    dsummary.add_argument("--store", metavar="URL", help="the store (instead of the config's)")
+    dsummary.add_argument("--domain", metavar="D", help="only this policy domain")
+    dsummary.add_argument("--json", action="store_true", help="print one JSON object")
+    dsummary.set_defaults(handler=_cmd_dmarc_summary)
+
+
+def _cmd_dmarc_check(args: argparse.Namespace) -> int:
+    from mailwarden.dmarc.orgdomain import Discovery, TemporaryError, fetch
+    from mailwarden.dmarc.record import NotARecord, is_dmarc, parse
+
+    dns = resolver_from(args)
+    domain = args.domain.lower().rstrip(".")
+    discovery = Discovery(dns, "legacy" if args.legacy else "rfc9989")
+    problems: list[str] = []
+    try:
+        own = dns.txt(f"_dmarc.{domain}")
+        texts = [t for t in own.records if is_dmarc(t)]
+        if len(texts) > 1:
+            problems.append(f"_dmarc.{domain} has {len(texts)} DMARC records: none applies")
+        for text in texts:
+            parsed = parse(text)
+            if isinstance(parsed, NotARecord):
+                problems.append(f"_dmarc.{domain}: {parsed.reason}")
+        found = discovery.policy(domain)
+        org = discovery.organizational_domain(domain)
+        record = fetch(dns, found.domain) if found else None
+    except TemporaryError as exc:
+        print(f"mailwarden: DNS error: {exc}", file=sys.stderr)
+        return 1
+    if record is not None:
+        problems.extend(record.warnings)
+    summary = {
+        "domain": domain, "organizational_domain": org,
+        "policy_domain": found.domain if found else None,
+        "record": record.text if record else None,
+        "effective": {"p": record.p, "sp": record.sp, "np": record.np, "adkim": record.adkim,
+                      "aspf": record.aspf, "psd": record.psd, "t": "y" if record.testing
+                      else "n", "rua": list(record.rua), "ruf": list(record.ruf)}
+        if record else None,
+        "problems": problems, "queries": discovery.queries,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"domain:               {domain}")
+    print(f"organizational domain: {org}")
+    if record is None or found is None:
+        print("policy:               none (no DMARC record found)")
+    else:
+        print(f"policy found at:      _dmarc.{found.domain}")
+        print(f"record:               {record.text}")
+        effective = summary["effective"]
+        assert isinstance(effective, dict)
+        print("effective:            " + "; ".join(f"{k}={v}" for k, v in effective.items()))
+    for problem in problems:
+        print(f"problem:              {problem}")
+    return 0
+
+
+def _cmd_dmarc_report(args: argparse.Namespace) -> int:
+    from mailwarden.dmarc.report import ReportSettings
+    from mailwarden.dmarc.sending import run_report_command
+
+    config = load_config(args.config)
+    if config is None:
+        return 2
+    if not config.dmarc.store or not config.dmarc.reports:
+        print("mailwarden: dmarc.store and dmarc.reports must be configured", file=sys.stderr)
+        return 2
+    resolver = Resolver(nameservers=list(config.dns.nameservers) or system_nameservers(),
+                        timeout=config.dns.timeout, lifetime=config.dns.lifetime)
+    networks = tuple(str(net) for name, entries in config.hosts.items()
+                     for net in HostGroup.from_entries(name, entries).networks)
+    settings = ReportSettings(**config.dmarc.reports, internal_networks=networks)
+    become_store_owner(config.dmarc.store, config.user)
+    return run_report_command(store_url=config.dmarc.store, settings=settings, dns=resolver,
+                              period=args.period, dry_run=args.dry_run)
+
+
+def _cmd_dmarc_summary(args: argparse.Namespace) -> int:
+    from mailwarden.dmarc.store import Store, StoreError
+    from mailwarden.dmarc.summary import format_text, summarize, to_json
+
+    url, user = args.store, None
+    if url is None:
+        config = load_config(args.config)
+        if config is None:
+            return 1
+        url, user = config.dmarc.store, config.user
+        if not url:
+            print(f"mailwarden: {args.config}: no dmarc.store configured (or give --store)",
+                  file=sys.stderr)
+            return 1
+    become_store_owner(url, user)
+    try:
+        store = Store.open_existing(url)  # reading never creates a store
+        try:
+            domains = summarize(store, args.days, policy_domain=args.domain)
+        finally:
+            store.close()
+    except (StoreError, ValueError) as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(to_json(domains, args.days), indent=2))
+    else:
+        print(format_text(domains, args.days))
+    return 0
