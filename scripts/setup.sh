@@ -2,7 +2,8 @@
 # Installs what mailwarden needs on a fresh Debian machine (run as root): Debian packages, the
 # `mailwarden` system user the example config drops to, and a virtualenv in .venv with the
 # package and its development tools. `--test` also installs what the test suite drives: Postfix
-# (configured by nothing: the tests run private instances) and miltertest. Safe to run again.
+# (configured by nothing: the tests run private instances), miltertest, rsyslog and Fail2Ban.
+# Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +11,10 @@ APT_PACKAGES=(gcc python3 python3-dev python3-venv libmilter-dev)
 if [ "${1:-}" = "--test" ]; then
     APT_PACKAGES+=(postfix miltertest opendkim opendkim-tools opendmarc dbconfig-no-thanks
                    libxml2-utils postgresql
+                   # the log path an administrator has: rsyslog files the mail facility,
+                   # Fail2Ban's tools check the shipped filter and jail (tests/integration/
+                   # test_logging.py; neither daemon is started)
+                   rsyslog fail2ban
                    # a private Sendmail (unpacked below, not installed: it conflicts with
                    # postfix): m4 builds its sendmail.cf, and the libraries it links
                    m4 libdb5.3 liblockfile1 libnsl2 libsasl2-2 libldap-2.5-0 libssl3)

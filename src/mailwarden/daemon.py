@@ -208,7 +208,7 @@ class Master:
                     "metrics_listen", "transport"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changed; it takes effect only after a restart", key)
-        configure_logging(new.log_level)
+        configure_logging(new.log_level, new.log)
         self.config = new
         self.runtime = build_runtime(new)  # for workers started from now on
         for worker in self.workers.values():
@@ -300,7 +300,7 @@ def _worker(config_path: str, runtime: Runtime, control: int, listener: socket.s
         except ConfigError as exc:
             log.error("reload failed in worker, keeping the running policy: %s", exc)
             return current[0]
-        configure_logging(config.log_level)
+        configure_logging(config.log_level, config.log)
         current[0] = build_runtime(config)
         return current[0]
 
@@ -337,7 +337,7 @@ def run(config_path: str) -> int:
     except ConfigError as exc:
         print(f"mailwarden: {exc}", file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config.log_level, config.log)
     master = Master(config_path, config, build_runtime(config))
     try:
         master.bind()

@@ -80,11 +80,15 @@ class SigningFinding:
 
     def short(self) -> str:
         """`dkim_sign=signed(d=example.com s=s1 a=rsa-sha256)` or `dkim_sign=none(reason)`."""
+        return f"{self.check}={self.outcome()}"
+
+    def outcome(self) -> str:
+        """`signed(d=example.com s=s1 a=rsa-sha256)` or `none(reason)`."""
         if self.status in (SignStatus.SIGNED, SignStatus.SEALED):
             detail = f"d={self.domain} s={self.selector} a={self.algorithm}"
         else:
             detail = self.reason
-        return f"{self.check}={self.status}" + (f"({detail})" if detail else "")
+        return str(self.status) + (f"({detail})" if detail else "")
 
     def as_dict(self) -> dict[str, str]:
         return {"rule": self.rule, "check": self.check, "result": str(self.status),

@@ -66,6 +66,7 @@ class Verdict:
     reply: Reply | None = None
     rule: str = ""
     reason: str = ""
+    check: str = ""  # the deciding rule's check
 
     @property
     def refuses(self) -> bool:

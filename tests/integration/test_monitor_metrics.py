@@ -102,7 +102,7 @@ def test_monitor_then_enforce_by_reload_with_metrics(daemon: tuple[Daemon, int],
     # monitor: the spoofed sender passes, the log says what enforcement would have done
     assert send(running, "ceo@spoofed.example") == ("continue", None)
     assert send(running, "alice@good.example") == ("continue", None)
-    log = running.wait_for_log("monitor=[reject by rule 'spf' at mail")
+    log = running.wait_for_log('monitor="reject by spf at mail: 550 5.7.23')
     assert "verdict=continue" in log
     samples = scrape(port)
     assert value(samples, "mailwarden_monitored_verdicts_total", verdict="reject",

@@ -559,6 +559,10 @@ def test_bad_authserv_id() -> None:
     ("workers: 0\n", "workers", "between 1 and 64"),
     ("workers: 2.5\n", "workers", "whole number"),
     ("log_level: loud\n", "log_level", "must be one of"),
+    ("log:\n  target: file\n", "log.target", "must be one of"),
+    ("log:\n  facility: kern\n", "log.facility", "must be one of"),
+    ("log:\n  target: syslog\n  address: dev/log\n", "log.address", "absolute path"),
+    ("log:\n  address: /dev/log\n", "log.address", "is for target syslog or journal"),
     ("socket_mode: '0999'\n", "socket_mode", "octal mode"),
     ("user: [a, b]\n", "user", "expected a single value"),
 ])
@@ -760,3 +764,12 @@ def test_the_default_configuration_path_does_not_depend_on_the_directory() -> No
     done = subprocess.run([sys.executable, "-m", "mailwarden", "run", "--help"],
                           capture_output=True, text=True, cwd="/", timeout=60, check=False)
     assert "default: /etc/mailwarden/mailwarden.yaml" in done.stdout
+
+
+def test_log_section_defaults_and_values() -> None:
+    from mailwarden.config.model import LogConfig, LogTarget
+
+    assert parse(BASE).log == LogConfig(LogTarget.STDERR, "mail", "")
+    config = parse(BASE + "log:\n  target: journal\n  facility: local3\n  address: /run/j\n")
+    assert config.log == LogConfig(LogTarget.JOURNAL, "local3", "/run/j")
+

@@ -31,6 +31,7 @@ DOCS = ROOT / "docs"
 CONFIGURATION = DOCS / "configuration.md"
 REPLY_CODES = DOCS / "reply-codes.md"
 MIGRATING = DOCS / "migrating.md"
+LOGGING = DOCS / "logging.md"
 FULL = ROOT / "tests" / "data" / "config" / "full.yaml"
 EXAMPLE = ROOT / "conf" / "mailwarden.yaml"
 SRC = ROOT / "src" / "mailwarden"
@@ -292,7 +293,7 @@ def test_key_paths_cited_in_the_docs_exist() -> None:
     documented = {path for _, path in documented_keys()}
     top = {path for path in documented if "." not in path}
     problems = []
-    for doc in (CONFIGURATION, REPLY_CODES, MIGRATING):
+    for doc in (CONFIGURATION, REPLY_CODES, MIGRATING, LOGGING):
         for token in re.findall(r"`([^`\s]+)`", doc.read_text(encoding="utf-8")):
             if not re.fullmatch(r"[a-z_]+(?:\.[A-Za-z0-9_<>\[\]]+)+", token):
                 continue
@@ -310,7 +311,7 @@ def test_key_paths_cited_in_the_docs_exist() -> None:
 
 def test_yaml_examples_in_the_docs_parse(tmp_path: Path) -> None:
     documented = set(documented_keys())
-    for doc in (CONFIGURATION, REPLY_CODES, MIGRATING):
+    for doc in (CONFIGURATION, REPLY_CODES, MIGRATING, LOGGING):
         blocks = re.findall(r"```yaml\n(.*?)```", doc.read_text(encoding="utf-8"), re.DOTALL)
         for block in blocks:
             text = block if re.search(r"^authserv_id:", block, re.MULTILINE) else \

@@ -299,7 +299,8 @@ def test_on_override_with_action_code_status_and_text() -> None:
     e = engine(spf_rule(on="{fail: {action: reject, code: 553, status: 5.7.26, "
                            "text: Go away}}"))
     verdict = e.run_stage(Stage.MAIL, txn(mail_from="u@fail.example.org"))
-    assert verdict == Verdict("reject", Reply(553, "5.7.26", "Go away"), "spf", "spf=fail")
+    assert verdict == Verdict("reject", Reply(553, "5.7.26", "Go away"), "spf", "spf=fail",
+                             "spf")
 
 
 def test_on_override_tempfail_turns_the_default_5xx_into_4xx() -> None:
@@ -683,7 +684,7 @@ def test_describe_with_a_refusal_shows_rule_and_reply() -> None:
     t = txn(mail_from="u@fail.example.org")
     verdict = e.run_stage(Stage.MAIL, t)
     line = describe(t, "mail", verdict)
-    assert "verdict=reject by rule 'spf' reply=\"550 5.7.23 SPF fail:" in line
+    assert "verdict=reject rule=spf check=spf reply=\"550 5.7.23 SPF fail:" in line
     assert "queue_id=-" in line and "rcpts=-" in line
 
 
@@ -722,7 +723,7 @@ def test_describe_names_the_author_domain_and_message_id() -> None:
     assert "from_domain=" not in describe(t, "mail", CONTINUE)  # no header yet
     t.headers = [("From", ' "Alice" <alice@Example.COM>'), ("Message-ID", " <a b@x>")]
     line = describe(t, "eom", CONTINUE)
-    assert "from_domain=example.com msgid=<a?b@x> stage=eom" in line, line
+    assert 'from_domain=example.com msgid="<a b@x>" stage=eom' in line, line
     t.headers = [("Subject", " no author")]
     assert "from_domain=- msgid=- stage=eom" in describe(t, "eom", CONTINUE)
 

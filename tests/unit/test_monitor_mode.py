@@ -94,7 +94,7 @@ def test_global_monitor_notes_the_rejection_and_continues(recorder: Recording) -
     assert ("result", "spf", "fail") in recorder.events
     line = describe(txn, "eom", verdict)
     assert "verdict=continue" in line
-    assert "monitor=[reject by rule 'spf' at mail reply=\"550 5.7.23" in line
+    assert "monitor=\"reject by spf at mail: 550 5.7.23" in line
 
 
 def test_monitor_never_tempfails_a_dns_error() -> None:

@@ -18,6 +18,7 @@ from mailwarden.cli.common import (
 )
 from mailwarden.cli.dkim import add_dkim_commands
 from mailwarden.cli.dmarc import add_dmarc_commands
+from mailwarden.cli.logs import add_log_commands
 from mailwarden.dns import Nameserver, Resolver, system_nameservers
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
 from mailwarden.startchecks import preflight
@@ -103,33 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_dkim_commands(commands)
     add_dmarc_commands(commands)
+    add_log_commands(commands)
     return parser
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
@@ -165,6 +141,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from mailwarden.logsetup import log_warnings
     from mailwarden.policy.describe import effective_policy, format_policy
     from mailwarden.policy.traps import accept_traps
 
@@ -176,7 +153,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     # what `run` checks before it serves, as the daemon's user: a problem here would be a
     # refused start (under systemd, a restart loop)
     problems, store_text = preflight(config, path)
-    warnings = accept_traps(config)
+    warnings = accept_traps(config) + log_warnings(config)
     if args.json:
         policy["store"] = store_text
         policy["problems"] = problems

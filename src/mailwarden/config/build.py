@@ -16,7 +16,6 @@ import yaml
 from mailwarden.checks import CHECKS
 from mailwarden.config.model import (
     ACTIONS,
-    LIMIT_RANGES,
     LOG_LEVELS,
     MODES,
     STAGES,
@@ -25,13 +24,13 @@ from mailwarden.config.model import (
     Config,
     DmarcConfig,
     DNSConfig,
-    LimitsConfig,
     Outcome,
     RuleConfig,
     SigningConfig,
     default_workers,
 )
 from mailwarden.config.reader import ConfigError, Section, _line, as_section
+from mailwarden.config.sections import limits_section, log_section, metrics
 from mailwarden.dns import Nameserver, parse_nameserver
 from mailwarden.results import Result
 from mailwarden.verdict import Action, Mode, Stage
@@ -180,15 +179,16 @@ def _build(top: Section) -> Config:
     if spool_directory is not None and not spool_directory.startswith("/"):
         raise top.error("spool_directory", "must be an absolute path")
     mode = Mode(top.string("mode", "enforce", choices=MODES))
-    metrics_listen = _metrics(top)
-    limits = _limits(top)
+    metrics_listen = metrics(top)
+    limits = limits_section(top)
+    log = log_section(top)
     transport = top.string("transport", "libmilter", choices=TRANSPORTS)
     progress_interval = top.number("progress_interval", 5.0, minimum=0.2, maximum=60)
     stage_budget = top.number("stage_budget", 25.0, minimum=0.5, maximum=600)
     partial = Config(top.file, listen, authserv_id, user, group, socket_mode, log_level, workers,
                      drain_timeout, dns, spf_budget, frozenset(domains), hosts, {}, signing,
                      spool_threshold, dmarc, mode, metrics_listen, limits, socket_group,
-                     spool_directory, transport, progress_interval, stage_budget)
+                     spool_directory, transport, progress_interval, stage_budget, log)
     rules: dict[Stage, tuple[RuleConfig, ...]] = {}
     rules_section = top.section("rules")
     if rules_section is not None:
@@ -209,44 +209,6 @@ def _build(top: Section) -> Config:
         rules_section.finish()
     top.finish()
     return dataclasses.replace(partial, rules=rules)
-
-
-def _limits(top: Section) -> LimitsConfig:
-    """limits: every key is read, given or not, so that each default comes from one place."""
-    section = top.section("limits")
-    if section is None:
-        empty = yaml.MappingNode("tag:yaml.org,2002:map", [])
-        section = Section(empty, top.file, top.key("limits"))
-    defaults = LimitsConfig()
-    values: dict[str, int] = {}
-    for name, minimum, maximum, why in LIMIT_RANGES:
-        value = section.integer(name, getattr(defaults, name), minimum=minimum)
-        if value > maximum:
-            bound = f"at most {maximum}" + (f": {why}, it can only be lowered" if why else "")
-            raise section.error(name, f"must be {bound} (got {value})")
-        values[name] = value
-    if values["header_field_bytes"] > values["header_bytes"]:
-        raise section.error("header_field_bytes",
-                            f"must not exceed {section.key('header_bytes')} "
-                            f"({values['header_bytes']})")
-    section.finish()
-    return LimitsConfig(**values)
-
-
-def _metrics(top: Section) -> str:
-    """metrics: the address of the Prometheus endpoint (absent: no endpoint)."""
-    from mailwarden.metrics import parse_address
-
-    section = top.section("metrics")
-    if section is None:
-        return ""
-    address = section.string("listen", required=True)
-    try:
-        parse_address(address)
-    except ValueError as exc:
-        raise section.error("listen", str(exc)) from None
-    section.finish()
-    return address
 
 
 def _dmarc(top: Section) -> DmarcConfig:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from mailwarden.dns import Nameserver
@@ -51,6 +52,24 @@ class RuleConfig:
     on: Mapping[Result, Outcome]
     line: int
     mode: Mode = Mode.ENFORCE  # monitor: the verdict is logged and counted, never applied
+
+
+class LogTarget(StrEnum):
+    """Where log lines go."""
+
+    STDERR = "stderr"  # standard error: a terminal, a file, or the journal under systemd
+    SYSLOG = "syslog"  # the local syslog socket (RFC 3164 lines, with a facility)
+    JOURNAL = "journal"  # systemd-journald's native socket (structured fields)
+
+
+LOG_FACILITIES = ("mail", "daemon", "user", *(f"local{n}" for n in range(8)))
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    target: LogTarget = LogTarget.STDERR
+    facility: str = "mail"  # the syslog facility: `mail` goes to /var/log/mail.log
+    address: str = ""  # the syslog or journal socket; empty: the system's
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +165,7 @@ class Config:
     transport: str = "libmilter"  # or "native": our own milter protocol implementation
     progress_interval: float = 5.0  # seconds a reply may take before the MTA hears "alive"
     stage_budget: float = 25.0  # seconds the checks of one stage may take: then temperror
+    log: LogConfig = LogConfig()
 
     def stage_rules(self, stage: Stage) -> tuple[RuleConfig, ...]:
         return self.rules.get(stage, ())

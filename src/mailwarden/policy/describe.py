@@ -9,6 +9,7 @@ from typing import Any
 from mailwarden.checks import CHECKS
 from mailwarden.config import STAGES, Config, Outcome
 from mailwarden.dmarc.store import redact
+from mailwarden.logsetup import socket_of
 from mailwarden.policy import codes
 from mailwarden.results import Result
 from mailwarden.verdict import Action
@@ -48,6 +49,8 @@ def effective_policy(config: Config) -> dict[str, Any]:
         "group": config.group,
         "authserv_id": config.authserv_id,
         "log_level": config.log_level,
+        "log": {"target": str(config.log.target), "facility": config.log.facility,
+                "socket": socket_of(config.log) if config.log.target != "stderr" else None},
         "workers": config.workers,
         "drain_timeout": config.drain_timeout,
         "mode": config.mode,
@@ -95,6 +98,13 @@ def shown(value: Any) -> str:
     return str(value)
 
 
+def _log_line(policy: dict[str, Any]) -> str:
+    log = policy["log"]
+    where = (f"{log['target']} {log['socket']}, facility {log['facility']}" if log["socket"]
+             else "stderr (the journal, under systemd)")
+    return f"log {policy['log_level']} to {where}"
+
+
 def format_policy(policy: dict[str, Any]) -> str:
     socket = policy["socket"]
     lines = [f"configuration {policy['file']}: parsed",
@@ -102,6 +112,7 @@ def format_policy(policy: dict[str, Any]) -> str:
              f"{socket['group'] or '(the daemon group)'}  transport {policy['transport']}",
              f"user {policy['user'] or '-'}:{policy['group'] or '-'}"
              f"  workers {policy['workers']}  authserv-id {policy['authserv_id']}",
+             _log_line(policy),
              f"mode {policy['mode']}  metrics "
              f"{'http://' + policy['metrics'] + '/metrics' if policy['metrics'] else 'off'}",
              f"dns {shown(policy['dns'])}",

@@ -115,7 +115,8 @@ class Engine:
                 continue
             holds = self._holds(rule.when, txn, stage)
             if holds is None:
-                verdict = Verdict(Action.TEMPFAIL, codes.DNS_TEMPERROR, rule.name, _UNRESOLVED)
+                verdict = Verdict(Action.TEMPFAIL, codes.DNS_TEMPERROR, rule.name, _UNRESOLVED,
+                                  rule.check)
             elif not holds:
                 if txn.explain:
                     txn.skipped.append((str(stage), rule.name,
@@ -243,7 +244,8 @@ class Engine:
         outcome = self._run(rule, stage, txn)
         if outcome is None:
             # A bug must not lose mail: the message is tempfailed and the traceback logged.
-            return Verdict(Action.TEMPFAIL, codes.INTERNAL_ERROR, rule.name, "internal error")
+            return Verdict(Action.TEMPFAIL, codes.INTERNAL_ERROR, rule.name, "internal error",
+                           rule.check)
         txn.add_headers.extend(outcome.headers)
         chosen = rule.on.get(outcome.decisive) or spec.outcomes(rule.args).get(outcome.decisive)
         chosen = chosen or Outcome(Action.CONTINUE)
@@ -255,9 +257,9 @@ class Engine:
             if action is Action.QUARANTINE:
                 # sent to the MTA as the quarantine reason: one printable line
                 reason = printable(chosen.text or outcome.text or reason)
-            return Verdict(action, None, rule.name, reason)
+            return Verdict(action, None, rule.name, reason, rule.check)
         return Verdict(action, _reply(spec, outcome, chosen, action), rule.name,
-                       f"{rule.check}={outcome.decisive}")
+                       f"{rule.check}={outcome.decisive}", rule.check)
 
     # -- when: -------------------------------------------------------------------------------
     def _holds(self, when: Condition | None, txn: Transaction, stage: Stage) -> bool | None:
