@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -72,3 +73,14 @@ def test_dmarc_report_writes_a_valid_gzipped_report(tmp_path: Path) -> None:
     if shutil.which("xmllint") is None:
         pytest.skip("xmllint (libxml2-utils) is not installed: schema validation not run")
     xmllint(xml, tmp_path)
+
+
+def test_dmarc_check_exits_75_when_dns_fails_for_now() -> None:
+    """EX_TEMPFAIL, as `dkim verify`: a script can tell "try again" from "no policy"."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # takes queries, never answers
+        port = silent.getsockname()[1]
+        done = mailwarden("dmarc", "check", "example.com", "--timeout", "0.2",
+                          "--nameserver", f"127.0.0.1:{port}")
+    assert done.returncode == 75, (done.returncode, done.stdout, done.stderr)
+    assert "DNS error" in done.stderr

@@ -676,10 +676,13 @@ def test_check_config_prints_the_effective_policy_of_the_shipped_config() -> Non
     assert "dmarc mode rfc9989  store /var/lib/mailwarden/dmarc.db" in out
     for rule in load(SHIPPED).all_rules():
         assert f"- {rule.name} (line {rule.line}): {rule.check}" in out
-    assert "fail       -> reject 550 5.7.23 SPF validation failed" in out
+    # the replies as sent: the check's own words (issue 15 #4), a temperror's fixed text
+    assert ("fail       -> reject 550 5.7.23 SPF fail: IP is not allowed to send mail for "
+            "DOMAIN") in out
     assert "temperror  -> tempfail 451 4.7.24 SPF validation error, try again later" in out
-    assert "fail       -> reject 554 5.7.1 Relay access denied" in out
-    assert "fail       -> reject 554 5.7.1 Sender address not allowed from this host" in out
+    assert "fail       -> reject 554 5.7.1 <RCPT>: Relay access denied" in out
+    assert "fail       -> reject 554 5.7.1 Sender address <ADDR> is not allowed from CLIENT" \
+        in out
     assert "temperror  -> tempfail 451 4.4.3 Temporary DNS failure, try again later" in out
     assert "softfail   -> continue" in out
     # every result of every rule has a line
@@ -694,7 +697,8 @@ def test_check_config_json_parses() -> None:
     assert policy["authserv_id"] == "mx.example.com"
     mail = policy["rules"]["mail"]
     assert [r["name"] for r in mail] == ["no spoofing of our domains", "spf"]
-    assert mail[1]["results"]["fail"] == "reject 550 5.7.23 SPF validation failed"
+    assert mail[1]["results"]["fail"] == ("reject 550 5.7.23 SPF fail: IP is not allowed to "
+                                           "send mail for DOMAIN")
     assert mail[1]["when"] == {"authenticated": False, "not": {"client_in": ["internal"]}}
     assert policy["rules"]["connect"][0]["results"] == {
         "pass": "continue", "fail": "continue", "temperror": "continue",
@@ -721,11 +725,12 @@ def test_check_config_shows_on_overrides(tmp_path: Path) -> None:
     # run as root (the test), a configuration without `user:` is one `run` refuses
     assert done.returncode == (1 if os.geteuid() == 0 else 0), policy["problems"]
     iprev = policy["rules"]["connect"][0]["results"]
-    assert iprev["fail"] == "reject 550 5.7.25 Reverse DNS validation failed"
+    assert iprev["fail"] == "reject 550 5.7.25 Reverse DNS of IP: REASON"
     assert iprev["temperror"].startswith("tempfail 451 4.7.25")  # never a permanent reject
     spf = policy["rules"]["mail"][0]["results"]
-    assert spf["softfail"] == "reject 550 5.7.23 SPF validation failed"
-    assert spf["permerror"] == "reject 550 5.7.24 SPF validation error"
+    assert spf["softfail"] == ("reject 550 5.7.23 SPF softfail: IP is not allowed to send mail "
+                               "for DOMAIN")
+    assert spf["permerror"] == "reject 550 5.7.24 SPF permerror for DOMAIN: REASON"
     assert spf["neutral"] == "tempfail 451 4.7.1 Try later"
 
 

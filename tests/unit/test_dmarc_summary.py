@@ -166,7 +166,7 @@ def test_cli_errors_create_nothing(tmp_path: Path, capsys: pytest.CaptureFixture
     assert str(missing) in capsys.readouterr().err
     assert not missing.parent.exists()
 
-    assert main(["dmarc", "summary", "--config", str(write_config(tmp_path, None))]) == 1
+    assert main(["dmarc", "summary", "--config", str(write_config(tmp_path, None))]) == 2
     assert "no dmarc.store configured" in capsys.readouterr().err
 
     other = tmp_path / "other.db"  # an SQLite file, but not a store: left alone

@@ -25,6 +25,7 @@ from mailwarden.config import STAGES, Config, ConfigError, Outcome, Section, as_
 from mailwarden.config.build import parse
 from mailwarden.dkim.keys import generate, write_private
 from mailwarden.policy import codes
+from mailwarden.results import Result
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
@@ -374,6 +375,22 @@ def test_reply_codes_of_every_check(full: tuple[Config, set[Key]]) -> None:
         f"missing rows: {missing}\nrows that should not be there: {extra}\n"
         "wrong (documented, expected as action, code, status): " +
         "; ".join(f"{k}: {v[0]} != {v[1]}" for k, v in sorted(wrong.items())))
+
+
+def test_documented_reply_texts_are_the_checks_words() -> None:
+    """The Text column gives, for every refusal a check words itself, exactly the words
+    `check-config` shows (the check's own template, capitals for the variable parts)."""
+    problems = []
+    for row in reply_rows():
+        check, result = first_code(row[0]), first_code(row[1])
+        if check not in CHECKS or result == "temperror":
+            continue
+        worded = CHECKS[check].worded.get(Result(result))
+        if worded is None:
+            continue
+        if f"`{worded}`" not in row[5]:
+            problems.append(f"{check} {result}: the check words it `{worded}`, not {row[5]}")
+    assert not problems, "\n".join(problems)
 
 
 def test_every_reply_in_the_code_is_documented() -> None:

@@ -166,7 +166,10 @@ _CHAIN_VALIDATION = {b"pass": Result.PASS, b"fail": Result.FAIL, b"none": Result
 VERIFY = CheckSpec(name="arc_verify", stages=(Stage.EOM,),
                    results=(Result.NONE, Result.PASS, Result.FAIL, Result.TEMPERROR),
                    parse_args=parse_none,
-                   run=run_verify, outcomes=no_outcomes, needs_body=True)
+                   run=run_verify, outcomes=no_outcomes, needs_body=True,
+                   worded={Result.NONE: "ARC none", Result.PASS: "ARC pass",
+                           Result.FAIL: "ARC fail (ARC fail: REASON for a chain longer than "
+                           "limits.arc_sets)"})
 SEAL = CheckSpec(name="arc_seal", stages=(Stage.EOM,), results=(Result.SEALED, Result.ERROR),
                  parse_args=parse_seal, run=run_seal, outcomes=no_outcomes, needs_body=True,
                  transform=True, after_headers=True)

@@ -84,6 +84,9 @@ class CheckSpec:
     run: Callable[[Context, Transaction, Any], CheckOutcome]
     outcomes: Callable[[Any], Mapping[Result, Outcome]]
     replies: Mapping[Result, Reply] = field(default_factory=dict)
+    # the reply text the check words itself for a result, its variable parts in capitals
+    # (`check-config` shows it; `replies` has the text for the results it does not word)
+    worded: Mapping[Result, str] = field(default_factory=dict)
     # macros the check reads, by stage, so that negotiation can ask the MTA for them
     macros: Mapping[Stage, tuple[str, ...]] = field(default_factory=dict)
     needs_body: bool = False  # the MTA must send the body (DKIM, ARC)

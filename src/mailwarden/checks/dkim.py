@@ -81,13 +81,19 @@ def run_verify(ctx: Context, txn: Transaction, args: VerifyArgs) -> CheckOutcome
     signatures = finding.signatures
     if not signatures:
         return CheckOutcome(Result.NONE, (CheckResult("", "dkim", Result.NONE, "no signature"),),
-                            text="No DKIM signature", findings=(finding,))
+                            text=wording(Result.NONE, "", ""), findings=(finding,))
     records = tuple(_record(sig) for sig in signatures)
     found = {sig.result for sig in signatures}
     decisive = next(word for word in _ORDER if word in found)
     first = next(sig for sig in signatures if sig.result == decisive)
-    text = f"DKIM {decisive}: {first.domain or 'unknown domain'}: {first.reason}"
+    text = wording(decisive, first.domain or "unknown domain", first.reason)
     return CheckOutcome(decisive, records, text=text, findings=(finding,))
+
+
+def wording(result: Result, domain: str, reason: str) -> str:
+    if result is Result.NONE:
+        return "No DKIM signature"
+    return f"DKIM {result}: {domain}: {reason}"
 
 
 def verify_outcomes(args: VerifyArgs) -> Mapping[Result, Outcome]:
@@ -166,6 +172,7 @@ VERIFY = CheckSpec(
              Result.PERMERROR: Reply(550, "5.7.20", "No passing DKIM signature found"),
              Result.POLICY: Reply(550, "5.7.21", "No acceptable DKIM signature found"),
              Result.TEMPERROR: Reply(451, "4.7.20", "DKIM key lookup failed, try again later")},
+    worded={result: wording(result, "DOMAIN", "REASON") for result in VERIFY_RESULTS},
     needs_body=True,
 )
 SIGN = CheckSpec(

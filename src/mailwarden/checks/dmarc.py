@@ -125,9 +125,10 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
         if _ours(ctx, txn, args):
             # never_reject covers every refusal of this rule: cron and monitoring mail from
             # our own hosts often has no From at all
-            return CheckOutcome(Result.PERMERROR, (record,), text=f"DMARC permerror: {problem}")
+            return CheckOutcome(Result.PERMERROR, (record,),
+                                text=wording(Result.PERMERROR, "-", problem))
         return CheckOutcome(Result.UNUSABLE_FROM, (record,),
-                            text=f"Message refused: {problem} (RFC 9989 needs one author domain)")
+                            text=wording(Result.UNUSABLE_FROM, "-", problem))
     spf_domain, spf_result, spf_reported = _spf(txn)
     verified = txn.findings.dkim  # the engine verifies first when no dkim_verify rule did
     signatures = verified.signatures if verified is not None else ()
@@ -149,13 +150,20 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
                   ("polrec.np", found.record.np), ("polrec.domain", found.policy_domain)]
     result = CheckResult("", "dmarc", found.result, found.reason, tuple(props),
                          comment=_comment(found, asked, bool(overrides)))
-    text = f"DMARC {found.result} for {domain}: {found.reason}"
-    if decisive is Result.REJECT:
-        text = (f"Unauthenticated mail from {domain} is refused by its DMARC policy "
-                f"({found.reason})")
-    elif decisive is Result.QUARANTINE:
-        text = f"DMARC quarantine: {domain} ({found.reason})"
+    text = wording(decisive if decisive in (Result.REJECT, Result.QUARANTINE) else found.result,
+                   domain, found.reason)
     return CheckOutcome(decisive, (result,), text=text, findings=(finding,))
+
+
+def wording(result: Result, domain: str, reason: str) -> str:
+    """The reply text (for a quarantine: the reason given to the MTA) of a result."""
+    if result is Result.REJECT:
+        return f"Unauthenticated mail from {domain} is refused by its DMARC policy ({reason})"
+    if result is Result.QUARANTINE:
+        return f"DMARC quarantine: {domain} ({reason})"
+    if result is Result.UNUSABLE_FROM:
+        return f"Message refused: {reason} (RFC 9989 needs one author domain)"
+    return f"DMARC {result} for {domain}: {reason}"
 
 
 def _comment(found: DmarcResult, disposition: Result, overridden: bool) -> str | None:
@@ -242,5 +250,6 @@ SPEC = CheckSpec(
                                   "Message refused by the sender domain's DMARC policy"),
              Result.UNUSABLE_FROM: Reply(550, "5.7.1", "Message has no usable From header field"),
              Result.TEMPERROR: Reply(451, "4.7.1", "DMARC evaluation failed, try again later")},
+    worded={result: wording(result, "DOMAIN", "REASON") for result in RESULTS},
     needs_body=True,
 )

@@ -75,12 +75,15 @@ def iprev(dns: DNSClient, ip: IPAddress, max_names: int = 10,
 
 def run(ctx: Context, txn: Transaction, args: IprevArgs) -> CheckOutcome:
     if txn.client_ip is None:
-        return CheckOutcome(Result.PERMERROR, text="no client address")
+        return CheckOutcome(Result.PERMERROR, text=wording("unknown", "no client address"))
     found = iprev(ctx.dns, txn.client_ip, args.max_names, txn.deadline)
     record = CheckResult("", "iprev", found.result, found.reason,
                          (("policy.iprev", str(txn.client_ip)),), comment=found.name or None)
-    text = f"Reverse DNS of {txn.client_ip}: {found.reason}"
-    return CheckOutcome(found.result, (record,), text=text)
+    return CheckOutcome(found.result, (record,), text=wording(str(txn.client_ip), found.reason))
+
+
+def wording(ip: str, reason: str) -> str:
+    return f"Reverse DNS of {ip}: {reason}"
 
 
 SPEC = CheckSpec(
@@ -89,4 +92,5 @@ SPEC = CheckSpec(
     parse_args=parse_args, run=run, outcomes=outcomes,
     replies={Result.FAIL: codes.IPREV_FAIL, Result.PERMERROR: codes.IPREV_FAIL,
              Result.TEMPERROR: codes.IPREV_TEMPERROR},
+    worded={result: wording("IP", "REASON") for result in RESULTS},
 )

@@ -74,7 +74,7 @@ def run_mail(ctx: Context, txn: Transaction, args: RelayArgs) -> CheckOutcome:
     if not domain or not ctx.config.is_our_domain(domain):
         return _outcome("mail_relay", Result.PASS, "sender domain is not ours", prop, "")
     return _judge("mail_relay", ctx, txn, args, prop, f"{txn.client} may not send as {domain}",
-                  f"Sender address <{sender}> is not allowed from {txn.client}")
+                  sender_denied(sender, txn.client))
 
 
 def run_rcpt(ctx: Context, txn: Transaction, args: RelayArgs) -> CheckOutcome:
@@ -84,19 +84,28 @@ def run_rcpt(ctx: Context, txn: Transaction, args: RelayArgs) -> CheckOutcome:
     if domain and ctx.config.is_our_domain(domain):
         return _outcome("rcpt_relay", Result.PASS, "recipient domain is ours", prop, "")
     return _judge("rcpt_relay", ctx, txn, args, prop,
-                  f"relay to {domain or rcpt} denied for {txn.client}",
-                  f"<{rcpt}>: Relay access denied")
+                  f"relay to {domain or rcpt} denied for {txn.client}", relay_denied(rcpt))
+
+
+def sender_denied(sender: str, client: str) -> str:
+    return f"Sender address <{sender}> is not allowed from {client}"
+
+
+def relay_denied(rcpt: str) -> str:
+    return f"<{rcpt}>: Relay access denied"
 
 
 MAIL_RELAY = CheckSpec(
     name="mail_relay", stages=(Stage.MAIL, Stage.RCPT, Stage.EOM), results=RESULTS,
     parse_args=parse_args, run=run_mail, outcomes=outcomes,
     replies={Result.FAIL: codes.SENDER_DENIED, Result.TEMPERROR: codes.DNS_TEMPERROR},
+    worded={Result.FAIL: sender_denied("ADDR", "CLIENT")},
     macros={Stage.MAIL: ("{auth_authen}",)},
 )
 RCPT_RELAY = CheckSpec(
     name="rcpt_relay", stages=(Stage.RCPT,), results=RESULTS,
     parse_args=parse_args, run=run_rcpt, outcomes=outcomes,
     replies={Result.FAIL: codes.RELAY_DENIED, Result.TEMPERROR: codes.DNS_TEMPERROR},
+    worded={Result.FAIL: relay_denied("RCPT")},
     macros={Stage.MAIL: ("{auth_authen}",)},
 )

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 
 RESULTS = (Result.PASS, Result.FAIL, Result.SOFTFAIL, Result.NEUTRAL, Result.NONE,
            Result.TEMPERROR, Result.PERMERROR)
+ERRORS = (Result.TEMPERROR, Result.PERMERROR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,16 +92,20 @@ def _record(result: SPFResult, prop: str, value: str, report: bool) -> CheckResu
 
 
 def _reply_text(result: SPFResult) -> str:
-    """RFC 7208 §8.4: a fail reply SHOULD carry the explanation."""
-    if result.result is SPFOutcome.FAIL:
-        why = result.explanation or (f"{result.ip} is not allowed to send mail for "
-                                     f"{result.domain}")
-        return f"SPF fail: {why}"
-    if result.result is SPFOutcome.SOFTFAIL:
-        return f"SPF softfail: {result.ip} is not allowed to send mail for {result.domain}"
-    if result.result in (SPFOutcome.TEMPERROR, SPFOutcome.PERMERROR):
-        return f"SPF {result.result} for {result.domain}: {result.cause}"
-    return f"SPF {result.result} for {result.domain}"
+    detail = (result.explanation if result.result is SPFOutcome.FAIL else result.cause) or ""
+    return wording(Result(result.result), str(result.ip), result.domain, detail)
+
+
+def wording(result: Result, ip: str, domain: str, detail: str = "") -> str:
+    """The reply text of a result. RFC 7208 §8.4: a fail reply SHOULD carry the explanation
+    (`detail`: the domain's exp= text for a fail, the cause of an error)."""
+    if result is Result.FAIL:
+        return f"SPF fail: {detail or f'{ip} is not allowed to send mail for {domain}'}"
+    if result is Result.SOFTFAIL:
+        return f"SPF softfail: {ip} is not allowed to send mail for {domain}"
+    if result in (Result.TEMPERROR, Result.PERMERROR):
+        return f"SPF {result} for {domain}: {detail}"
+    return f"SPF {result} for {domain}"
 
 
 SPEC = CheckSpec(
@@ -112,4 +117,7 @@ SPEC = CheckSpec(
     outcomes=outcomes,
     replies={Result.FAIL: codes.SPF_FAIL, Result.SOFTFAIL: codes.SPF_FAIL,
              Result.TEMPERROR: codes.SPF_TEMPERROR, Result.PERMERROR: codes.SPF_PERMERROR},
+    # a fail's text is the domain's exp= explanation when it has one (RFC 7208 §6.2)
+    worded={result: wording(result, "IP", "DOMAIN", "REASON" if result in ERRORS else "")
+            for result in RESULTS},
 )

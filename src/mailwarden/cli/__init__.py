@@ -27,15 +27,19 @@ from mailwarden.textout import shown
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mailwarden", description="Mail-authentication milter and its tools."
+        prog="mailwarden",
+        description="Mail-authentication milter (SPF, DKIM, DMARC, ARC, relay policy) for "
+        "Postfix and Sendmail, and its tools. Commands that read the configuration take "
+        f"--config (default: {DEFAULT_CONFIG}); `mailwarden COMMAND --help` for each.",
     )
     parser.add_argument("--version", action="version", version=f"mailwarden {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     spf = commands.add_parser(
         "spf", help="evaluate SPF (RFC 7208) for a client IP, sender and HELO name",
-        description="Evaluate SPF for one SMTP transaction. Exits 0 whatever the SPF result; "
-        "non-zero only on a usage error.",
+        description="Evaluate SPF (RFC 7208) for one SMTP transaction, as the daemon's spf "
+        "check does, and print the result, the reason, every DNS lookup and the "
+        "Received-SPF field. Exit status: 0 whatever the SPF result, 2 a usage error.",
     )
     spf.add_argument("--ip", required=True, type=ip_argument, help="the SMTP client's IP address")
     spf.add_argument("--mail-from", "--sender", dest="sender", required=True, metavar="ADDR",
@@ -56,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     spf.add_argument("--json", action="store_true", help="print one JSON object")
     spf.set_defaults(handler=_cmd_spf)
 
-    run = commands.add_parser("run", help="run the milter daemon",
-                              description="Run the milter daemon in the foreground.")
+    run = commands.add_parser(
+        "run", help="run the milter daemon",
+        description="Run the milter daemon in the foreground (systemd: Type=notify). Started "
+        "as root it binds the socket, then drops to `user`/`group` of the configuration. "
+        "SIGHUP reloads the configuration (a broken one is refused and the running one kept); "
+        "SIGTERM stops taking connections and lets those in progress finish within "
+        "drain_timeout. Exit status: 0 stopped, 1 could not start, 2 a configuration error.")
     run.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
                      help=f"configuration file (default: {DEFAULT_CONFIG})")
     run.set_defaults(handler=_cmd_run)
@@ -67,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the whole configured policy on a message file exactly as the daemon "
         "would (same engine, same rules, the milter stages in order) and print each stage's "
         "checks and results, the verdict with its SMTP reply, and the headers that would be "
-        "added or removed. DNS is queried live; the DMARC store is not written. Exits 0 "
-        "whatever the verdict; 1 if the file cannot be read, 2 on a configuration error.",
+        "added or removed. DNS is queried live; the DMARC store is not written. Exit status: 0 "
+        "whatever the verdict, 1 the file cannot be read, 2 a configuration error.",
     )
-    test.add_argument("file", metavar="FILE.eml")
+    test.add_argument("file", metavar="FILE.eml", help="the message, - for standard input")
     test.add_argument("--ip", required=True, type=ip_argument, help="the SMTP client's IP address")
     test.add_argument("--helo", required=True, help="the HELO/EHLO name the client gave")
     test.add_argument("--mail-from", required=True, metavar="ADDR",
@@ -92,10 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check-config", help="validate a configuration and print the effective policy",
-        description="Validate a configuration file; print the effective policy, or the error "
-        "with its file, line and key (exit status 1).",
+        description="Validate a configuration file and make every start-up check `run` makes "
+        "(users and groups, socket directory, keys and configuration readable by the "
+        "daemon's user, the DMARC store), then print the effective configuration and policy "
+        "with the replies each rule sends, and warnings about traps (an `accept` that skips "
+        "later checks, an unreachable log socket). Exit status: 0 `run` would start (with or "
+        "without warnings), 1 it would not: the error is printed with its file, line and key.",
     )
-    check.add_argument("path", nargs="?", default=None, metavar="PATH")
+    check.add_argument("path", nargs="?", default=None, metavar="PATH",
+                       help="configuration file, the same as --config")
     check.add_argument("--config", metavar="PATH",
                        help=f"configuration file, as for the other commands (default: "
                        f"{DEFAULT_CONFIG})")

@@ -42,7 +42,8 @@ def nameserver_argument(text: str) -> Nameserver:
 def dns_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nameserver", action="append", type=nameserver_argument, default=None,
                         metavar="HOST[:PORT]", help="DNS server (default: /etc/resolv.conf)")
-    parser.add_argument("--timeout", type=positive_float, default=2.0, metavar="S")
+    parser.add_argument("--timeout", type=positive_float, default=2.0, metavar="S",
+                        help="seconds to wait for one DNS answer (default: 2)")
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 

@@ -21,14 +21,24 @@ from mailwarden.results import Result
 
 
 def add_dkim_commands(commands: Any) -> None:
-    dkim_cmd = commands.add_parser("dkim", help="DKIM keys, signing and verification")
+    dkim_cmd = commands.add_parser(
+        "dkim", help="DKIM keys, signing and verification",
+        description="DKIM (RFC 6376) tools: make a signing key and its DNS record, check the "
+        "published record against the key, verify or sign a message file.")
     dkim_sub = dkim_cmd.add_subparsers(dest="dkim_command", required=True, metavar="COMMAND")
-    genkey = dkim_sub.add_parser("genkey", help="write a new private key (mode 0600) and print "
-                                 "its DNS record")
-    genkey.add_argument("--domain", required=True)
-    genkey.add_argument("--selector", required=True)
-    genkey.add_argument("--type", choices=("rsa", "ed25519"), default="rsa")
-    genkey.add_argument("--bits", type=int, default=2048)
+    genkey = dkim_sub.add_parser(
+        "genkey", help="write a new private key (mode 0600) and print its DNS record",
+        description="Generate a signing key, write it as PEM (mode 0600; run as root, owned "
+        "by the daemon's user, so that the daemon can read it) and print the TXT record to "
+        "publish at SELECTOR._domainkey.DOMAIN. Exit status: 0 written, 2 the key or its "
+        "file could not be made.")
+    genkey.add_argument("--domain", required=True, help="the signing domain (d=)")
+    genkey.add_argument("--selector", required=True, help="the selector (s=)")
+    genkey.add_argument("--type", choices=("rsa", "ed25519"), default="rsa",
+                        help="key type: rsa (rsa-sha256) or ed25519 (ed25519-sha256, RFC 8463) "
+                        "(default: rsa)")
+    genkey.add_argument("--bits", type=int, default=2048,
+                        help="RSA key size, 1024 bits at least (RFC 8301) (default: 2048)")
     genkey.add_argument("--out", metavar="PATH",
                         help="key file (default: DOMAIN.SELECTOR.TYPE.pem here)")
     genkey.add_argument("--owner", metavar="USER",
@@ -37,10 +47,14 @@ def add_dkim_commands(commands: Any) -> None:
                         help=f"configuration whose `user` gets the key when run as root "
                         f"(default: {DEFAULT_CONFIG})")
     genkey.set_defaults(handler=_cmd_dkim_genkey)
-    checkdns = dkim_sub.add_parser("check-dns", help="does the published record match the key?")
-    checkdns.add_argument("--domain", required=True)
-    checkdns.add_argument("--selector", required=True)
-    checkdns.add_argument("--key", required=True, metavar="PATH")
+    checkdns = dkim_sub.add_parser(
+        "check-dns", help="does the published record match the key?",
+        description="Look up SELECTOR._domainkey.DOMAIN and compare its public key with the "
+        "private key file. Exit status: 0 they match, 1 they do not (or no record), 2 the key "
+        "file cannot be read.")
+    checkdns.add_argument("--domain", required=True, help="the signing domain (d=)")
+    checkdns.add_argument("--selector", required=True, help="the selector (s=)")
+    checkdns.add_argument("--key", required=True, metavar="PATH", help="the private key file")
     dns_options(checkdns)
     checkdns.set_defaults(handler=_cmd_dkim_check_dns)
     verify = dkim_sub.add_parser(
@@ -48,19 +62,22 @@ def add_dkim_commands(commands: Any) -> None:
         description="Verify every DKIM-Signature of a message (FILE.eml, or - for standard "
         "input) and print one result per signature. Exit status: 0 when one passes, 1 when "
         "none does (or the message is unsigned), 75 when a key could not be fetched just now.")
-    verify.add_argument("file", metavar="FILE.eml")
+    verify.add_argument("file", metavar="FILE.eml", help="the message, - for standard input")
     dns_options(verify)
     verify.set_defaults(handler=_cmd_dkim_verify)
     sign = dkim_sub.add_parser("sign", help="sign a message file; prints the signed message",
                                description="Sign a message (FILE.eml, or - for standard "
-                               "input) and print it signed.")
-    sign.add_argument("file", metavar="FILE.eml")
-    sign.add_argument("--domain", required=True)
-    sign.add_argument("--selector", required=True)
-    sign.add_argument("--key", required=True, metavar="PATH")
+                               "input) with the daemon's signing code and print it signed. "
+                               "Exit status: 0 signed, 2 the key cannot be used or the "
+                               "message cannot be signed.")
+    sign.add_argument("file", metavar="FILE.eml", help="the message, - for standard input")
+    sign.add_argument("--domain", required=True, help="the signing domain (d=)")
+    sign.add_argument("--selector", required=True, help="the selector (s=)")
+    sign.add_argument("--key", required=True, metavar="PATH", help="the private key file")
     sign.add_argument("--canonicalization", default="relaxed/relaxed",
                       choices=("relaxed/relaxed", "relaxed/simple", "simple/relaxed",
-                               "simple/simple"))
+                               "simple/simple"),
+                      help="header/body canonicalization (default: relaxed/relaxed)")
     sign.add_argument("--json", action="store_true", help="print the header as JSON")
     sign.set_defaults(handler=_cmd_dkim_sign)
 

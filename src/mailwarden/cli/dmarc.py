@@ -20,26 +20,45 @@ from mailwarden.storeowner import become_store_owner
 
 
 def add_dmarc_commands(commands: Any) -> None:
-    dmarc_cmd = commands.add_parser("dmarc", help="DMARC policy checks and aggregate reports")
+    dmarc_cmd = commands.add_parser(
+        "dmarc", help="DMARC policy checks and aggregate reports",
+        description="DMARC tools: a domain's effective policy (RFC 9989), the daily aggregate "
+        "reports (RFC 9990) from the store the daemon writes, and a summary of that store.")
     dmarc_sub = dmarc_cmd.add_subparsers(dest="dmarc_command", required=True, metavar="COMMAND")
-    dcheck = dmarc_sub.add_parser("check", help="show a domain's effective DMARC policy and "
-                                  "every problem in its record")
-    dcheck.add_argument("domain")
+    dcheck = dmarc_sub.add_parser(
+        "check", help="show a domain's effective DMARC policy and every problem in its record",
+        description="Find the DMARC policy that applies to mail from DOMAIN (the RFC 9989 DNS "
+        "tree walk, or the RFC 7489 Public Suffix List with --legacy) and print the record, "
+        "the effective policy with every default filled in, and every problem in the record. "
+        "Exit status: 0 the lookups completed (problems are printed, they are not errors), "
+        "75 a DNS lookup failed temporarily.")
+    dcheck.add_argument("domain", help="the From: domain to look up")
     dcheck.add_argument("--legacy", action="store_true",
                         help="RFC 7489 Public Suffix List instead of the RFC 9989 tree walk")
     dns_options(dcheck)
     dcheck.set_defaults(handler=_cmd_dmarc_check)
-    report = dmarc_sub.add_parser("report", help="build and send RFC 9990 aggregate reports")
-    report.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH")
+    report = dmarc_sub.add_parser(
+        "report", help="build and send RFC 9990 aggregate reports",
+        description="Build the aggregate reports of a period from dmarc.store and send each to "
+        "its rua destinations through dmarc.reports.smarthost (or write them to "
+        "dmarc.reports.directory), once per destination: the store's ledger keeps a second "
+        "run from sending again. systemd/mailwarden-dmarc-report.timer runs it daily. Started "
+        "as root it runs as the store's owner. Exit status: 0 nothing failed, 1 a destination "
+        "or the store failed, 2 a configuration error.")
+    report.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                        help=f"configuration file (default: {DEFAULT_CONFIG})")
     report.add_argument("--period", default="yesterday",
-                        help='"yesterday" (default), "last-hour", or START..END (ISO 8601)')
+                        help='"yesterday" (UTC), "last-hour", or START..END (ISO 8601) '
+                        '(default: yesterday)')
     report.add_argument("--dry-run", action="store_true", help="build, print, send nothing")
     report.set_defaults(handler=_cmd_dmarc_report)
     dsummary = dmarc_sub.add_parser(
         "summary", help="per domain and sending source: volume and DMARC pass rates",
         description="Summarise the stored DMARC evaluations of the last N days per policy "
         "domain and sending source (From domain, IP): volume, DMARC/DKIM/SPF pass rates and "
-        "dispositions, and whether every source passes (ready for p=reject).")
+        "dispositions, and whether every source passes (ready for p=reject). Started as root it "
+        "runs as the store's owner. Exit status: 0 printed, 1 the store cannot be read, 2 a "
+        "configuration error.")
     dsummary.add_argument("--days", type=positive_float, default=7.0, metavar="N",
                           help="the window, in days back from now (default: 7)")
     dsummary.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
@@ -73,7 +92,7 @@ def _cmd_dmarc_check(args: argparse.Namespace) -> int:
         record = fetch(dns, found.domain) if found else None
     except TemporaryError as exc:
         print(f"mailwarden: DNS error: {exc}", file=sys.stderr)
-        return 1
+        return 75  # EX_TEMPFAIL, as `dkim verify`: try again later
     if record is not None:
         problems.extend(record.warnings)
     summary = {
@@ -132,12 +151,12 @@ def _cmd_dmarc_summary(args: argparse.Namespace) -> int:
     if url is None:
         config = load_config(args.config)
         if config is None:
-            return 1
+            return 2
         url, user = config.dmarc.store, config.user
         if not url:
             print(f"mailwarden: {args.config}: no dmarc.store configured (or give --store)",
                   file=sys.stderr)
-            return 1
+            return 2
     become_store_owner(url, user)
     try:
         store = Store.open_existing(url)  # reading never creates a store

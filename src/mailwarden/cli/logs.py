@@ -21,11 +21,11 @@ def add_log_commands(commands: Any) -> None:
         "/var/log/mail.log, rotated .gz ones, `journalctl -t mailwarden` output, or the "
         "daemon's standard error) and print how many of each verdict, the rules that refused, "
         "the most refused clients and From domains, the causes of temporary failures, what "
-        "monitor mode held back, and what signing did. Other lines are skipped. Exits 0; 1 "
-        "when a file cannot be read.",
+        "monitor mode held back, and what signing did. Other lines are skipped. Exit status: 0 "
+        "counted, 1 a file cannot be read.",
     )
     summary.add_argument("files", nargs="*", default=["-"], metavar="FILE",
-                         help="log files, plain or gzip (default: - , standard input)")
+                         help="log files, plain or gzip; - for standard input (default: -)")
     summary.add_argument("--top", type=int, default=10, metavar="N",
                          help="entries shown per list (default: 10)")
     summary.add_argument("--json", action="store_true", help="print one JSON object")

@@ -4,6 +4,7 @@ the rest. Every one can be overridden per rule (`on: {RESULT: {action, code, sta
 from __future__ import annotations
 
 from mailwarden.config.model import Outcome
+from mailwarden.results import Result
 from mailwarden.verdict import Reply
 
 SPF_FAIL = Reply(550, "5.7.23", "SPF validation failed")
@@ -43,3 +44,10 @@ def reply_for(default: Reply | None, chosen: Outcome, action: str) -> Reply:
     if status[0] != str(klass):
         status = f"{klass}{status[1:]}"
     return Reply(code, status, chosen.text or default.text)
+
+
+def reply_text(chosen: Outcome, result: Result, worded: str, default: Reply) -> str:
+    """The rule's text, else the check's own words for the case, else the default. A
+    temperror's own words name a DNS failure, which names our resolver: the client gets the
+    fixed text (the log line keeps the cause)."""
+    return chosen.text or ("" if result is Result.TEMPERROR else worded) or default.text

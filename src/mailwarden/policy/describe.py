@@ -30,8 +30,15 @@ def effective_policy(config: Config) -> dict[str, Any]:
                     outcome = dataclasses.replace(outcome, action=action)
                 text = str(action)
                 if action in (Action.REJECT, Action.TEMPFAIL):
-                    text += " " + str(codes.reply_for(spec.replies.get(result), outcome,
-                                                      str(action)))
+                    # the reply as sent: the check's own words where it has them, their
+                    # variable parts in capitals
+                    reply = codes.reply_for(spec.replies.get(result), outcome, str(action))
+                    worded = codes.reply_text(outcome, result, spec.worded.get(result, ""),
+                                              reply)
+                    text += f" {reply.code} {reply.status} {worded}"
+                elif action is Action.QUARANTINE:  # the reason the MTA is given
+                    held = outcome.text or spec.worded.get(result) or f"{rule.check}={result}"
+                    text += f" ({held})"
                 results[str(result)] = text
             entry: dict[str, Any] = {"name": rule.name, "check": rule.check,
                                      "line": rule.line, "mode": str(rule.mode)}

@@ -300,9 +300,7 @@ class Engine:
 
 
 def _reply(spec: CheckSpec, outcome: CheckOutcome, chosen: Outcome, action: Action) -> Reply:
-    """The rule's text, else the check's own. A temperror's own text names a DNS failure,
-    which names our resolver: the client gets the check's fixed text (the log line keeps the
-    cause)."""
+    """The reply a refusing rule sends (`codes.reply_text` chooses its text)."""
     reply = codes.reply_for(spec.replies.get(outcome.decisive), chosen, str(action))
-    found = "" if outcome.decisive is Result.TEMPERROR else outcome.text
-    return Reply(reply.code, reply.status, codes.smtp_text(chosen.text or found or reply.text))
+    text = codes.reply_text(chosen, outcome.decisive, outcome.text, reply)
+    return Reply(reply.code, reply.status, codes.smtp_text(text))
