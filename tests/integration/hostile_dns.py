@@ -43,13 +43,27 @@ class HostileDNS:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._socks: list[socket.socket] = []
-        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.udp.bind((host, 0))
+        self.udp, self.tcp = self._bind_pair(host)
         self.port = self.udp.getsockname()[1]
-        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.tcp.bind((host, self.port))
         self._socks += [self.udp, self.tcp]
+
+    @staticmethod
+    def _bind_pair(host: str) -> tuple[socket.socket, socket.socket]:
+        """A UDP and a TCP socket on one port: the port the kernel picks for UDP may be held
+        over TCP by another test's connection, so a few are tried."""
+        for _ in range(20):
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind((host, 0))
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                tcp.bind((host, udp.getsockname()[1]))
+            except OSError:
+                udp.close()
+                tcp.close()
+                continue
+            return udp, tcp
+        raise OSError("no port free for both UDP and TCP")
 
     # -- life -------------------------------------------------------------------------------
     def start(self) -> HostileDNS:

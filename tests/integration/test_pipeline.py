@@ -122,8 +122,8 @@ def test_signing_is_visible_in_the_log_and_in_mailwarden_test(world: dict[str, A
                             mail_from="app@ours.example", rcpts=["bob@far.example"],
                             message=eml("carol@far.example", "nothing to sign with"))
     log = daemon.wait_for_log("dkim_sign=", count=2)
-    assert "dkim_sign=signed(d=ours.example s=s1 a=rsa-sha256)" in log, log
-    assert "dkim_sign=none(no signing key for far.example)" in log, log
+    assert 'dkim_sign="signed(d=ours.example s=s1 a=rsa-sha256)"' in log, log
+    assert 'dkim_sign="none(no signing key for far.example)"' in log, log
     data = json.loads(offline(world, "outbound", "--json", "--auth-user", "alice").stdout)
     assert data["signing"] == [{"rule": "sign", "check": "dkim_sign", "result": "signed",
                                 "domain": "ours.example",

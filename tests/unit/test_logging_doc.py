@@ -44,6 +44,8 @@ def every_field_lines() -> list[str]:
     t.results.append(CheckResult("dmarc", "dmarc", Result.FAIL, "p=reject"))
     t.findings.add(SigningFinding("sign", "dkim_sign", SignStatus.SIGNED, "example.net", "s",
                                   "rsa-sha256"))
+    t.findings.add(SigningFinding("sign", "dkim_sign", SignStatus.SIGNED, "example.net", "e",
+                                  "ed25519-sha256"))
     t.findings.add(SigningFinding("seal", "arc_seal", SignStatus.NONE, reason="no key"))
     t.header_cut = "over"
     t.quarantine = "held"
@@ -88,3 +90,12 @@ def test_the_filter_matches_the_documented_refusals_it_says() -> None:
               'check=rcpt_relay" from=<a@b> rcpts=- stage=mail results=- verdict=reject '
               'rule=spf check=spf reply="550 5.7.23 x"')
     assert re.search(pattern, forged) is None
+
+
+def test_one_field_per_signing_check() -> None:
+    signed = fields(every_field_lines()[0])
+    assert signed is not None
+    assert signed["dkim_sign"] == ("signed(d=example.net s=s a=rsa-sha256) "
+                                   "signed(d=example.net s=e a=ed25519-sha256)")
+    assert signed["arc_seal"] == "none(no key)"
+

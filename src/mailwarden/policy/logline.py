@@ -44,7 +44,10 @@ def describe(txn: Transaction, stage: str, verdict: Verdict) -> str:
         causes = [r.reason for r in txn.results if r.rule == verdict.rule and r.reason]
         if causes:
             fields.append(("cause", causes[-1]))
-    fields.extend((finding.check, finding.outcome()) for finding in txn.findings.signing)
+    signing: dict[str, list[str]] = {}  # one field per check: one outcome per key
+    for finding in txn.findings.signing:
+        signing.setdefault(finding.check, []).append(finding.outcome())
+    fields.extend((check, " ".join(outcomes)) for check, outcomes in signing.items())
     if txn.header_cut:
         fields.append(("headers", "over_limit"))
     if txn.quarantine:
