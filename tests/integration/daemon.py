@@ -35,7 +35,11 @@ class Daemon:
             # The daemon refuses to run its checks as root unless told so explicitly; test
             # directories under root's pytest tmp are not readable by a system user.
             config = {"user": "root", **config}
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        # replaced in one step, as configuration management does: a worker still reading the
+        # previous version for a reload must not see a half-written file
+        staged = self.config_path.with_suffix(".yaml.new")
+        staged.write_text(yaml.safe_dump(config, sort_keys=False))
+        os.replace(staged, self.config_path)
 
     def start(self, timeout: float = 15.0) -> None:
         seen = len(self.log())  # a restart in the same directory: only new lines count
