@@ -97,8 +97,6 @@ def stack(dns_server: DevDNSServer, tmp_path_factory: pytest.TempPathFactory,
 
 
 def message(sender: str, subject: str, extra: str = "", body: str = "") -> bytes:
-    # with a Date: Sendmail adds a missing one after the milters, which would break a
-    # signature that covers the field's absence (oversigning, RFC 6376 §5.4.2)
     return (f"{extra}From: <{sender}>\r\nTo: <bob@ours.example>\r\nSubject: {subject}\r\n"
             f"Date: Mon, 07 Dec 2026 10:00:00 +0000\r\n"
             f"Message-ID: <{subject}@sendmail.test>\r\n\r\n{body or 'body of ' + subject}"
@@ -242,3 +240,19 @@ def test_a_check_slower_than_sendmails_timeout_is_kept_alive_by_progress(
         sendmail.stop()
         daemon.stop()
         shutil.rmtree(sockets, ignore_errors=True)
+
+
+def test_a_script_message_without_date_or_message_id_still_verifies(stack: Stack) -> None:
+    """Mail from cron or an application often has no Date: or Message-ID:, and the MTA adds
+    them after the milters (RFC 6409 §8.2, §8.3 allow a submission server to). A signature
+    that covered their absence (oversigning) would fail at every receiver, and under our own
+    p=reject the message would bounce."""
+    data = (b"From: <app@ours.example>\r\nTo: <carol@far.example>\r\n"
+            b"Subject: sm-script\r\n\r\nnightly job done\r\n")
+    replies = transact(stack, INTERNAL, "app@ours.example", "carol@far.example", data)
+    assert replies[-1][:2] == ("data", 250), replies
+    raw = stack.sendmail.wait_for(b"Subject: sm-script")
+    head = raw.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\ndate:" in head and b"\r\nmessage-id:" in head  # the MTA added them
+    results = verify_message(raw, make_resolver(stack.dns, timeout=1.0, lifetime=2.0))
+    assert [(r.domain, r.result) for r in results] == [("ours.example", "pass")], results

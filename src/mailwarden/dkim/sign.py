@@ -41,15 +41,24 @@ class SignOptions:
     canonicalization: tuple[str, str] = ("relaxed", "relaxed")
 
 
+# Fields an MTA adds after the milters when a message has none (RFC 6409 §8.2, §8.3: a
+# submission server may add Date and Message-ID; Sendmail and Postfix do): oversigning their
+# absence would break every signature on mail from cron jobs and applications.
+ADDED_BY_MTA = frozenset({"date", "message-id"})
+
+
 def header_list(present: Sequence[str], options: SignOptions) -> list[bytes]:
     """h= : each listed field as often as it is present, and an oversigned field once more
-    (a signed absent instance makes any added one break the signature)."""
+    (RFC 6376 §5.4.2: a signed absent instance makes any added one break the signature),
+    except the absence of a field the MTA adds itself."""
     counts: dict[str, int] = {}
     for name in present:
         counts[name.lower()] = counts.get(name.lower(), 0) + 1
     names: list[bytes] = []
     for name in options.headers:
-        count = counts.get(name, 0) + (1 if name in options.oversign else 0)
+        count = counts.get(name, 0)
+        if name in options.oversign and (count or name not in ADDED_BY_MTA):
+            count += 1
         names.extend([name.encode()] * count)
     return names
 
