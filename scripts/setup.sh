@@ -1,14 +1,26 @@
 #!/usr/bin/env bash
-# Installs what mailwarden needs on a fresh Debian machine (run as root): Debian packages, the
-# `mailwarden` system user the example config drops to, and a virtualenv in .venv with the
-# package and its development tools. `--test` also installs what the test suite drives: Postfix
-# (configured by nothing: the tests run private instances), miltertest, rsyslog and Fail2Ban.
+# Installs what mailwarden needs to run from this checkout on a fresh Debian machine (run as
+# root): Debian packages (a compiler and libmilter's headers among them: pymilter is built from
+# source; the Debian package, scripts/build-deb.sh, needs neither), the `mailwarden` system user
+# the example config drops to, and a virtualenv in .venv with the package.
+#   --demo  also Postfix, for the demo (scripts/demo.sh)
+#   --test  also the development tools (ruff, mypy, pytest) and everything the test suite
+#           drives: Postfix (configured by nothing: the tests run private instances),
+#           miltertest, OpenDKIM, OpenDMARC, PostgreSQL, rsyslog, Fail2Ban, Sendmail
 # Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+PROFILE=${1:-}
+case "$PROFILE" in
+    ""|--demo|--test) ;;
+    *) echo "usage: $0 [--demo|--test]" >&2; exit 2 ;;
+esac
 APT_PACKAGES=(gcc python3 python3-dev python3-venv libmilter-dev)
-if [ "${1:-}" = "--test" ]; then
+if [ "$PROFILE" = "--demo" ]; then
+    APT_PACKAGES+=(postfix)
+fi
+if [ "$PROFILE" = "--test" ]; then
     APT_PACKAGES+=(postfix miltertest opendkim opendkim-tools opendmarc dbconfig-no-thanks
                    libxml2-utils postgresql
                    # the log path an administrator has: rsyslog files the mail facility,
@@ -32,19 +44,22 @@ if [ "${#missing[@]}" -gt 0 ]; then
     # Install daemons (postfix, opendkim) without starting the system's own instances: the
     # tests run private ones.
     policy=/usr/sbin/policy-rc.d
-    made_policy=0
     if [ ! -e "$policy" ]; then
-        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && made_policy=1
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy"
+        # removed however apt ends: left behind, it would keep every later service from
+        # starting on this machine
+        trap 'rm -f "$policy"' EXIT
     fi
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    [ "$made_policy" = 1 ] && rm -f "$policy"
+    rm -f "$policy"
+    trap - EXIT
 fi
 
 # Sendmail 8.17 for the tests: Debian's sendmail-bin conflicts with postfix, so its packages
 # are downloaded and unpacked into .cache/sendmail/root (tests/integration/sendmail.py).
 SENDMAIL=.cache/sendmail
-if [ "${1:-}" = "--test" ] && [ ! -x "$SENDMAIL/root/usr/libexec/sendmail/sendmail" ]; then
+if [ "$PROFILE" = "--test" ] && [ ! -x "$SENDMAIL/root/usr/libexec/sendmail/sendmail" ]; then
     echo "setup: unpacking Sendmail into $SENDMAIL for the tests"
     rm -rf "$SENDMAIL" && mkdir -p "$SENDMAIL/debs"
     fetch() { (cd "$SENDMAIL/debs" && apt-get download -qq sendmail-bin sendmail-cf libwrap0) \
@@ -76,11 +91,16 @@ fi
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
+# the development tools only for the tests: running the daemon needs none of them
+extras=""
+[ "$PROFILE" = "--test" ] && extras="[dev]"
 stamp=".venv/.mailwarden-installed"
-wanted=$(sha256sum pyproject.toml | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
+hash=$(sha256sum pyproject.toml | cut -d' ' -f1)
+installed=$(cat "$stamp" 2>/dev/null || true)
+# a virtualenv set up for the tests serves the other profiles too
+if [ "$installed" != "$hash$extras" ] && [ "$installed" != "$hash[dev]" ]; then
     .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-    .venv/bin/python -m pip install -q -e '.[dev]'
-    echo "$wanted" > "$stamp"
+    .venv/bin/python -m pip install -q -e ".$extras"
+    echo "$hash$extras" > "$stamp"
 fi
 echo "setup: ready ($(.venv/bin/mailwarden --version))"
