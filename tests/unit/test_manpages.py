@@ -25,7 +25,8 @@ def rendered(source: str, tmp_path: Path) -> str:
     page = tmp_path / "page"
     page.write_text(source)
     done = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-P-c", "-P-b", "-P-u", "-rLL=200n",
-                           "-rHY=0", str(page)], capture_output=True, text=True, timeout=60, check=False)
+                           "-rHY=0", str(page)],
+                          capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and not done.stderr, done.stderr
     return done.stdout
 
