@@ -778,3 +778,37 @@ def test_log_section_defaults_and_values() -> None:
     config = parse(BASE + "log:\n  target: journal\n  facility: local3\n  address: /run/j\n")
     assert config.log == LogConfig(LogTarget.JOURNAL, "local3", "/run/j")
 
+
+def test_host_entries_from_a_file_with_exclusions(tmp_path: Path) -> None:
+    """OpenDKIM's InternalHosts files, as they are (issue 16): comments, localhost, `!`."""
+    listing = tmp_path / "internal"
+    listing.write_text("# our networks\n127.0.0.1\nlocalhost\n\n10.0.0.0/8   # office\n"
+                       "!10.9.0.0/16\nmx.example.com\n")
+    config = parse(BASE + f"hosts:\n  internal: [192.0.2.1, 'file:{listing}']\n")
+    assert config.hosts["internal"] == ("192.0.2.1", "127.0.0.1", "localhost", "10.0.0.0/8",
+                                        "!10.9.0.0/16", "mx.example.com")
+
+
+@pytest.mark.parametrize(("content", "where", "fragment"), [
+    ("10.0.0.0/8\nbad_name\n", "LIST:2", "not an address, CIDR range or host name"),
+    (None, "CONFIG:3", "cannot read"),
+])
+def test_a_bad_host_file_names_the_file_and_line(tmp_path: Path, content: str | None,
+                                                 where: str, fragment: str) -> None:
+    listing = tmp_path / "internal"
+    if content is not None:
+        listing.write_text(content)
+    path = tmp_path / "c.yaml"
+    path.write_text(BASE + f"hosts:\n  internal: ['file:{listing}']\n")
+    with pytest.raises(ConfigError) as caught:
+        load(str(path))
+    exc = caught.value
+    expected = where.replace("LIST", str(listing)).replace("CONFIG", str(path))
+    assert f"{exc.file}:{exc.line}" == expected, str(exc)
+    assert exc.key == "hosts.internal[0]" and fragment in exc.message
+
+
+def test_a_relative_host_file_is_refused() -> None:
+    exc = error(BASE + "hosts:\n  internal: ['file:internal.txt']\n")
+    assert "absolute path" in exc.message and exc.key == "hosts.internal[0]"
+

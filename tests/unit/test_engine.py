@@ -774,7 +774,7 @@ def test_engine_builds_host_groups_from_the_config() -> None:
     config: Config = parse(BASE + GROUPS)
     e = Engine(config, FakeDNS())
     assert set(e.ctx.groups) == {"nets", "v6only", "names", "slow"}
-    assert e.ctx.groups["names"].hostnames == ("relay.example.net",)
+    assert e.ctx.groups["names"].included.hostnames == ("relay.example.net",)
 
 
 def test_client_without_a_verified_name_is_not_shown_twice() -> None:

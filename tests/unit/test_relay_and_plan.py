@@ -62,7 +62,7 @@ def test_host_group_from_entries_sorts_networks_and_names() -> None:
     assert group.networks == (ipaddress.ip_network("192.0.2.0/24"),
                               ipaddress.ip_network("::1/128"),
                               ipaddress.ip_network("198.51.100.7/32"))
-    assert group.hostnames == ("mx.example.net",)
+    assert group.included.hostnames == ("mx.example.net",)
 
 
 def test_host_group_from_entries_rejects_bad_entries() -> None:
@@ -249,3 +249,33 @@ def test_plan_for_the_shipped_config() -> None:
     assert protocol_flags(p) & ALWAYS == ALWAYS
     assert set(p.macros["mail"]) == {"i", "{auth_authen}"}
     assert p.macros["eom"] == ("i",)
+
+
+# -- exclusions and localhost (OpenDKIM's peer-list syntax, issue 16) ------------------------
+@pytest.mark.parametrize(("client", "member"), [
+    ("10.1.2.3", Membership.IN),
+    ("10.9.0.1", Membership.OUT),  # excluded range inside the included one
+    ("10.9.9.9", Membership.OUT),
+    ("192.0.2.10", Membership.OUT),  # excluded by name: relay.example.net
+    ("127.0.0.1", Membership.IN),  # localhost, never looked up
+    ("127.3.4.5", Membership.IN),
+    ("::1", Membership.IN),
+    ("203.0.113.9", Membership.OUT),
+])
+def test_exclusions_win_and_localhost_is_loopback(client: str, member: Membership) -> None:
+    group = HostGroup.from_entries("g", ("10.0.0.0/8", "!10.9.0.0/16", "192.0.2.0/24",
+                                         "!relay.example.net", "localhost"))
+    dns = FakeDNS(ZONE)
+    assert group.membership(ip(client), dns) is member
+    assert all("localhost" not in str(q) for q in dns.queries)
+
+
+def test_an_exclusion_that_cannot_be_looked_up_leaves_an_included_client_unknown() -> None:
+    group = HostGroup.from_entries("g", ("192.0.2.0/24", "!slow.example.net"))
+    assert group.membership(ip("192.0.2.1"), FakeDNS(ZONE)) is Membership.UNKNOWN
+    assert group.membership(ip("203.0.113.1"), FakeDNS(ZONE)) is Membership.OUT
+
+
+@pytest.mark.parametrize("entry", ["!10.0.0.0/8", "!mx.example.net", "localhost", "!localhost"])
+def test_check_host_entry_accepts_exclusions_and_localhost(entry: str) -> None:
+    assert check_host_entry(entry) is None

@@ -30,7 +30,7 @@ from mailwarden.config.model import (
     default_workers,
 )
 from mailwarden.config.reader import ConfigError, Section, _line, as_section
-from mailwarden.config.sections import limits_section, log_section, metrics
+from mailwarden.config.sections import hosts_section, limits_section, log_section, metrics
 from mailwarden.dns import Nameserver, parse_nameserver
 from mailwarden.results import Result
 from mailwarden.verdict import Action, Mode, Stage
@@ -155,20 +155,7 @@ def _build(top: Section) -> Config:
             raise ConfigError(top.file, _line(top.node_of("domains")), f"domains[{index}]",
                               str(exc)) from None
 
-    hosts: dict[str, tuple[str, ...]] = {}
-    hosts_section = top.section("hosts")
-    if hosts_section is not None:
-        from mailwarden.relay import check_host_entry
-
-        for name in hosts_section.names():
-            entries = hosts_section.str_list(name)
-            for index, entry in enumerate(entries):
-                problem = check_host_entry(entry)
-                if problem:
-                    raise ConfigError(top.file, _line(hosts_section.node_of(name)),
-                                      f"hosts.{name}[{index}]", problem)
-            hosts[name] = entries
-        hosts_section.finish()
+    hosts = hosts_section(top)
 
     signing = _signing(top)
     spool_threshold = top.integer("spool_threshold", 1024 * 1024, minimum=0,
