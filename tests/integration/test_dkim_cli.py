@@ -142,7 +142,8 @@ def test_check_dns_json(generated: dict[str, Any], nameserver: str) -> None:
                "--key", str(generated["rsa"]), *dns_options(nameserver), "--json")
     assert done.returncode == 0
     assert json.loads(done.stdout) == {
-        "ok": True, "name": "r2026._domainkey.example.com",
+        "ok": True, "name": "r2026._domainkey.example.com", "key": str(generated["rsa"]),
+        "staged": False, "temporary": False,
         "message": f"r2026._domainkey.example.com publishes the public key of {generated['rsa']}"}
 
 
@@ -338,3 +339,41 @@ def test_genkey_as_root_gives_the_key_to_the_daemons_user(tmp_path: Path) -> Non
                 "--owner", "mailwarden")
     assert again.returncode == 2
     assert again.stderr.decode().strip() == f"mailwarden: cannot write {key}: File exists"
+
+
+# -- check-dns --all (issue 16) ------------------------------------------------------------------
+def all_keys_config(tmp_path: Path, generated: dict[str, Any], new_state: str) -> Path:
+    """The two published keys, and a new one (`new_state`) whose record is not out yet."""
+    new_key, _, _ = genkey(tmp_path, "rsa", "r2027")
+    config = tmp_path / "mailwarden.yaml"
+    config.write_text(
+        "authserv_id: mx.example.com\nsigning:\n  keys:\n"
+        f"    - {{domain: example.com, selector: r2026, key: {generated['rsa']}}}\n"
+        f"    - {{domain: example.com, selector: e2026, key: {generated['ed25519']}}}\n"
+        f"    - {{domain: example.com, selector: r2027, key: {new_key}, state: {new_state}}}\n")
+    return config
+
+
+def test_check_dns_all_reports_every_key_and_a_staged_one_does_not_fail(
+        tmp_path: Path, generated: dict[str, Any], nameserver: str) -> None:
+    config = all_keys_config(tmp_path, generated, "staged")
+    done = run("check-dns", "--all", "--config", str(config), *dns_options(nameserver))
+    lines = done.stdout.decode().splitlines()
+    assert done.returncode == 0, (done.stdout, done.stderr)
+    assert [line.split(":", 2)[:2] for line in lines] == [
+        ["OK", " example.com/r2026"], ["OK", " example.com/e2026"],
+        ["MISMATCH", " example.com/r2027 (staged)"]]
+    assert "no TXT record at r2027._domainkey.example.com" in lines[2]
+
+
+def test_check_dns_all_fails_for_an_active_key_without_its_record(
+        tmp_path: Path, generated: dict[str, Any], nameserver: str) -> None:
+    config = all_keys_config(tmp_path, generated, "active")
+    done = run("check-dns", "--all", "--config", str(config), *dns_options(nameserver),
+               "--json")
+    assert done.returncode == 1
+    rows = json.loads(done.stdout)
+    assert [(r["name"], r["ok"], r["staged"]) for r in rows] == [
+        ("r2026._domainkey.example.com", True, False),
+        ("e2026._domainkey.example.com", True, False),
+        ("r2027._domainkey.example.com", False, False)]

@@ -768,7 +768,7 @@ def test_no_signing_section_gives_no_keys_and_the_default_lists() -> None:
     signing = parse("authserv_id: mx.example.com\n", FILE).signing
     assert signing.keys == ()
     assert (signing.headers, signing.oversign) == (DEFAULT_HEADERS, DEFAULT_OVERSIGN)
-    assert signing.keys_for("example.com") == ()
+    assert signing.keys_for_author("a@example.com") == ()
 
 
 def test_dkim_sign_rule_needs_keys() -> None:
@@ -790,7 +790,7 @@ def test_keys_for(key_files: dict[str, str], parent_domains: bool) -> None:
     assert signing.parent_domains is parent_domains
 
     def selectors(domain: str) -> list[str]:
-        return [k.selector for k in signing.keys_for(domain)]
+        return [k.selector for k in signing.keys_for_author(f"a@{domain}")]
 
     assert selectors("example.com") == ["r", "e"]
     assert selectors("EXAMPLE.com.") == ["r", "e"]

@@ -119,8 +119,8 @@ class SealArgs:
 def parse_seal(section: Section, config: Config) -> SealArgs:
     domain = section.string("domain", required=True).lower()
     if not any(k.domain == domain and k.algorithm == "rsa-sha256"
-               for k in config.signing.keys):
-        raise section.error("domain", f"no rsa-sha256 key for {domain} in signing.keys "
+               for k in config.signing.active):
+        raise section.error("domain", f"no active rsa-sha256 key for {domain} in signing.keys "
                                       "(ARC seals with RSA, RFC 8617 §4.1.3)")
     return SealArgs(domain)
 
@@ -133,7 +133,7 @@ def _not_sealed(domain: str, reason: str) -> CheckOutcome:
 def run_seal(ctx: Context, txn: Transaction, args: SealArgs) -> CheckOutcome:
     if txn.header_cut:  # a seal over the fields we kept would not validate downstream
         return _not_sealed(args.domain, f"cannot seal: {txn.header_cut}")
-    key = next(k for k in ctx.config.signing.keys
+    key = next(k for k in ctx.config.signing.active
                if k.domain == args.domain and k.algorithm == "rsa-sha256")
     try:
         lines = dkimpy.arc_sign(_sealed_message(txn, ctx.config.authserv_id),

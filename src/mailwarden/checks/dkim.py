@@ -116,15 +116,16 @@ def parse_sign(section: Section, config: Config) -> SignArgs:
     return SignArgs(groups, section.boolean("authenticated", True))
 
 
-def author_domain(txn: Transaction) -> str:
-    """The domain of the (first) From address (RFC 5322 §3.6.2)."""
+def author_address(txn: Transaction) -> str:
+    """The (first) From address (RFC 5322 §3.6.2), its domain lower-cased; empty if none."""
     values = txn.header_values("From")
     if not values:
         return ""
     addresses = email.utils.getaddresses(values)
     for _, address in addresses:
         if "@" in address:
-            return address.rpartition("@")[2].lower().rstrip(".>")
+            local, _, domain = address.rpartition("@")
+            return f"{local}@{domain.lower().rstrip('.>')}"
     return ""
 
 
@@ -139,11 +140,14 @@ def run_sign(ctx: Context, txn: Transaction, args: SignArgs) -> CheckOutcome:
         ctx.client_in(txn, args.allowed_hosts, args.authenticated) is Membership.IN
     if not allowed:
         return _unsigned(SignStatus.NONE, "not an internal or authenticated client")
-    domain = author_domain(txn)
-    keys = ctx.config.signing.keys_for(domain) if domain else ()
+    address = author_address(txn)
+    domain = address.rpartition("@")[2]
+    keys = ctx.config.signing.keys_for_author(address) if address else ()
     if not keys:
-        return _unsigned(SignStatus.NONE, f"no signing key for {domain or 'the From domain'}",
-                         domain)
+        why = (f"no signing.table entry for {domain or 'the From address'}"
+               if ctx.config.signing.table else
+               f"no signing key for {domain or 'the From domain'}")
+        return _unsigned(SignStatus.NONE, why, domain)
     if txn.header_cut:  # a signature over the fields we kept would not verify downstream
         return _unsigned(SignStatus.ERROR, f"cannot sign: {txn.header_cut}", domain)
     signing = ctx.config.signing

@@ -50,13 +50,20 @@ def add_dkim_commands(commands: Any) -> None:
     checkdns = dkim_sub.add_parser(
         "check-dns", help="does the published record match the key?",
         description="Look up SELECTOR._domainkey.DOMAIN and compare its public key with the "
-        "private key file. Exit status: 0 they match, 1 they do not (or no record), 2 the key "
-        "file cannot be read.")
-    checkdns.add_argument("--domain", required=True, help="the signing domain (d=)")
-    checkdns.add_argument("--selector", required=True, help="the selector (s=)")
-    checkdns.add_argument("--key", required=True, metavar="PATH", help="the private key file")
+        "private key file; with --all, do so for every key of the configuration, staged ones "
+        "included (as opendkim-testkey over the whole KeyTable). Exit status: 0 they match "
+        "(with --all: every active key; a staged key not yet published is reported, not "
+        "counted), 1 one does not (or has no record), 2 a key file or the configuration "
+        "cannot be read, 75 a lookup failed for now.")
+    checkdns.add_argument("--domain", help="the signing domain (d=)")
+    checkdns.add_argument("--selector", help="the selector (s=)")
+    checkdns.add_argument("--key", metavar="PATH", help="the private key file")
+    checkdns.add_argument("--all", action="store_true",
+                          help="every key of --config's signing.keys instead")
+    checkdns.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                          help=f"configuration file, for --all (default: {DEFAULT_CONFIG})")
     dns_options(checkdns)
-    checkdns.set_defaults(handler=_cmd_dkim_check_dns)
+    checkdns.set_defaults(handler=_cmd_dkim_check_dns, parser=checkdns)
     verify = dkim_sub.add_parser(
         "verify", help="verify the DKIM signatures of a message file",
         description="Verify every DKIM-Signature of a message (FILE.eml, or - for standard "
@@ -122,17 +129,35 @@ def _cmd_dkim_genkey(args: argparse.Namespace) -> int:
 def _cmd_dkim_check_dns(args: argparse.Namespace) -> int:
     from mailwarden.dkim.keys import KeyError_, check_dns, load_key
 
-    try:
-        key = load_key(args.domain, args.selector, args.key, allow_group_readable=True)
-    except KeyError_ as exc:
-        print(f"mailwarden: {exc}", file=sys.stderr)
-        return 2
-    found = check_dns(resolver_from(args), key)
-    if args.json:
-        print(json.dumps({"ok": found.ok, "message": found.message, "name": key.dns_name}))
+    if args.all:
+        config = load_config(args.config)
+        if config is None:
+            return 2
+        keys = list(config.signing.keys)
+    elif args.domain and args.selector and args.key:
+        try:
+            keys = [load_key(args.domain, args.selector, args.key, allow_group_readable=True)]
+        except KeyError_ as exc:
+            print(f"mailwarden: {exc}", file=sys.stderr)
+            return 2
     else:
-        print(("OK: " if found.ok else "MISMATCH: ") + found.message)
-    return 0 if found.ok else 1
+        args.parser.error("give --domain, --selector and --key, or --all")
+    dns = resolver_from(args)
+    found = [(key, check_dns(dns, key)) for key in keys]
+    rows = [{"name": k.dns_name, "key": k.path, "staged": k.staged, "ok": f.ok,
+             "temporary": f.temporary, "message": f.message} for k, f in found]
+    if args.json:
+        print(json.dumps(rows if args.all else rows[0], indent=2 if args.all else None))
+    else:
+        for key, result in found:
+            verdict = "OK" if result.ok else "DNS ERROR" if result.temporary else "MISMATCH"
+            state = " (staged)" if key.staged else ""
+            named = f"{key.domain}/{key.selector}{state}: " if args.all else ""
+            print(f"{verdict}: {named}{result.message}")
+    failed = [f for k, f in found if not f.ok and not k.staged]
+    if any(not f.temporary for f in failed):
+        return 1
+    return 75 if failed else 0
 
 
 def _cmd_dkim_verify(args: argparse.Namespace) -> int:

@@ -26,18 +26,16 @@ from mailwarden.config.model import (
     DNSConfig,
     Outcome,
     RuleConfig,
-    SigningConfig,
     default_workers,
 )
-from mailwarden.config.reader import ConfigError, Section, _line, as_section
+from mailwarden.config.reader import DOMAIN, ConfigError, Section, _line, as_section, domain_name
 from mailwarden.config.sections import hosts_section, limits_section, log_section, metrics
+from mailwarden.config.signing import signing_section
 from mailwarden.dns import Nameserver, parse_nameserver
 from mailwarden.results import Result
 from mailwarden.verdict import Action, Mode, Stage
 
 _STATUS = re.compile(r"([245])\.(\d{1,3})\.(\d{1,3})\Z")
-_DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
-                     r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
 
 def parse_listen(text: str) -> str:
@@ -60,7 +58,7 @@ def parse_listen(text: str) -> str:
         try:
             ipaddress.ip_address(host.strip("[]"))
         except ValueError:
-            if not _DOMAIN.match(host):
+            if not DOMAIN.match(host):
                 raise ValueError(f"bad host in {text!r}") from None
     return f"{kind}:{port}@{host}" if host else f"{kind}:{port}"
 
@@ -69,13 +67,6 @@ def parse_status(text: str) -> str:
     if not _STATUS.match(text):
         raise ValueError(f"not an RFC 3463 enhanced status code: {text!r}")
     return text
-
-
-def _domain(text: str) -> str:
-    name = text.lower().rstrip(".")
-    if not _DOMAIN.match(name):
-        raise ValueError(f"not a domain name: {text!r}")
-    return name
 
 
 def load(path: str | Path) -> Config:
@@ -107,7 +98,7 @@ def parse(text: str, file: str = "<config>") -> Config:
 
 def _build(top: Section) -> Config:
     listen = top.parsed("listen", "inet:8894@127.0.0.1", parse_listen)
-    authserv_id = top.parsed("authserv_id", "", _domain) if top.has("authserv_id") else ""
+    authserv_id = top.parsed("authserv_id", "", domain_name) if top.has("authserv_id") else ""
     if not authserv_id:
         raise top.error("authserv_id", "is required (the name in our Authentication-Results)")
     user = top.optional_str("user")
@@ -150,14 +141,14 @@ def _build(top: Section) -> Config:
     domains: list[str] = []
     for index, text in enumerate(top.str_list("domains")):
         try:
-            domains.append(_domain(text))
+            domains.append(domain_name(text))
         except ValueError as exc:
             raise ConfigError(top.file, _line(top.node_of("domains")), f"domains[{index}]",
                               str(exc)) from None
 
     hosts = hosts_section(top)
 
-    signing = _signing(top)
+    signing = signing_section(top)
     spool_threshold = top.integer("spool_threshold", 1024 * 1024, minimum=0,
                                   maximum=1024 * 1024 * 1024)
     dmarc = _dmarc(top)
@@ -224,50 +215,6 @@ def _dmarc(top: Section) -> DmarcConfig:
         reports_section.finish()
     section.finish()
     return DmarcConfig(mode, store, reports)
-
-
-def _signing(top: Section) -> SigningConfig:
-    """signing: the key table (loaded and checked now, never at the first message)."""
-    from mailwarden.dkim.keys import ALGORITHMS, KeyError_, load_key
-    from mailwarden.dkim.sign import DEFAULT_HEADERS, DEFAULT_OVERSIGN
-
-    section = top.section("signing")
-    if section is None:
-        return SigningConfig((), DEFAULT_HEADERS, DEFAULT_OVERSIGN)
-    allow_readable = section.boolean("allow_group_readable_keys", False)
-    keys = []
-    for path, node in section.sequence("keys"):
-        entry = as_section(node, top.file, path)
-        domain = entry.parsed("domain", "", _domain) if entry.has("domain") else ""
-        if not domain:
-            raise entry.error("domain", "is required")
-        if not entry.has("selector"):
-            raise entry.error("selector", "is required")
-        selector = entry.raw("selector")  # as written: 2024.10 is not the number 2024.1
-        if not re.fullmatch(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*", selector):
-            raise entry.error("selector", f"not a valid selector: {selector!r}")
-        key_path = entry.string("key", required=True)
-        algorithm = entry.optional_str("algorithm")
-        if algorithm is not None and algorithm not in ALGORITHMS:
-            raise entry.error("algorithm", f"must be one of {', '.join(ALGORITHMS)}")
-        try:
-            keys.append(load_key(domain, selector, key_path, algorithm,
-                                 allow_group_readable=allow_readable))
-        except KeyError_ as exc:
-            raise entry.error("key", str(exc)) from None
-        entry.finish()
-    headers = tuple(h.lower() for h in section.str_list("headers", DEFAULT_HEADERS))
-    if "from" not in headers:
-        raise section.error("headers", "From must be signed (RFC 6376 §5.4)")
-    oversign = tuple(h.lower() for h in section.str_list("oversign", DEFAULT_OVERSIGN))
-    canon = section.string("canonicalization", "relaxed/relaxed",
-                           choices=("relaxed/relaxed", "relaxed/simple", "simple/relaxed",
-                                    "simple/simple"))
-    header_canon, _, body_canon = canon.partition("/")
-    parent_domains = section.boolean("parent_domains", True)
-    section.finish()
-    return SigningConfig(tuple(keys), headers, oversign, (header_canon, body_canon),
-                         parent_domains)
 
 
 def _octal_mode(text: str) -> int:
@@ -359,7 +306,7 @@ def _domain_or_ours(section: Section, name: str) -> list[str]:
             out.append(text)
             continue
         try:
-            out.append(_domain(text))
+            out.append(domain_name(text))
         except ValueError as exc:
             raise section.error(name, str(exc)) from None
     return out

@@ -81,18 +81,39 @@ class DNSConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningEntry:
+    """A signing-table entry: authors matching `pattern` (`dkim.table`) get `keys`."""
+
+    pattern: str
+    keys: tuple[Any, ...]  # mailwarden.dkim.keys.SigningKey
+
+
+@dataclass(frozen=True, slots=True)
 class SigningConfig:
-    keys: tuple[Any, ...] = ()  # mailwarden.dkim.keys.SigningKey
+    keys: tuple[Any, ...] = ()  # mailwarden.dkim.keys.SigningKey, staged ones included
     headers: tuple[str, ...] = ()
     oversign: tuple[str, ...] = ()
     canonicalization: tuple[str, str] = ("relaxed", "relaxed")
     parent_domains: bool = True
+    table: tuple[SigningEntry, ...] = ()  # empty: each author domain signs with its own keys
 
-    def keys_for(self, domain: str) -> tuple[Any, ...]:
-        """The keys of `domain`, or (parent_domains) of its closest parent that has keys."""
-        domain = domain.lower().rstrip(".")
+    @property
+    def active(self) -> tuple[Any, ...]:
+        """The keys that sign: a staged key is checked, never used."""
+        return tuple(k for k in self.keys if not k.staged)
+
+    def keys_for_author(self, address: str) -> tuple[Any, ...]:
+        """The keys that sign mail from `address`: the first matching table entry's, or
+        without a table, those of its domain or (parent_domains) of its closest parent
+        that has keys. Staged keys never sign."""
+        from mailwarden.dkim.table import matches
+
+        if self.table:
+            entry = next((e for e in self.table if matches(e.pattern, address)), None)
+            return () if entry is None else tuple(k for k in entry.keys if not k.staged)
+        domain = address.rpartition("@")[2].lower().rstrip(".")
         while domain:
-            found = tuple(k for k in self.keys if k.domain == domain)
+            found = tuple(k for k in self.active if k.domain == domain)
             if found or not self.parent_domains:
                 return found
             _, _, domain = domain.partition(".")

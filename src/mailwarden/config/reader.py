@@ -4,6 +4,7 @@ errors, so that a typo never silently turns a check off."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -209,3 +210,13 @@ def as_section(node: yaml.Node, file: str, path: str) -> Section:
     return Section(node, file, path)
 
 
+DOMAIN = re.compile(r"(?=.{1,253}\Z)(?:[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?\.)*"
+                    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+
+
+def domain_name(text: str) -> str:
+    """A domain name, lower-cased, without a trailing dot; a ValueError if it is none."""
+    name = text.lower().rstrip(".")
+    if not DOMAIN.match(name):
+        raise ValueError(f"not a domain name: {text!r}")
+    return name

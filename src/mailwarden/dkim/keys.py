@@ -32,6 +32,7 @@ class SigningKey:
     private: bytes = b""  # PEM for RSA; base64 of the 32-octet seed for Ed25519 (dkimpy's form)
     public_record: str = ""  # v=DKIM1; k=...; p=...
     bits: int = 0
+    staged: bool = False  # loaded and checked (and `check-dns --all`), never used to sign
 
     @property
     def dns_name(self) -> str:
@@ -176,13 +177,14 @@ def zone_record(name: str, text: str) -> str:
 class DNSCheck:
     ok: bool
     message: str
+    temporary: bool = False  # the lookup failed for now: no answer either way
 
 
 def check_dns(dns: DNSClient, key: SigningKey) -> DNSCheck:
     """Does the published record at selector._domainkey.domain match the private key?"""
     answer = dns.txt(key.dns_name)
     if answer.status is Status.TEMPERROR:
-        return DNSCheck(False, f"DNS error for {key.dns_name}: {answer.error}")
+        return DNSCheck(False, f"DNS error for {key.dns_name}: {answer.error}", True)
     if not answer.ok:
         return DNSCheck(False, f"no TXT record at {key.dns_name} ({answer.status})")
     if len(answer.records) > 1:

@@ -74,8 +74,12 @@ def effective_policy(config: Config) -> dict[str, Any]:
         "transport": str(config.transport),
         "socket": {"mode": f"{config.socket_mode:04o}", "group": config.socket_group},
         "signing": [{"domain": key.domain, "selector": key.selector,
-                     "algorithm": key.algorithm, "key": key.path}
+                     "algorithm": key.algorithm, "key": key.path,
+                     "state": "staged" if key.staged else "active"}
                     for key in config.signing.keys],
+        "signing_table": [{"from": entry.pattern,
+                           "keys": [f"{k.domain}/{k.selector}" for k in entry.keys]}
+                          for entry in config.signing.table],
         "dmarc": {"mode": config.dmarc.mode, "store": redact(config.dmarc.store) or None,
                   "reports": dict(config.dmarc.reports) or None},
         "domains": sorted(config.domains),
@@ -127,8 +131,11 @@ def format_policy(policy: dict[str, Any]) -> str:
              "limits " + " ".join(f"{k}={v}" for k, v in policy["limits"].items()),
              f"domains {', '.join(policy['domains']) or '-'}"]
     for key in policy["signing"]:
+        staged = "  (staged: never signs)" if key["state"] == "staged" else ""
         lines.append(f"signing key {key['domain']}/{key['selector']} {key['algorithm']} "
-                     f"{key['key']}")
+                     f"{key['key']}{staged}")
+    for entry in policy["signing_table"]:
+        lines.append(f"signing table {entry['from']} -> {', '.join(entry['keys'])}")
     dmarc = policy["dmarc"]
     lines.append(f"dmarc mode {dmarc['mode']}  store {dmarc['store'] or '-'}  reports "
                  f"{shown(dmarc['reports']) if dmarc['reports'] else 'off'}")
