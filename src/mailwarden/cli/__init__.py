@@ -19,6 +19,7 @@ from mailwarden.cli.common import (
 from mailwarden.cli.dkim import add_dkim_commands
 from mailwarden.cli.dmarc import add_dmarc_commands
 from mailwarden.cli.logs import add_log_commands
+from mailwarden.cli.migrate import add_import_commands
 from mailwarden.dns import Nameserver, Resolver, system_nameservers
 from mailwarden.spf import Limits, SPFResult, check_helo, check_mailfrom
 from mailwarden.startchecks import preflight
@@ -119,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_dkim_commands(commands)
     add_dmarc_commands(commands)
     add_log_commands(commands)
+    add_import_commands(commands)
     return parser
 
 

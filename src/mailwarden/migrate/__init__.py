@@ -1,0 +1,1 @@
+"""Carrying an existing OpenDKIM + OpenDMARC set-up over (`mailwarden import`)."""
