@@ -168,3 +168,18 @@ def test_the_sign_check_signs_with_the_table_and_verifiable_d(key_files: dict[st
     assert " d=example.net;" in " ".join(fields[0].split()) + ";"
     assert "s=x;" in fields[0].replace(" ", "")
     assert sign("staff@example.org")[:2] == ("none", "no signing.table entry for example.org")
+
+
+@pytest.mark.parametrize(("general", "specific", "covered"), [
+    ("*", "ceo@example.org", True),
+    ("*@example.org", "ceo@example.org", True),
+    ("*@*.example.com", "*@lists.example.com", True),
+    ("*@*.example.com", "*@example.com", False),
+    ("ceo@example.org", "*@example.org", False),
+    ("*@example.org", "*@*.example.org", False),
+])
+def test_covers_says_which_entries_also_match(general: str, specific: str,
+                                              covered: bool) -> None:
+    from mailwarden.dkim.table import covers
+
+    assert covers(normalize(general), normalize(specific)) is covered

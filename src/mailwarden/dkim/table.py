@@ -49,3 +49,18 @@ def matches(pattern: str, address: str) -> bool:
     if want_domain.startswith("*."):
         return domain.endswith(want_domain[1:])
     return domain == want_domain
+
+
+def covers(general: str, specific: str) -> bool:
+    """Does every author that normalized `specific` matches also match `general`?"""
+    if general == "*":
+        return True
+    if specific == "*":
+        return False
+    g_local, _, g_domain = general.rpartition("@")
+    s_local, _, s_domain = specific.rpartition("@")
+    if g_local != "*" and g_local != s_local:
+        return False
+    if g_domain.startswith("*."):
+        return s_domain.endswith(g_domain[1:]) or s_domain == g_domain
+    return not s_domain.startswith("*.") and s_domain == g_domain

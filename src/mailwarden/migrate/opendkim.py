@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from mailwarden.dkim.table import normalize
+from mailwarden.dkim.table import covers, normalize
 from mailwarden.migrate.conffile import DataSet, ImportError_, Settings, data_set, read_settings
 from mailwarden.relay import check_host_entry
 
@@ -209,6 +209,12 @@ def _signing_table(dk: Settings, by_name: dict[str, str],
     ordered = list(entries.items())
     if found.kind != "refile":
         ordered.sort(key=lambda item: item[0].startswith("*"))
+    if dk.flag("MultipleSignatures", False):
+        # OpenDKIM signs with every entry that matches; here the first match decides, so an
+        # entry gets the keys of every entry that matches all of its authors as well
+        ordered = [(pattern, list(dict.fromkeys(
+            key for other, keys in ordered if covers(other, pattern) for key in keys)))
+            for pattern, _ in ordered]
     return [{"from": pattern, "keys": keys} for pattern, keys in ordered if keys]
 
 
