@@ -74,13 +74,10 @@ install -m 0640 conf/mailwarden.yaml "$STAGE/etc/mailwarden/mailwarden.yaml"
 
 install -d "$STAGE/lib/systemd/system"
 for unit in systemd/*.service systemd/*.timer; do
-    sed -e 's|/opt/mailwarden/.venv/bin/mailwarden|/usr/bin/mailwarden|g' \
-        -e 's|^Documentation=.*|Documentation=man:mailwarden(8) man:mailwarden.yaml(5)|' \
-        -e '/^# Installed with scripts\/setup.sh/d' \
-        "$unit" > "$STAGE/lib/systemd/system/$(basename "$unit")"
+    install -m 0644 "$unit" "$STAGE/lib/systemd/system/"
 done
-if grep -rq /opt/mailwarden "$STAGE/lib/systemd/system"; then
-    echo "build-deb: a unit still points into /opt/mailwarden" >&2
+if grep -q "^ExecStart=/opt" "$STAGE"/lib/systemd/system/*.service; then
+    echo "build-deb: a unit points into /opt, not at /usr/bin/mailwarden" >&2
     exit 1
 fi
 
