@@ -24,10 +24,8 @@ while [ $# -gt 0 ]; do
 done
 
 BUILD_DEPS=(gcc python3 python3-dev python3-venv libmilter-dev)
-missing=()
-for pkg in "${BUILD_DEPS[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
+. scripts/lib/apt.sh
+mapfile -t missing < <(missing_packages "${BUILD_DEPS[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "build-deb: installing build dependencies: ${missing[*]}"
     apt-get update -qq

@@ -32,10 +32,8 @@ if [ "$PROFILE" = "--test" ]; then
                    m4 libdb5.3 liblockfile1 libnsl2 libsasl2-2 libldap-2.5-0 libssl3)
 fi
 
-missing=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
+. scripts/lib/apt.sh
+mapfile -t missing < <(missing_packages "${APT_PACKAGES[@]}")
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive

@@ -4,16 +4,13 @@ keys that are checked but never sign until switched."""
 
 from __future__ import annotations
 
-import textwrap
-
 import pytest
+from test_dkim_keys_and_sign import FILE, config_error, config_text
 
 from mailwarden.config import ConfigError
 from mailwarden.config.build import parse
 from mailwarden.dkim.keys import generate, write_private
 from mailwarden.dkim.table import matches, normalize
-
-FILE = "/etc/mailwarden/mailwarden.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -24,17 +21,6 @@ def key_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         files[name] = str(where / f"{name}.pem")
         write_private(generate(kind, 2048), files[name])
     return files
-
-
-def config_text(keys: str, extra: str = "") -> str:
-    return "authserv_id: mx.example.com\nsigning:\n  keys:\n" + textwrap.indent(
-        textwrap.dedent(keys).strip("\n"), "    ") + "\n" + extra
-
-
-def config_error(text: str) -> ConfigError:
-    with pytest.raises(ConfigError) as info:
-        parse(text, FILE)
-    return info.value
 
 
 @pytest.mark.parametrize(("pattern", "address", "hit"), [
