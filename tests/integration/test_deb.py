@@ -41,7 +41,8 @@ mount --rbind /proc "$R/proc"
 mount --rbind /dev "$R/dev"
 mount -t tmpfs tmpfs "$R/run"
 mount -t tmpfs tmpfs "$R/tmp"
-mount -t tmpfs tmpfs "$R$CHECKOUT"           # no checkout, no virtualenv
+# no checkout, no virtualenv (one under /tmp is hidden by the tmpfs already)
+if [ -d "$R$CHECKOUT" ]; then mount -t tmpfs tmpfs "$R$CHECKOUT"; fi
 cp "$DEB" "$R/tmp/"
 in_root() { chroot "$R" "$@"; }
 # a clean root for mailwarden: no user, no state, no configuration, no installed copy
