@@ -382,7 +382,8 @@ def test_author_domain_is_normalized() -> None:
 
 def test_record_warnings_are_passed_on() -> None:
     result, _ = run_eval({"example.com": "v=DMARC1; p=reject; pct=10"})
-    assert result.warnings == ("pct= was removed by RFC 9989 and is ignored",)
+    assert result.warnings == ("pct= was removed by RFC 9989 and is ignored "
+                               "(dmarc.mode: legacy honours it)",)
     assert result.disposition == "reject"  # pct= is ignored
 
 
@@ -401,6 +402,32 @@ def test_legacy_mode_uses_the_psl_organizational_domain() -> None:
     result, _ = run_eval(records, "a.b.example.co.uk", spf="bounce.example.co.uk",
                          mode="legacy", extra={"a.b.example.co.uk": HOST})
     assert result.result == "pass"
+
+
+# -- legacy pct= (RFC 7489 §6.6.4): a refusal where the sender asked for less loses mail -------
+@pytest.mark.parametrize(("record", "draw", "disposition"), [
+    ("v=DMARC1; p=reject; pct=0", 0.0, "quarantine"),  # pct=0: never the policy itself
+    ("v=DMARC1; p=reject; pct=50", 0.49, "reject"),  # sampled in
+    ("v=DMARC1; p=reject; pct=50", 0.50, "quarantine"),  # sampled out
+    ("v=DMARC1; p=quarantine; pct=10", 0.9, "none"),
+    ("v=DMARC1; p=reject; pct=100", 0.999, "reject"),
+    ("v=DMARC1; p=reject", 0.999, "reject"),
+    ("v=DMARC1; p=reject; t=y", 0.999, "reject"),  # RFC 7489 has no t=
+    ("v=DMARC1; p=reject; pct=abc", 0.999, "reject"),  # invalid: 100
+])
+def test_legacy_mode_samples_by_pct(record: str, draw: float, disposition: str) -> None:
+    dns = FakeDNS(zone({"example.com": record}))
+    result = evaluate(dns, "example.com", spf_domain="bounce.example.org",
+                      spf_result=Result.PASS, dkim=[], mode="legacy", sample=lambda: draw)
+    assert (result.result, result.disposition) == ("fail", disposition), result.reason
+
+
+def test_rfc9989_mode_ignores_pct() -> None:
+    dns = FakeDNS(zone({"example.com": "v=DMARC1; p=reject; pct=0"}))
+    result = evaluate(dns, "example.com", spf_domain="bounce.example.org",
+                      spf_result=Result.PASS, dkim=[], sample=lambda: 0.99)
+    assert result.disposition == "reject"
+    assert any("pct= was removed by RFC 9989" in w for w in result.warnings)
 
 
 # ================================================================================================
@@ -796,3 +823,15 @@ def test_engine_temperror_continues_by_default_and_tempfails_when_asked() -> Non
     assert verdict.action == "tempfail"
     assert verdict.reply is not None
     assert (verdict.reply.code, verdict.reply.status) == (451, "4.7.1")
+
+
+def test_legacy_pct_0_under_p_reject_quarantines_through_the_engine() -> None:
+    """RFC 7489 §6.6.4 in dmarc.mode: legacy: pct=0 never applies p=reject itself, so the
+    message is quarantined (delivered, held), not refused; A-R says which rules decided."""
+    zone_ = dict(CHECK_ZONE)
+    zone_["_dmarc.sampled.example"] = {"TXT": ["v=DMARC1; p=reject; pct=0"]}
+    engine = Engine(parse(BASE + "dmarc:\n  mode: legacy\n" + rule()), FakeDNS(zone_))
+    t = message("a@sampled.example", spf=("evil.example.net", "pass"))
+    verdict, _ = engine.end_of_message(t)
+    assert verdict.action == "quarantine", verdict
+    assert dmarc_result(t).comment == "p=reject dis=quarantine mode=rfc7489 pct=0"

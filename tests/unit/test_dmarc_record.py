@@ -282,12 +282,17 @@ def test_unknown_tags_are_ignored_with_a_warning() -> None:
 def test_removed_tags_are_ignored_with_a_warning(tag: str, value: str) -> None:
     parsed = record(f"v=DMARC1; p=reject; {tag}={value}")
     assert parsed.p == "reject" and parsed.sp == "reject"  # pct=0 does not soften anything
-    assert parsed.warnings == (f"{tag}= was removed by RFC 9989 and is ignored",)
+    legacy = " (dmarc.mode: legacy honours it)" if tag == "pct" else ""
+    warnings = (f"{tag}= was removed by RFC 9989 and is ignored{legacy}",)
+    if value == "bogus":
+        warnings += ("pct=bogus is not an integer from 0 to 100; using 100",)
+    assert parsed.warnings == warnings
 
 
 def test_all_removed_tags_warn_in_order() -> None:
     parsed = record("v=DMARC1; ri=86400; p=none; rf=afrf; pct=100")
-    assert parsed.warnings == ("pct= was removed by RFC 9989 and is ignored",
+    assert parsed.warnings == ("pct= was removed by RFC 9989 and is ignored "
+                               "(dmarc.mode: legacy honours it)",
                                "rf= was removed by RFC 9989 and is ignored",
                                "ri= was removed by RFC 9989 and is ignored")
 
@@ -341,7 +346,7 @@ def test_every_problem_gives_its_own_warning() -> None:
     assert set(parsed.warnings) == {
         "malformed tag 'junk' ignored",
         "tag sp= repeated; the first one counts",
-        "pct= was removed by RFC 9989 and is ignored",
+        "pct= was removed by RFC 9989 and is ignored (dmarc.mode: legacy honours it)",
         "unknown tag foo= ignored",
         "rua= URI 'mailto:bad' is not a valid mailto: URI; ignored",
         "sp=maybe is not one of none/quarantine/reject; using reject",

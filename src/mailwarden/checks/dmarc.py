@@ -149,7 +149,7 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
         props += [("polrec.p", found.record.p), ("polrec.sp", found.record.sp),
                   ("polrec.np", found.record.np), ("polrec.domain", found.policy_domain)]
     result = CheckResult("", "dmarc", found.result, found.reason, tuple(props),
-                         comment=_comment(found, asked, bool(overrides)))
+                         comment=_comment(found, asked, bool(overrides), ctx.config.dmarc.mode))
     text = wording(decisive if decisive in (Result.REJECT, Result.QUARANTINE) else found.result,
                    domain, found.reason)
     return CheckOutcome(decisive, (result,), text=text, findings=(finding,))
@@ -166,12 +166,17 @@ def wording(result: Result, domain: str, reason: str) -> str:
     return f"DMARC {result} for {domain}: {reason}"
 
 
-def _comment(found: DmarcResult, disposition: Result, overridden: bool) -> str | None:
-    """The Authentication-Results comment: the policy that applied and the disposition."""
+def _comment(found: DmarcResult, disposition: Result, overridden: bool,
+             mode: str = "rfc9989") -> str | None:
+    """The Authentication-Results comment: the policy that applied, the disposition, and in
+    legacy mode which rules decided (RFC 7489, and its pct= when it is not 100)."""
     comment = None
     if found.record is not None:
         comment = f"{found.policy_tag}={getattr(found.record, found.policy_tag, '')} " \
                   f"dis={disposition}"
+        if mode == "legacy":
+            pct = f" pct={found.record.pct}" if found.record.pct < 100 else ""
+            comment += f" mode=rfc7489{pct}"
     if overridden:
         comment = (comment or "") + " override=local_policy"
     return comment
@@ -208,7 +213,8 @@ def finish(ctx: Context, txn: Transaction, finding: DmarcFinding,
     for index, result in enumerate(txn.results):
         if result.method == "dmarc" and result.rule == finding.rule:
             txn.results[index] = dataclasses.replace(
-                result, comment=_comment(finding.evaluation, shown, bool(overrides)))
+                result, comment=_comment(finding.evaluation, shown, bool(overrides),
+                                         ctx.config.dmarc.mode))
     if applied is not None:
         _record(ctx, txn, finding, applied, overrides)
 

@@ -1,12 +1,14 @@
 """DMARC evaluation (RFC 9989 §4.4, §4.8, §5): identifier alignment of the SPF (MAIL FROM
 identity) and DKIM results already in the transaction, the policy that applies (p, sp for
 subdomains, np for non-existent subdomains: NXDOMAIN, RFC 9989 §3.2.13), and t=y testing
-mode."""
+mode. In legacy mode (RFC 7489) t= does not exist and pct= sampling applies instead (§6.6.4):
+a failing message outside the sampled percentage gets the next less strict policy."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mailwarden.deadline import Deadline
@@ -68,8 +70,10 @@ def _undecided(discovery: Discovery, author: str, record: DmarcRecord, spf_domai
 
 def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result: Result,
              dkim: Sequence[DkimInput], mode: str = "rfc9989",
-             deadline: Deadline | None = None) -> DmarcResult:
-    """The DMARC result for a message whose author domain is `author_domain`."""
+             deadline: Deadline | None = None,
+             sample: Callable[[], float] = random.random) -> DmarcResult:
+    """The DMARC result for a message whose author domain is `author_domain`. `sample`
+    draws from [0, 1) for legacy pct= sampling."""
     author = author_domain.lower().rstrip(".")
     discovery = Discovery(dns, mode, deadline)
     try:
@@ -104,8 +108,15 @@ def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result:
         how = "DKIM" if dkim_domain else "SPF"
         return dataclasses.replace(base, result=Result.PASS, reason=f"aligned {how} pass")
     asked = Result(policy)  # p=, sp= and np= are none, quarantine or reject (record.py)
-    disposition = LESS_STRICT[asked] if record.testing else asked
     reason = f"no aligned SPF or DKIM pass; {tag}={policy}"
-    if record.testing:
-        reason += " (t=y: one level less strict)"
+    if mode == "legacy":
+        # RFC 7489 §6.6.4: sampled out, the next less strict policy (pct=0: never the policy)
+        sampled_out = record.pct < 100 and sample() * 100 >= record.pct
+        disposition = LESS_STRICT[asked] if sampled_out else asked
+        if sampled_out:
+            reason += f" (legacy pct={record.pct}: sampled out, one level less strict)"
+    else:
+        disposition = LESS_STRICT[asked] if record.testing else asked
+        if record.testing:
+            reason += " (t=y: one level less strict)"
     return dataclasses.replace(base, reason=reason, disposition=disposition)

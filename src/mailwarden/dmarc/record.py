@@ -35,6 +35,7 @@ class DmarcRecord:
     fo: str = "0"
     p_explicit: bool = True
     warnings: tuple[str, ...] = ()
+    pct: int = 100  # RFC 7489 §6.3: honoured only in dmarc.mode: legacy
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +71,8 @@ def parse(text: str) -> DmarcRecord | NotARecord:
         tags[name] = value
     for removed in ("pct", "rf", "ri"):
         if removed in tags:
-            warnings.append(f"{removed}= was removed by RFC 9989 and is ignored")
+            honoured = " (dmarc.mode: legacy honours it)" if removed == "pct" else ""
+            warnings.append(f"{removed}= was removed by RFC 9989 and is ignored{honoured}")
     known = {"v", "p", "sp", "np", "psd", "t", "adkim", "aspf", "rua", "ruf", "fo",
              "pct", "rf", "ri"}
     for name in tags:
@@ -107,13 +109,24 @@ def parse(text: str) -> DmarcRecord | NotARecord:
         p_value = "none"
     sp = choice("sp", POLICIES, p_value)
     np = choice("np", POLICIES, sp)
+    pct = _pct(tags.get("pct"), warnings)
     return DmarcRecord(
         text=text, p=p_value, sp=sp, np=np,
         adkim=choice("adkim", ("r", "s"), "r"), aspf=choice("aspf", ("r", "s"), "r"),
         psd=choice("psd", ("y", "n", "u"), "u"), testing=choice("t", ("y", "n"), "n") == "y",
         rua=rua, ruf=ruf, fo=_fo(tags.get("fo"), warnings), p_explicit=p_explicit,
-        warnings=tuple(warnings),
+        warnings=tuple(warnings), pct=pct,
     )
+
+
+def _pct(value: str | None, warnings: list[str]) -> int:
+    """RFC 7489 §6.3 pct=: an integer 0-100; anything else means 100."""
+    if value is None:
+        return 100
+    if not value.isdigit() or int(value) > 100:
+        warnings.append(f"pct={_shown(value)} is not an integer from 0 to 100; using 100")
+        return 100
+    return int(value)
 
 
 def _shown(value: str) -> str:
