@@ -29,6 +29,8 @@ from typing import Any
 import pytest
 
 from mailwarden.devtools.devdns import DevDNSServer
+from mailwarden.dkim.keys import generate, load_key, public_record, write_private
+from mailwarden.dkim.verify import verify_message
 from mailwarden.dmarc.report import ReportSettings, build_reports
 from mailwarden.dmarc.sending import parse_period, run_report_command, send_reports
 from mailwarden.dmarc.store import Evaluation, LedgerEntry, Store, StoreError
@@ -566,3 +568,22 @@ def test_internal_sources_stay_out_of_reports_unless_asked(tmp_path: Path) -> No
 
     assert reported(default) == {b"198.51.100.7"}
     assert len(reported(asked)) == len(sources)
+
+
+def test_the_report_mail_is_dkim_signed_and_verifies(store: Store, sink: Sink,
+                                                     dns: DevDNSServer, tmp_path: Path) -> None:
+    """Signed with our key for the reporting address's domain, a report passes DMARC at the
+    receiver (issue 17 #4); the receiver verifies it through DNS as any other mail."""
+    private = generate("rsa", 2048)
+    key_path = tmp_path / "receiver.pem"
+    write_private(private, str(key_path))
+    dns.load({**ZONE, "r1._domainkey.receiver.example": [{"TXT": public_record(private)}]})
+    settings = replace(via(sink), signing_keys=(load_key("receiver.example", "r1",
+                                                         str(key_path)),))
+    reports = build_reports(store, period_start=DAY, period_end=DAY + 86400, settings=settings)
+    send_reports(store, reports, settings, make_resolver(dns))
+    raws = [eml.read_bytes() for eml in sorted(sink.directory.glob("*.eml"))]
+    assert len(raws) == 4
+    for raw in raws:
+        results = verify_message(raw, make_resolver(dns))
+        assert [(r.domain, r.result) for r in results] == [("receiver.example", "pass")]

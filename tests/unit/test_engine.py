@@ -782,3 +782,13 @@ def test_client_without_a_verified_name_is_not_shown_twice() -> None:
     assert Transaction.for_client(OUTSIDE, f"[{OUTSIDE}]").client == f"unknown[{OUTSIDE}]"
     assert Transaction.for_client(OUTSIDE, "mx.example.net").client == \
         f"mx.example.net[{OUTSIDE}]"
+
+
+def test_an_address_as_helo_name_is_not_checked_by_spf() -> None:
+    """RFC 7208 §2.3: the HELO identity is checked only when it is a multi-label domain
+    name; `198.51.100.150` is an address written as a name (no TLD is all-numeric)."""
+    e, dns = make(spf_rule())
+    t = txn(mail_from="u@pass.example.org", helo="198.51.100.150")
+    e.run_stage(Stage.MAIL, t)
+    assert [(r.method, r.properties[0][0]) for r in t.results] == [("spf", "smtp.mailfrom")]
+    assert not any("198.51.100.150" in str(q) for q in dns.queries)

@@ -51,6 +51,13 @@ def outcomes(args: SPFArgs) -> Mapping[Result, Outcome]:
     return table
 
 
+def is_address_like(name: str) -> bool:
+    """A name whose last label is all digits (`198.51.100.150`) is an address, not a domain
+    (RFC 1123 §2.1, RFC 3696 §2: no top-level domain is all-numeric). RFC 7208 §2.3 checks
+    the HELO identity only when it is a valid multi-label domain name."""
+    return name.rstrip(".").rpartition(".")[2].isdigit()
+
+
 def run(ctx: Context, txn: Transaction, args: SPFArgs) -> CheckOutcome:
     if txn.client_ip is None:
         return CheckOutcome(Result.NONE, text="no client address")
@@ -60,7 +67,7 @@ def run(ctx: Context, txn: Transaction, args: SPFArgs) -> CheckOutcome:
     report = args.header in ("auth", "both")
     results: list[CheckResult] = []
     findings: list[SpfFinding] = []
-    if helo and valid_domain(helo) is None:
+    if helo and valid_domain(helo) is None and not is_address_like(helo):
         helo_result = check_helo(ctx.dns, txn.client_ip, helo, receiver=receiver, limits=limits,
                                  clock=ctx.clock, deadline=txn.deadline)
         results.append(_record(helo_result, "smtp.helo", helo, report))

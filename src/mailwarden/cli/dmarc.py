@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -137,7 +138,13 @@ def _cmd_dmarc_report(args: argparse.Namespace) -> int:
                         timeout=config.dns.timeout, lifetime=config.dns.lifetime)
     networks = tuple(str(net) for name, entries in config.hosts.items()
                      for net in HostGroup.from_entries(name, entries).networks)
+    from mailwarden.dkim.sign import SignOptions
+
     settings = ReportSettings(**config.dmarc.reports, internal_networks=networks)
+    signing = config.signing
+    settings = dataclasses.replace(
+        settings, signing_keys=signing.keys_for_author(settings.sender),
+        sign_options=SignOptions(signing.headers, signing.oversign, signing.canonicalization))
     become_store_owner(config.dmarc.store, config.user)
     return run_report_command(store_url=config.dmarc.store, settings=settings, dns=resolver,
                               period=args.period, dry_run=args.dry_run)

@@ -39,8 +39,10 @@ import re
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mailwarden import __version__
+from mailwarden.dmarc.orgdomain import legacy_organizational_domain
 from mailwarden.dmarc.store import Evaluation, Store
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -76,6 +78,10 @@ class ReportSettings:
     # groups): how mail moves inside our network is nobody else's business.
     include_internal_sources: bool = False
     internal_networks: tuple[str, ...] = ()
+    # DKIM keys that sign the report mails (the daemon's signing table for `sender`), and
+    # the options: a report that passes DMARC at the receiver is one it believes
+    signing_keys: tuple[Any, ...] = ()
+    sign_options: Any = None  # mailwarden.dkim.sign.SignOptions
 
     @property
     def submitter(self) -> str:
@@ -136,15 +142,26 @@ def _under(child: str, parent: str) -> bool:
 
 def _dkim_rank(signature: tuple[str, str, str], header_from: str) -> int:
     """RFC 9990's order of preference for DKIM signatures: passing strictly aligned, passing
-    relaxed (here: a parent or child of the author domain), other passing, the rest."""
+    relaxed-aligned (the same Organizational Domain: siblings such as mail.example.com and
+    news.example.com too), other passing, the rest. The Organizational Domain is taken from
+    the Public Suffix List here: ordering needs no DNS, and the two methods agree on it for
+    all but private registries."""
     domain, _, result = signature
     if result != "pass":
         return 3
     if domain == header_from:
         return 0
-    if _under(domain, header_from) or _under(header_from, domain):
+    if _under(domain, header_from) or _under(header_from, domain) or \
+            legacy_organizational_domain(domain) == legacy_organizational_domain(header_from):
         return 1
     return 2
+
+
+def _is_domain(name: str) -> bool:
+    """RFC 9990 reports domains: not an address literal, nor an address written as a name
+    (a HELO of `198.51.100.150`)."""
+    return bool(name) and not name.startswith("[") and \
+        not name.rstrip(".").rpartition(".")[2].isdigit() and ":" not in name
 
 
 # A row key: source_ip, header_from, envelope_from, envelope_to, disposition, dkim, spf,
@@ -173,6 +190,10 @@ def _row(ev: Evaluation) -> _Row:
             comment = f"{kind}: {comment}" if comment else kind
             kind = "other"
         reasons.append((kind, comment))
+    if ev.testing and disposition not in ("pass", applied.strip().lower()) and \
+            not any(kind == "policy_test_mode" for kind, _ in reasons):
+        # RFC 9990: a disposition that differs from the published policy carries its reason
+        reasons.append(("policy_test_mode", "t=y"))
     signatures = [(normalize_domain(domain), selector, _result(result, _DKIM_RESULTS))
                   for domain, selector, result in ev.dkim]
     signatures.sort(key=lambda sig: (_dkim_rank(sig, header_from), sig))
@@ -181,7 +202,8 @@ def _row(ev: Evaluation) -> _Row:
         if wanted == "helo" and envelope_from:
             break
         match = [(normalize_domain(domain), _result(result, _SPF_RESULTS))
-                 for domain, scope, result in ev.spf if scope.strip().lower() == wanted]
+                 for domain, scope, result in ev.spf if scope.strip().lower() == wanted
+                 and _is_domain(normalize_domain(domain))]
         if match:
             spf = match[0]
             break

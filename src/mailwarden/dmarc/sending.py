@@ -107,8 +107,22 @@ def _message(report: Report, settings: ReportSettings, address: str) -> bytes:
     message.attach(attachment)
     # No header folding, so the filename stays one plain parameter (not RFC 2231 pieces).
     data = message.as_bytes(policy=email.policy.SMTP.clone(max_line_length=None))
+    if settings.signing_keys:
+        data = _signed(data, settings)
     data = re.sub(rb"(?m)^\.", b"..", data)  # SMTP dot-stuffing (RFC 5321 §4.5.2)
     return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+def _signed(data: bytes, settings: ReportSettings) -> bytes:
+    """The report mail with a DKIM-Signature per key (RFC 6376), made before dot-stuffing:
+    the signature covers the message, not its transport encoding."""
+    from mailwarden.dkim.sign import SignOptions, sign_message
+
+    options = settings.sign_options or SignOptions()
+    fields = sign_message(data, list(settings.signing_keys), options)
+    head = b"".join(f"{name}:{value}".replace("\n", "\r\n").encode() + b"\r\n"
+                    for name, value in fields)
+    return head + data
 
 
 def _hostport(text: str) -> tuple[str, int]:
