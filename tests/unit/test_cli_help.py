@@ -41,7 +41,7 @@ def test_every_option_says_what_it_is_and_its_default() -> None:
             if not action.help:
                 problems.append(f"{path} {name}: no help text")
                 continue
-            stated = action.default not in (None, False, "") and not action.required
+            stated = action.default not in (None, False, "", []) and not action.required
             if stated and action.nargs not in ("*", "?") and "default" not in action.help:
                 problems.append(f"{path} {name}: default {action.default!r} not stated")
     assert not problems, "\n".join(problems)
@@ -51,6 +51,7 @@ def test_commands_that_read_the_configuration_take_config() -> None:
     """One name per concept: every command reading the configuration takes --config."""
     readers = {"mailwarden run", "mailwarden test", "mailwarden check-config",
                "mailwarden dkim genkey", "mailwarden dkim check-dns", "mailwarden dmarc report",
+               "mailwarden dmarc ingest",
                "mailwarden dmarc summary"}
     found = {path for path, parser, _ in commands(build_parser())
              if any("--config" in a.option_strings for a in parser._actions)}

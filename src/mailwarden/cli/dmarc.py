@@ -15,6 +15,7 @@ from mailwarden.cli.common import (
     positive_float,
     resolver_from,
 )
+from mailwarden.cli.ingest import add_ingest_command
 from mailwarden.dns import Resolver, system_nameservers
 from mailwarden.relay import HostGroup
 from mailwarden.storeowner import become_store_owner
@@ -69,6 +70,7 @@ def add_dmarc_commands(commands: Any) -> None:
     dsummary.add_argument("--domain", metavar="D", help="only this policy domain")
     dsummary.add_argument("--json", action="store_true", help="print one JSON object")
     dsummary.set_defaults(handler=_cmd_dmarc_summary)
+    add_ingest_command(dmarc_sub)
 
 
 def _cmd_dmarc_check(args: argparse.Namespace) -> int:

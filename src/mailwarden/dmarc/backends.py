@@ -31,7 +31,7 @@ class LockBusy(StoreError):
 
 # --------------------------------------------------------------------------- schema
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 def _v1(**types: str) -> tuple[str, ...]:
     """Schema version 1, one text for both databases (only the column types differ)."""
@@ -66,11 +66,43 @@ def _v1(**types: str) -> tuple[str, ...]:
     ))
 
 
+def _v2(**types: str) -> tuple[str, ...]:
+    """Schema version 2: the aggregate reports others send about our domains."""
+    return tuple(statement.format(**types) for statement in (
+            """CREATE TABLE received_reports (
+                id {id},
+                reporter TEXT NOT NULL,
+                reporter_email TEXT NOT NULL,
+                report_id TEXT NOT NULL,
+                policy_domain TEXT NOT NULL,
+                period_begin {real} NOT NULL,
+                period_end {real} NOT NULL,
+                policy TEXT NOT NULL,
+                version TEXT NOT NULL,
+                received {real} NOT NULL,
+                source TEXT NOT NULL,
+                UNIQUE (reporter, reporter_email, report_id))""",
+            """CREATE TABLE received_records (
+                report BIGINT NOT NULL REFERENCES received_reports (id) ON DELETE CASCADE,
+                source_ip TEXT NOT NULL,
+                count BIGINT NOT NULL,
+                disposition TEXT NOT NULL,
+                dkim_eval TEXT NOT NULL, spf_eval TEXT NOT NULL,
+                header_from TEXT NOT NULL, envelope_from TEXT NOT NULL,
+                dkim TEXT NOT NULL, spf TEXT NOT NULL, reasons TEXT NOT NULL)""",
+            "CREATE INDEX received_reports_domain ON received_reports (policy_domain, "
+            "period_end)",
+            "CREATE INDEX received_records_report ON received_records (report)",
+    ))
+
+
+_SQLITE = {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "real": "REAL", "flag": "INTEGER"}
+_PG = {"id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "real": "DOUBLE PRECISION",
+       "flag": "SMALLINT"}
 # version -> statements, per dialect; "?" is the parameter placeholder in every statement.
 MIGRATIONS: dict[str, list[tuple[int, tuple[str, ...]]]] = {
-    "sqlite": [(1, _v1(id="INTEGER PRIMARY KEY AUTOINCREMENT", real="REAL", flag="INTEGER"))],
-    "postgresql": [(1, _v1(id="BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
-                           real="DOUBLE PRECISION", flag="SMALLINT"))],
+    "sqlite": [(1, _v1(**_SQLITE)), (2, _v2(**_SQLITE))],
+    "postgresql": [(1, _v1(**_PG)), (2, _v2(**_PG))],
 }
 
 _PG_SCHEMA_LOCK = 0x6D61_696C_646D_6172 & 0x7FFF_FFFF_FFFF_FFFF

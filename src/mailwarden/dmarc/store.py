@@ -37,10 +37,10 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mailwarden.dmarc.backends import (
     MIGRATIONS,
@@ -69,6 +69,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("mailwarden.dmarc")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,7 +302,24 @@ class Store:
                 raise
         return int(count)
 
+    def transaction(self, work: Callable[[_Backend], T]) -> T:
+        """`work` on the connection in one committed transaction (other modules' tables,
+        such as the received reports of `dmarc.received_store`)."""
+        with self._lock:
+            self._db.begin()
+            try:
+                result = work(self._db)
+                self._db.commit()
+            except BaseException:
+                self._db.rollback()
+                raise
+        return result
+
     # -- reading ----------------------------------------------------------------------
+    def read(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
+        """Rows of a query on the store's tables (`?` placeholders in both dialects)."""
+        return self._read(sql, params)
+
     def _read(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         with self._lock:
             try:
