@@ -285,3 +285,22 @@ def test_identical_rows_aggregate_and_the_report_lock_is_exclusive(pg: Server) -
         pass
     one.close()
     two.close()
+
+
+def test_received_reports_are_stored_once_in_a_shared_store(pg: Server) -> None:
+    """Two MTAs of a fleet both receive the same report (two rua= addresses): one row."""
+    from mailwarden.dmarc.received import ReceivedRecord, ReceivedReport
+    from mailwarden.dmarc.received_store import received_count, store_report
+
+    report = ReceivedReport("acme.com", "dmarc@acme.com", "pg-1", 1, 2, "example.com",
+                            {"p": "reject"}, (ReceivedRecord("192.0.2.1", 3, "none", "pass",
+                                                             "pass", "example.com"),))
+    url = pg.new_database()
+    first, second = Store.open(url), Store.open(url)
+    try:
+        assert store_report(first, report, "mx1", 10.0) is True
+        assert store_report(second, report, "mx2", 11.0) is False
+        assert received_count(first) == (1, 1)
+    finally:
+        first.close()
+        second.close()
