@@ -11,15 +11,18 @@ import io
 import json
 import subprocess
 import sys
+import time
 import zipfile
 from email.mime.application import MIMEApplication
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_dmarc_reports import DAY, SETTINGS, fill
 
+from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dmarc.received import MAX_XML, Refused, parse_report, reports_in
 from mailwarden.dmarc.received_store import received_count
 from mailwarden.dmarc.report import build_reports
@@ -182,3 +185,65 @@ def test_a_maildir_and_standard_input(tmp_path: Path) -> None:
                             str(store), "-"], input=RFC7489, capture_output=True,
                            timeout=60, check=False)
     assert again.returncode == 0 and again.stdout.startswith(b"duplicate 9391651994964116463")
+
+
+def report_xml(org: str, report_id: str, policy: str, rows: list[tuple[str, int, str, str]],
+               domain: str = "example.com") -> bytes:
+    """An RFC 9990 report: rows of (source IP, count, dkim alignment, spf alignment)."""
+    records = "".join(
+        f"<record><row><source_ip>{ip}</source_ip><count>{count}</count><policy_evaluated>"
+        f"<disposition>none</disposition><dkim>{dkim}</dkim><spf>{spf}</spf>"
+        f"</policy_evaluated></row><identifiers><header_from>{domain}</header_from>"
+        f"</identifiers><auth_results><dkim><domain>{domain}</domain><selector>s</selector>"
+        f"<result>{dkim}</result></dkim><spf><domain>{domain}</domain><scope>mfrom</scope>"
+        f"<result>{spf}</result></spf></auth_results></record>"
+        for ip, count, dkim, spf in rows)
+    now = int(time.time())
+    return (f'<?xml version="1.0"?><feedback xmlns="urn:ietf:params:xml:ns:dmarc-2.0">'
+            f"<version>1.0</version><report_metadata><org_name>{org}</org_name>"
+            f"<email>dmarc@{org}</email><report_id>{report_id}</report_id><date_range>"
+            f"<begin>{now - 86400}</begin><end>{now - 60}</end></date_range>"
+            f"</report_metadata><policy_published><domain>{domain}</domain><p>{policy}</p>"
+            f"</policy_published>{records}</feedback>").encode()
+
+
+def sources(store: Path, dns_port: int, *extra: str) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, "-m", "mailwarden", "dmarc", "sources", "--store",
+                           str(store), "--json", "--nameserver", f"127.0.0.1:{dns_port}",
+                           *extra], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    data: dict[str, Any] = json.loads(done.stdout)
+    return data
+
+
+def test_sources_say_who_fails_and_whether_reject_is_safe(tmp_path: Path,
+                                                          dns_server: DevDNSServer) -> None:
+    dns_server.load({"10.2.0.192.in-addr.arpa": [{"PTR": "mail.example.com"}]})
+    store = tmp_path / "store.db"
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    # our own server (DKIM), a newsletter service without our DKIM, a spoofer
+    (inbox / "google.xml").write_bytes(report_xml("google.com", "g1", "quarantine", [
+        ("192.0.2.10", 120, "pass", "pass"), ("198.51.100.5", 40, "fail", "pass"),
+        ("203.0.113.66", 9, "fail", "fail")]))
+    (inbox / "microsoft.xml").write_bytes(report_xml("microsoft.com", "m1", "quarantine", [
+        ("192.0.2.10", 30, "pass", "pass"), ("203.0.113.66", 3, "fail", "fail")]))
+    subprocess.run([sys.executable, "-m", "mailwarden", "dmarc", "ingest", "--store",
+                    str(store), str(inbox)], check=True, capture_output=True, timeout=60)
+    (domain,) = sources(store, dns_server.port)["domains"]
+    verdicts = {s["ip"]: (s["messages"], s["verdict"], s["name"]) for s in domain["sources"]}
+    assert verdicts == {"192.0.2.10": (150, "aligned", "mail.example.com"),
+                        "198.51.100.5": (40, "needs DKIM", ""),
+                        "203.0.113.66": (12, "unknown sender", "")}
+    assert domain["policy"] == "quarantine"
+    assert domain["advice"] == ("example.com: not yet safe for p=reject: 198.51.100.5 "
+                                "(needs DKIM) still fail")
+    # one report of the newsletter signing with our key is not enough: the window still holds
+    (inbox / "google2.xml").write_bytes(report_xml("google.com", "g2", "quarantine", [
+        ("198.51.100.5", 10, "pass", "pass")]))
+    subprocess.run([sys.executable, "-m", "mailwarden", "dmarc", "ingest", "--store",
+                    str(store), str(inbox / "google2.xml")], check=True, capture_output=True,
+                   timeout=60)
+    (domain,) = sources(store, dns_server.port)["domains"]
+    needs = {s["ip"]: s["verdict"] for s in domain["sources"]}["198.51.100.5"]
+    assert needs == "needs DKIM"  # 40 of its 50 messages passed by SPF only

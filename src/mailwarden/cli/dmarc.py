@@ -15,7 +15,7 @@ from mailwarden.cli.common import (
     positive_float,
     resolver_from,
 )
-from mailwarden.cli.ingest import add_ingest_command
+from mailwarden.cli.received import add_ingest_command
 from mailwarden.dns import Resolver, system_nameservers
 from mailwarden.relay import HostGroup
 from mailwarden.storeowner import become_store_owner

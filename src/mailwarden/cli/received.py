@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mailwarden.cli.common import DEFAULT_CONFIG, load_config
+from mailwarden.cli.common import DEFAULT_CONFIG, load_config, nameserver_argument
 from mailwarden.storeowner import become_store_owner
 from mailwarden.textout import shown
 
@@ -38,6 +38,99 @@ def add_ingest_command(dmarc_sub: Any) -> None:
     ingest.add_argument("--store", metavar="URL", help="the store (instead of the config's)")
     ingest.add_argument("--json", action="store_true", help="print one JSON object")
     ingest.set_defaults(handler=_cmd_dmarc_ingest, parser=ingest)
+
+    sources = dmarc_sub.add_parser(
+        "sources", help="who sends as our domains, from the reports others sent us",
+        description="From the aggregate reports received about our domains (dmarc ingest), "
+        "per domain and source IP (with its reverse name): the messages, how many passed "
+        "DKIM and SPF aligned as the reporters saw them, and a verdict per source: aligned "
+        "(DKIM), needs DKIM (passes by SPF only, which forwarding breaks), partly failing "
+        "(a service to fix), unknown sender (never passes: probably spoofing); then one line "
+        "per domain saying whether p=quarantine or p=reject is safe and what still fails. "
+        "Exit status: 0 printed, 1 the store cannot be read, 2 a configuration error.")
+    sources.add_argument("--domain", metavar="D", help="only this domain (default: every one)")
+    sources.add_argument("--days", type=int, default=30, metavar="N",
+                         help="reports whose period ended in the last N days (default: 30)")
+    sources.add_argument("--no-dns", action="store_true",
+                         help="do not look up the sources' reverse names")
+    sources.add_argument("--nameserver", action="append", type=nameserver_argument,
+                         default=None, metavar="HOST[:PORT]",
+                         help="DNS server for the reverse names (default: /etc/resolv.conf)")
+    sources.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                         help=f"configuration file whose dmarc.store is read "
+                         f"(default: {DEFAULT_CONFIG})")
+    sources.add_argument("--store", metavar="URL", help="the store (instead of the config's)")
+    sources.add_argument("--json", action="store_true", help="print one JSON object")
+    sources.set_defaults(handler=_cmd_dmarc_sources)
+
+
+def _store_url(args: argparse.Namespace) -> tuple[str, str | None] | int:
+    """The store URL and its owner's user name, or the exit status after an error."""
+    if args.store is not None:
+        return args.store, None
+    config = load_config(args.config)
+    if config is None:
+        return 2
+    if not config.dmarc.store:
+        print(f"mailwarden: {args.config}: no dmarc.store configured (or give --store)",
+              file=sys.stderr)
+        return 2
+    return config.dmarc.store, config.user
+
+
+def _reverse_name(resolver: Any, ip: str) -> str:
+    """The first PTR name of `ip`, or "" (none, an error, or not an address at all)."""
+    import ipaddress
+
+    try:
+        reverse = ipaddress.ip_address(ip).reverse_pointer
+    except ValueError:
+        return ""
+    answer = resolver.ptr(reverse)
+    return str(answer.records[0]).rstrip(".") if answer.ok and answer.records else ""
+
+
+def _cmd_dmarc_sources(args: argparse.Namespace) -> int:
+    from mailwarden.dmarc.sources import collect
+    from mailwarden.dmarc.store import Store, StoreError
+    from mailwarden.dns import Resolver, system_nameservers
+
+    found = _store_url(args)
+    if isinstance(found, int):
+        return found
+    url, user = found
+    become_store_owner(url, user)
+    try:
+        store = Store.open_existing(url)
+        try:
+            domains = collect(store, time.time() - args.days * 86400, args.domain)
+        finally:
+            store.close()
+    except (StoreError, ValueError) as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return 1
+    if not args.no_dns:
+        resolver = Resolver(nameservers=args.nameserver or system_nameservers(), timeout=2.0,
+                            lifetime=4.0)
+        for domain in domains:
+            for source in domain.sources[:50]:
+                source.name = _reverse_name(resolver, source.ip)
+    if args.json:
+        print(json.dumps({"days": args.days, "domains": [
+            {"domain": d.domain, "policy": d.policy, "advice": d.advice(),
+             "sources": [s.as_dict() for s in d.sources]} for d in domains]}, indent=2))
+        return 0
+    for domain in domains:
+        print(f"{domain.domain} (p={domain.policy}), last {args.days} days:")
+        for s in domain.sources:
+            name = f" {s.name}" if s.name else ""
+            print(shown(f"  {s.ip}{name}: {s.messages} messages, DKIM aligned {s.dkim_pass}, "
+                        f"SPF aligned {s.spf_pass}, failing {s.failing}: {s.verdict} "
+                        f"(reported by {', '.join(sorted(s.reporters))})"))
+        print(shown(domain.advice()))
+    if not domains:
+        print("no received reports in the window (mailwarden dmarc ingest stores them)")
+    return 0
 
 
 def _inputs(args: argparse.Namespace) -> Iterator[tuple[str, bytes | OSError]]:
@@ -66,16 +159,10 @@ def _cmd_dmarc_ingest(args: argparse.Namespace) -> int:
 
     if not args.inputs and not args.maildir:
         args.parser.error("give report files, directories, --maildir or -")
-    url, user = args.store, None
-    if url is None:
-        config = load_config(args.config)
-        if config is None:
-            return 2
-        url, user = config.dmarc.store, config.user
-        if not url:
-            print(f"mailwarden: {args.config}: no dmarc.store configured (or give --store)",
-                  file=sys.stderr)
-            return 2
+    found = _store_url(args)
+    if isinstance(found, int):
+        return found
+    url, user = found
     become_store_owner(url, user)
     outcomes: list[dict[str, str]] = []
     try:
