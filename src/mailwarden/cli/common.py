@@ -72,3 +72,26 @@ def read_message(path: str) -> bytes:
         return Path(path).read_bytes()
     except OSError as exc:
         raise SystemExit(f"mailwarden: cannot read {path}: {exc.strerror}") from None
+
+
+def store_options(parser: argparse.ArgumentParser) -> None:
+    """--config and --store: where a command reading the DMARC store finds it."""
+    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                        help=f"configuration file whose dmarc.store is used "
+                        f"(default: {DEFAULT_CONFIG})")
+    parser.add_argument("--store", metavar="URL", help="the store (instead of the config's)")
+
+
+def store_url(args: argparse.Namespace) -> tuple[str, str | None] | int:
+    """The store URL and its owner's user name, or the exit status after an error."""
+    if args.store is not None:
+        return str(args.store), None
+    config = load_config(args.config)
+    if config is None:
+        return 2
+    if not config.dmarc.store:
+        print(f"mailwarden: {args.config}: no dmarc.store configured (or give --store)",
+              file=sys.stderr)
+        return 2
+    return config.dmarc.store, config.user
+

@@ -14,6 +14,8 @@ from mailwarden.cli.common import (
     load_config,
     positive_float,
     resolver_from,
+    store_options,
+    store_url,
 )
 from mailwarden.cli.received import add_ingest_command
 from mailwarden.dns import Resolver, system_nameservers
@@ -63,10 +65,7 @@ def add_dmarc_commands(commands: Any) -> None:
         "configuration error.")
     dsummary.add_argument("--days", type=positive_float, default=7.0, metavar="N",
                           help="the window, in days back from now (default: 7)")
-    dsummary.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                          help="configuration file whose dmarc.store is read "
-                          f"(default: {DEFAULT_CONFIG})")
-    dsummary.add_argument("--store", metavar="URL", help="the store (instead of the config's)")
+    store_options(dsummary)
     dsummary.add_argument("--domain", metavar="D", help="only this policy domain")
     dsummary.add_argument("--json", action="store_true", help="print one JSON object")
     dsummary.set_defaults(handler=_cmd_dmarc_summary)
@@ -156,16 +155,10 @@ def _cmd_dmarc_summary(args: argparse.Namespace) -> int:
     from mailwarden.dmarc.store import Store, StoreError
     from mailwarden.dmarc.summary import format_text, summarize, to_json
 
-    url, user = args.store, None
-    if url is None:
-        config = load_config(args.config)
-        if config is None:
-            return 2
-        url, user = config.dmarc.store, config.user
-        if not url:
-            print(f"mailwarden: {args.config}: no dmarc.store configured (or give --store)",
-                  file=sys.stderr)
-            return 2
+    found = store_url(args)
+    if isinstance(found, int):
+        return found
+    url, user = found
     become_store_owner(url, user)
     try:
         store = Store.open_existing(url)  # reading never creates a store

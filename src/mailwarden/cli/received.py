@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mailwarden.cli.common import DEFAULT_CONFIG, load_config, nameserver_argument
+from mailwarden.cli.common import nameserver_argument, store_options, store_url
 from mailwarden.storeowner import become_store_owner
 from mailwarden.textout import shown
 
@@ -32,10 +32,7 @@ def add_ingest_command(dmarc_sub: Any) -> None:
                         help="report files, messages or directories; - for standard input")
     ingest.add_argument("--maildir", action="append", default=[], metavar="DIR",
                         help="a Maildir whose messages (new/ and cur/) are read (repeatable)")
-    ingest.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                        help=f"configuration file whose dmarc.store is used "
-                        f"(default: {DEFAULT_CONFIG})")
-    ingest.add_argument("--store", metavar="URL", help="the store (instead of the config's)")
+    store_options(ingest)
     ingest.add_argument("--json", action="store_true", help="print one JSON object")
     ingest.set_defaults(handler=_cmd_dmarc_ingest, parser=ingest)
 
@@ -56,26 +53,9 @@ def add_ingest_command(dmarc_sub: Any) -> None:
     sources.add_argument("--nameserver", action="append", type=nameserver_argument,
                          default=None, metavar="HOST[:PORT]",
                          help="DNS server for the reverse names (default: /etc/resolv.conf)")
-    sources.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                         help=f"configuration file whose dmarc.store is read "
-                         f"(default: {DEFAULT_CONFIG})")
-    sources.add_argument("--store", metavar="URL", help="the store (instead of the config's)")
+    store_options(sources)
     sources.add_argument("--json", action="store_true", help="print one JSON object")
     sources.set_defaults(handler=_cmd_dmarc_sources)
-
-
-def _store_url(args: argparse.Namespace) -> tuple[str, str | None] | int:
-    """The store URL and its owner's user name, or the exit status after an error."""
-    if args.store is not None:
-        return args.store, None
-    config = load_config(args.config)
-    if config is None:
-        return 2
-    if not config.dmarc.store:
-        print(f"mailwarden: {args.config}: no dmarc.store configured (or give --store)",
-              file=sys.stderr)
-        return 2
-    return config.dmarc.store, config.user
 
 
 def _reverse_name(resolver: Any, ip: str) -> str:
@@ -95,7 +75,7 @@ def _cmd_dmarc_sources(args: argparse.Namespace) -> int:
     from mailwarden.dmarc.store import Store, StoreError
     from mailwarden.dns import Resolver, system_nameservers
 
-    found = _store_url(args)
+    found = store_url(args)
     if isinstance(found, int):
         return found
     url, user = found
@@ -159,7 +139,7 @@ def _cmd_dmarc_ingest(args: argparse.Namespace) -> int:
 
     if not args.inputs and not args.maildir:
         args.parser.error("give report files, directories, --maildir or -")
-    found = _store_url(args)
+    found = store_url(args)
     if isinstance(found, int):
         return found
     url, user = found
