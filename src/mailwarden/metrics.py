@@ -68,6 +68,9 @@ class Recorder:
     def dmarc_store(self, available: bool) -> None:
         """Whether this process has its DMARC report store open."""
 
+    def received_report(self, result: str) -> None:
+        """One aggregate report that arrived by mail: stored, duplicate or refused."""
+
 
 class PrometheusRecorder(Recorder):
     """Every event into a prometheus_client metric (multi-process mode)."""
@@ -115,6 +118,10 @@ class PrometheusRecorder(Recorder):
             "mailwarden_dmarc_recordings_total",
             "DMARC evaluations for aggregate reports, by result (recorded, not_recorded)",
             ["result"])
+        self._received = Counter(
+            "mailwarden_received_reports_total",
+            "Aggregate reports about our domains that arrived by mail (dmarc_reports rule), "
+            "by result (stored, duplicate, refused)", ["result"])
         self._store_available = Gauge(
             "mailwarden_dmarc_store_available",
             "1 when every worker that has tried has its DMARC report store open, 0 when one "
@@ -122,6 +129,8 @@ class PrometheusRecorder(Recorder):
         # every known series from the start, at 0, so that rates and alerts see them
         for kind in ("check", "session", "protocol", "worker"):
             self._errors.labels(kind)
+        for result in ("stored", "duplicate", "refused"):
+            self._received.labels(result)
         for check, results in (("dkim_sign", ("signed", "none", "error")),
                                ("arc_seal", ("sealed", "error"))):
             for result in results:
@@ -162,6 +171,9 @@ class PrometheusRecorder(Recorder):
 
     def dmarc_store(self, available: bool) -> None:
         self._store_available.set(1 if available else 0)
+
+    def received_report(self, result: str) -> None:
+        self._received.labels(result).inc()
 
 
 METRICS: Recorder = Recorder()

@@ -52,6 +52,8 @@ def every_field_lines() -> list[str]:
     t.monitored.append(Monitored(Stage.MAIL, Action.REJECT, "spf", reply="550 5.7.23 no"))
     line = describe(t, "eom", Verdict(Action.REJECT, Reply(550, "5.7.1", "no"), "dmarc",
                                       "dmarc=fail", "dmarc"))
+    t.results.append(CheckResult("reports", "dmarc_reports", Result.FAIL, "no usable report",
+                                 report=False))
     return [line, describe(t, "abort", Verdict(Action.CONTINUE, reason="aborted"))]
 
 

@@ -4,7 +4,7 @@ function that does the work (pure logic over the Transaction and the shared reso
 
 from __future__ import annotations
 
-from mailwarden.checks import arc, dkim, dmarc, iprev, relay, spf
+from mailwarden.checks import arc, dkim, dmarc, iprev, relay, reports, spf
 from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
 
 __all__ = ["CHECKS", "CheckOutcome", "CheckSpec", "Context"]
@@ -12,4 +12,4 @@ __all__ = ["CHECKS", "CheckOutcome", "CheckSpec", "Context"]
 # Every check a rule can name, by that name.
 CHECKS: dict[str, CheckSpec] = {spec.name: spec for spec in (
     spf.SPEC, relay.MAIL_RELAY, relay.RCPT_RELAY, iprev.SPEC, dkim.VERIFY, dkim.SIGN,
-    arc.VERIFY, arc.SEAL, dmarc.SPEC)}
+    arc.VERIFY, arc.SEAL, dmarc.SPEC, reports.SPEC)}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from mailwarden.results import Result
 from mailwarden.transaction import Monitored, Transaction
 from mailwarden.verdict import Verdict
 
@@ -44,6 +45,11 @@ def describe(txn: Transaction, stage: str, verdict: Verdict) -> str:
         causes = [r.reason for r in txn.results if r.rule == verdict.rule and r.reason]
         if causes:
             fields.append(("cause", causes[-1]))
+    # why a result that writes no header failed without a refusal (a report not stored)
+    notes = [f"{r.method}: {r.reason}" for r in txn.results if not r.report and r.reason
+             and r.result in (Result.FAIL, Result.TEMPERROR) and not verdict.action.refuses]
+    if notes:
+        fields.append(("notes", "; ".join(notes)))
     signing: dict[str, list[str]] = {}  # one field per check: one outcome per key
     for finding in txn.findings.signing:
         signing.setdefault(finding.check, []).append(finding.outcome())
