@@ -82,3 +82,41 @@ def test_reports_arriving_by_mail(stack: tuple[PostfixInstance, Daemon, Path]) -
     log = milter.log()
     assert log.count("results=dmarc_reports=fail") == 2, log
     assert "DTD or entities" in log and "broken gzip data" in log
+
+
+def test_the_whole_corpus_through_postfix(stack: tuple[PostfixInstance, Daemon, Path],
+                                          tmp_path: Path) -> None:
+    """The corpus `dmarc ingest` gets, mailed instead: the same reports are stored, the same
+    broken ones refused, and every message that is not a stored report still arrives."""
+    from test_dmarc_ingest import corpus
+    from test_dmarc_reports import DAY, SETTINGS, fill
+
+    from mailwarden.dmarc.report import build_reports
+
+    mx, milter, store = stack
+    ours_store = Store.open(str(tmp_path / "ours.db"))
+    fill(ours_store)
+    ours = [r.xml for r in build_reports(ours_store, period_start=DAY, period_end=DAY + 86400,
+                                         settings=SETTINGS)]
+    ours_store.close()
+    files = tmp_path / "corpus"
+    files.mkdir()
+    refused = 0
+    for name, data in corpus(files, ours).items():
+        message = data if name.endswith(".eml") else mail(data, name, "octet-stream")
+        send(mx, [RUA], message)
+        refused += name.startswith("broken-")
+    milter.wait_for_log("dmarc_reports=", count=10)
+    deadline = time.monotonic() + 30
+    while len(mx.deliveries()) < refused and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)
+    # stored (and, keep: false, discarded): ours x2, acme, acme's mail; the duplicate too
+    assert len(mx.deliveries()) == refused, milter.log()
+    opened = Store.open(str(store))
+    assert received_count(opened)[0] == 4
+    opened.close()
+    log = milter.log()
+    for reason in ("broken gzip data", "more than", "DTD or entities", "urn:example:other",
+                   "no report in the message"):
+        assert reason in log, reason
