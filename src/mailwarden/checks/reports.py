@@ -58,21 +58,17 @@ def _result(decisive: Result, reason: str) -> CheckOutcome:
 
 
 def run(ctx: Context, txn: Transaction, args: ReportsArgs) -> CheckOutcome:
-    from mailwarden.dmarc.received import Refused, parse_report, reports_in
+    from mailwarden.dmarc.received import read_reports
     from mailwarden.dmarc.received_store import store_report
     from mailwarden.dmarc.store import StoreError
 
     rcpts = [r.lower() for r in txn.rcpts]
     if not any(r in args.addresses for r in rcpts):
         return _result(Result.NONE, "not addressed to a report address")
-    documents = reports_in(txn.message())
-    parsed = [] if isinstance(documents, Refused) else [parse_report(x) for x in documents]
-    refused = documents if isinstance(documents, Refused) else next(
-        (r for r in parsed if isinstance(r, Refused)), None)
-    reports = [r for r in parsed if not isinstance(r, Refused)]
-    if refused is not None:
+    reports, refused = read_reports(txn.message())
+    if refused:
         metrics.METRICS.received_report("refused")
-        return _result(Result.FAIL, f"no usable report: {refused.reason}")
+        return _result(Result.FAIL, f"no usable report: {refused[0].reason}")
     store = ctx.store().store()
     if store is None:
         return _result(Result.TEMPERROR, "the DMARC store is not available")

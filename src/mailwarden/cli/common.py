@@ -6,10 +6,17 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from mailwarden.config import Config
 from mailwarden.dns import Nameserver, Resolver, parse_nameserver, system_nameservers
+
+if TYPE_CHECKING:
+    from mailwarden.dmarc.store import Store
+
+T = TypeVar("T")
 
 # Where a Debian administrator keeps it (docs/migrating.md); the example is passed explicitly
 DEFAULT_CONFIG = "/etc/mailwarden/mailwarden.yaml"
@@ -82,16 +89,33 @@ def store_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", metavar="URL", help="the store (instead of the config's)")
 
 
-def store_url(args: argparse.Namespace) -> tuple[str, str | None] | int:
-    """The store URL and its owner's user name, or the exit status after an error."""
-    if args.store is not None:
-        return str(args.store), None
-    config = load_config(args.config)
-    if config is None:
-        return 2
-    if not config.dmarc.store:
-        print(f"mailwarden: {args.config}: no dmarc.store configured (or give --store)",
-              file=sys.stderr)
-        return 2
-    return config.dmarc.store, config.user
+def with_store(args: argparse.Namespace, work: Callable[[Store], T], *,
+               create: bool = False) -> tuple[T | None, int]:
+    """`work` on the DMARC store of --store or --config (as the store's owner when started
+    as root; `create`: a missing store is made, else reading never creates one), then
+    closed: (its result, 0), or (None, the exit status) after printing the error: 2 for the
+    configuration, 1 for the store."""
+    from mailwarden.dmarc.store import Store, StoreError
+    from mailwarden.storeowner import become_store_owner
+
+    url, user = args.store, None
+    if url is None:
+        config = load_config(args.config)
+        if config is None:
+            return None, 2
+        url, user = config.dmarc.store, config.user
+        if not url:
+            print(f"mailwarden: {args.config}: no dmarc.store configured (or give --store)",
+                  file=sys.stderr)
+            return None, 2
+    become_store_owner(url, user)
+    try:
+        store = Store.open(url) if create else Store.open_existing(url)
+        try:
+            return work(store), 0
+        finally:
+            store.close()
+    except (StoreError, ValueError) as exc:
+        print(f"mailwarden: {exc}", file=sys.stderr)
+        return None, 1
 

@@ -15,7 +15,7 @@ from mailwarden.cli.common import (
     positive_float,
     resolver_from,
     store_options,
-    store_url,
+    with_store,
 )
 from mailwarden.cli.received import add_ingest_command
 from mailwarden.dns import Resolver, system_nameservers
@@ -152,23 +152,12 @@ def _cmd_dmarc_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_dmarc_summary(args: argparse.Namespace) -> int:
-    from mailwarden.dmarc.store import Store, StoreError
     from mailwarden.dmarc.summary import format_text, summarize, to_json
 
-    found = store_url(args)
-    if isinstance(found, int):
-        return found
-    url, user = found
-    become_store_owner(url, user)
-    try:
-        store = Store.open_existing(url)  # reading never creates a store
-        try:
-            domains = summarize(store, args.days, policy_domain=args.domain)
-        finally:
-            store.close()
-    except (StoreError, ValueError) as exc:
-        print(f"mailwarden: {exc}", file=sys.stderr)
-        return 1
+    domains, status = with_store(
+        args, lambda store: summarize(store, args.days, policy_domain=args.domain))
+    if domains is None:
+        return status
     if args.json:
         print(json.dumps(to_json(domains, args.days), indent=2))
     else:

@@ -9,11 +9,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mailwarden.cli.common import nameserver_argument, store_options, store_url
-from mailwarden.storeowner import become_store_owner
+from mailwarden.cli.common import nameserver_argument, store_options, with_store
 from mailwarden.textout import shown
+
+if TYPE_CHECKING:
+    from mailwarden.dmarc.store import Store
 
 
 def add_ingest_command(dmarc_sub: Any) -> None:
@@ -72,23 +74,12 @@ def _reverse_name(resolver: Any, ip: str) -> str:
 
 def _cmd_dmarc_sources(args: argparse.Namespace) -> int:
     from mailwarden.dmarc.sources import collect
-    from mailwarden.dmarc.store import Store, StoreError
     from mailwarden.dns import Resolver, system_nameservers
 
-    found = store_url(args)
-    if isinstance(found, int):
-        return found
-    url, user = found
-    become_store_owner(url, user)
-    try:
-        store = Store.open_existing(url)
-        try:
-            domains = collect(store, time.time() - args.days * 86400, args.domain)
-        finally:
-            store.close()
-    except (StoreError, ValueError) as exc:
-        print(f"mailwarden: {exc}", file=sys.stderr)
-        return 1
+    domains, status = with_store(
+        args, lambda store: collect(store, time.time() - args.days * 86400, args.domain))
+    if domains is None:
+        return status
     if not args.no_dns:
         resolver = Resolver(nameservers=args.nameserver or system_nameservers(), timeout=2.0,
                             lifetime=4.0)
@@ -132,51 +123,33 @@ def _inputs(args: argparse.Namespace) -> Iterator[tuple[str, bytes | OSError]]:
             yield str(path), exc
 
 
-def _cmd_dmarc_ingest(args: argparse.Namespace) -> int:
-    from mailwarden.dmarc.received import Refused, parse_report, reports_in
+def _ingest(args: argparse.Namespace, store: Store) -> list[dict[str, str]]:
+    """Every input into `store`: what became of each report or refused input."""
+    from mailwarden.dmarc.received import read_reports
     from mailwarden.dmarc.received_store import store_report
-    from mailwarden.dmarc.store import Store, StoreError
 
+    outcomes: list[dict[str, str]] = []
+    for name, content in _inputs(args):
+        if isinstance(content, OSError):
+            outcomes.append({"input": name, "status": "refused",
+                             "reason": f"cannot read: {content.strerror}"})
+            continue
+        reports, refused = read_reports(content)
+        outcomes += [{"input": name, "status": "refused", "reason": r.reason} for r in refused]
+        for report in reports:
+            stored = store_report(store, report, name, time.time())
+            outcomes.append({"input": name, "status": "stored" if stored else "duplicate",
+                             "reporter": report.org_name, "report_id": report.report_id,
+                             "domain": report.domain, "records": str(len(report.records))})
+    return outcomes
+
+
+def _cmd_dmarc_ingest(args: argparse.Namespace) -> int:
     if not args.inputs and not args.maildir:
         args.parser.error("give report files, directories, --maildir or -")
-    found = store_url(args)
-    if isinstance(found, int):
-        return found
-    url, user = found
-    become_store_owner(url, user)
-    outcomes: list[dict[str, str]] = []
-    try:
-        store = Store.open(url)
-    except (StoreError, ValueError) as exc:
-        print(f"mailwarden: {exc}", file=sys.stderr)
-        return 1
-    try:
-        for name, content in _inputs(args):
-            if isinstance(content, OSError):
-                outcomes.append({"input": name, "status": "refused",
-                                 "reason": f"cannot read: {content.strerror}"})
-                continue
-            documents = reports_in(content)
-            if isinstance(documents, Refused):
-                outcomes.append({"input": name, "status": "refused",
-                                 "reason": documents.reason})
-                continue
-            for xml in documents:
-                report = parse_report(xml)
-                if isinstance(report, Refused):
-                    outcomes.append({"input": name, "status": "refused",
-                                     "reason": report.reason})
-                    continue
-                stored = store_report(store, report, name, time.time())
-                outcomes.append({"input": name, "status": "stored" if stored else "duplicate",
-                                 "reporter": report.org_name, "report_id": report.report_id,
-                                 "domain": report.domain,
-                                 "records": str(len(report.records))})
-    except StoreError as exc:
-        print(f"mailwarden: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
+    outcomes, status = with_store(args, lambda store: _ingest(args, store), create=True)
+    if outcomes is None:
+        return status
     if args.json:
         print(json.dumps({"reports": outcomes}, indent=2))
     else:

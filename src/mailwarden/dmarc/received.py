@@ -88,6 +88,17 @@ def reports_in(data: bytes) -> list[bytes] | Refused:
     return found or Refused("no report in the message (no XML, gzip or zip part)")
 
 
+def read_reports(data: bytes) -> tuple[list[ReceivedReport], list[Refused]]:
+    """The reports in `data` (a file or a message), and why each unusable part was
+    refused."""
+    documents = reports_in(data)
+    if isinstance(documents, Refused):
+        return [], [documents]
+    parsed = [parse_report(xml) for xml in documents]
+    return ([p for p in parsed if not isinstance(p, Refused)],
+            [p for p in parsed if isinstance(p, Refused)])
+
+
 def _unpack(data: bytes, name: str) -> bytes | Refused:
     if data[:2] == b"\x1f\x8b":
         return _gunzip(data)
