@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import email.policy
 import math
 import os
-import re
 import smtplib
 import socket
 import sys
@@ -48,14 +46,11 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from email.mime.application import MIMEApplication
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
-from email.utils import formatdate
 from pathlib import Path
 
 from mailwarden.dmarc.destinations import Destination, Verifier, parse_uri
 from mailwarden.dmarc.report import SMTP_TIMEOUT, Report, ReportSettings, build_reports
+from mailwarden.dmarc.reportmail import report_mail
 from mailwarden.dmarc.store import LedgerEntry, LockBusy, Store, StoreError
 from mailwarden.dns import DNSClient
 
@@ -82,47 +77,7 @@ class SendOutcome:
         return self.status not in ("failed", "uncertain")
 
 
-
 # --------------------------------------------------------------------------- sending
-
-
-def _message(report: Report, settings: ReportSettings, address: str) -> bytes:
-    message = MIMEMultipart()
-    message["From"] = settings.sender
-    message["To"] = address
-    message["Subject"] = report.subject
-    message["Date"] = formatdate(usegmt=True)
-    message["Message-ID"] = f"<{report.report_id}@{report.submitter}>"
-    message["Auto-Submitted"] = "auto-generated"
-    start = dt.datetime.fromtimestamp(report.begin, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-    stop = dt.datetime.fromtimestamp(report.end, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
-    part = f" (part {report.part} of {report.parts})" if report.parts > 1 else ""
-    text = (f"This is a DMARC aggregate report (RFC 9990){part} from {settings.org_name} "
-            f"for {report.policy_domain},\ncovering {start} to {stop} UTC: "
-            f"{report.messages} messages in {report.records} records.\n"
-            f"Report-ID: {report.report_id}\n")
-    message.attach(MIMEText(text, "plain", "us-ascii"))
-    attachment = MIMEApplication(report.gz, "gzip")
-    attachment.add_header("Content-Disposition", "attachment", filename=report.filename)
-    message.attach(attachment)
-    # No header folding, so the filename stays one plain parameter (not RFC 2231 pieces).
-    data = message.as_bytes(policy=email.policy.SMTP.clone(max_line_length=None))
-    if settings.signing_keys:
-        data = _signed(data, settings)
-    data = re.sub(rb"(?m)^\.", b"..", data)  # SMTP dot-stuffing (RFC 5321 §4.5.2)
-    return data if data.endswith(b"\r\n") else data + b"\r\n"
-
-
-def _signed(data: bytes, settings: ReportSettings) -> bytes:
-    """The report mail with a DKIM-Signature per key (RFC 6376), made before dot-stuffing:
-    the signature covers the message, not its transport encoding."""
-    from mailwarden.dkim.sign import SignOptions, sign_message
-
-    options = settings.sign_options or SignOptions()
-    fields = sign_message(data, list(settings.signing_keys), options)
-    head = b"".join(f"{name}:{value}".replace("\n", "\r\n").encode() + b"\r\n"
-                    for name, value in fields)
-    return head + data
 
 
 def _hostport(text: str) -> tuple[str, int]:
@@ -290,7 +245,7 @@ def _send_all(store: Store, reports: list[Report], settings: ReportSettings, dns
                        "recording the answer: the message may have been accepted; not "
                        "re-sent (check the smarthost's log, then resend_uncertain)")
                 continue
-            data = _message(report, settings, dest.address)
+            data = report_mail(report, settings, dest.address)
             if dest.limit is not None and len(data) > dest.limit:
                 result(dest.key, "skipped",
                        f"report mail of {len(data)} bytes exceeds the URI's limit {dest.limit}")
