@@ -155,6 +155,12 @@ def _is_ip(text: str) -> bool:
     return True
 
 
+def is_address_like(name: str) -> bool:
+    """A name whose last label is all digits (`198.51.100.150`) is an address written as a
+    name, not a domain (RFC 1123 §2.1, RFC 3696 §2: no top-level domain is all-numeric)."""
+    return name.rstrip(".").rpartition(".")[2].isdigit()
+
+
 def reverse_name(ip: IPAddress) -> str:
     """The in-addr.arpa / ip6.arpa name of an address (RFC 1035 §3.5, RFC 3596 §2.5)."""
     return ip.reverse_pointer

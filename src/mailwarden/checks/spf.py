@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
 from mailwarden.config.model import Outcome
+from mailwarden.dns import is_address_like
 from mailwarden.findings import SpfFinding, SpfIdentity
 from mailwarden.policy import codes
 from mailwarden.results import Result
@@ -51,13 +52,6 @@ def outcomes(args: SPFArgs) -> Mapping[Result, Outcome]:
     return table
 
 
-def is_address_like(name: str) -> bool:
-    """A name whose last label is all digits (`198.51.100.150`) is an address, not a domain
-    (RFC 1123 §2.1, RFC 3696 §2: no top-level domain is all-numeric). RFC 7208 §2.3 checks
-    the HELO identity only when it is a valid multi-label domain name."""
-    return name.rstrip(".").rpartition(".")[2].isdigit()
-
-
 def run(ctx: Context, txn: Transaction, args: SPFArgs) -> CheckOutcome:
     if txn.client_ip is None:
         return CheckOutcome(Result.NONE, text="no client address")
@@ -67,6 +61,7 @@ def run(ctx: Context, txn: Transaction, args: SPFArgs) -> CheckOutcome:
     report = args.header in ("auth", "both")
     results: list[CheckResult] = []
     findings: list[SpfFinding] = []
+    # RFC 7208 §2.3: the HELO identity is checked only when it is a multi-label domain name
     if helo and valid_domain(helo) is None and not is_address_like(helo):
         helo_result = check_helo(ctx.dns, txn.client_ip, helo, receiver=receiver, limits=limits,
                                  clock=ctx.clock, deadline=txn.deadline)

@@ -44,6 +44,7 @@ from typing import Any
 from mailwarden import __version__
 from mailwarden.dmarc.orgdomain import legacy_organizational_domain
 from mailwarden.dmarc.store import Evaluation, Store
+from mailwarden.dns import is_address_like
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -160,8 +161,8 @@ def _dkim_rank(signature: tuple[str, str, str], header_from: str) -> int:
 def _is_domain(name: str) -> bool:
     """RFC 9990 reports domains: not an address literal, nor an address written as a name
     (a HELO of `198.51.100.150`)."""
-    return bool(name) and not name.startswith("[") and \
-        not name.rstrip(".").rpartition(".")[2].isdigit() and ":" not in name
+    return bool(name) and not name.startswith("[") and not is_address_like(name) and \
+        ":" not in name
 
 
 # A row key: source_ip, header_from, envelope_from, envelope_to, disposition, dkim, spf,
