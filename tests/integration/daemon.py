@@ -17,8 +17,10 @@ import yaml
 class Daemon:
     """`mailwarden run --config WORKDIR/mailwarden.yaml`, its log in WORKDIR/daemon.log."""
 
-    def __init__(self, workdir: Path, config: dict[str, object]) -> None:
+    def __init__(self, workdir: Path, config: dict[str, object],
+                 env: dict[str, str] | None = None) -> None:
         self.workdir = workdir
+        self.env = {**os.environ, **env} if env else None
         self.config_path = workdir / "mailwarden.yaml"
         self.log_path = workdir / "daemon.log"
         self.config = config
@@ -46,7 +48,7 @@ class Daemon:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mailwarden", "run", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, env=self.env,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

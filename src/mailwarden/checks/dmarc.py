@@ -16,9 +16,11 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import logging
+import os
+import random
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -134,7 +136,8 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
     signatures = verified.signatures if verified is not None else ()
     dkim = [DkimInput(s.domain, s.selector, s.result) for s in signatures if s.domain]
     found = evaluate(ctx.dns, domain, spf_domain=spf_domain, spf_result=spf_result,
-                     dkim=dkim, mode=ctx.config.dmarc.mode, deadline=txn.deadline)
+                     dkim=dkim, mode=ctx.config.dmarc.mode, deadline=txn.deadline,
+                     sample=_sampler())
     decisive, overrides = found.result, []
     if found.result is Result.FAIL:
         decisive = found.disposition if found.disposition in _REFUSING else Result.FAIL
@@ -153,6 +156,21 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
     text = wording(decisive if decisive in (Result.REJECT, Result.QUARANTINE) else found.result,
                    domain, found.reason)
     return CheckOutcome(decisive, (result,), text=text, findings=(finding,))
+
+
+_SEEDED: list[random.Random] = []
+
+
+def _sampler() -> Callable[[], float]:
+    """The draws of legacy pct= sampling (RFC 7489 §6.6.4): fresh randomness in each worker,
+    or, with MAILWARDEN_PCT_SEED set, one fixed sequence per process (tests, and reproducing
+    which failures a run sampled out)."""
+    seed = os.environ.get("MAILWARDEN_PCT_SEED")
+    if not seed:
+        return random.random
+    if not _SEEDED:
+        _SEEDED.append(random.Random(seed))
+    return _SEEDED[0].random
 
 
 def wording(result: Result, domain: str, reason: str) -> str:
@@ -231,6 +249,10 @@ def _record(ctx: Context, txn: Transaction, finding: DmarcFinding, disposition: 
     record = found.record
     verified = txn.findings.dkim
     signatures = verified.signatures if verified is not None else ()
+    if found.sampled_out:
+        # RFC 7489's sampled_out is not a reason type of RFC 9990's schema, in which our
+        # reports are written: "other" with the legacy name in the comment
+        overrides += (("other", f"sampled_out: pct={record.pct} (RFC 7489 section 6.6.4)"),)
     evaluation = Evaluation(
         time=time.time(), source_ip=str(txn.client_ip or ""), header_from=found.author_domain,
         envelope_from=txn.sender_domain, envelope_to=(txn.rcpt_domains or [""])[0],

@@ -41,6 +41,7 @@ class DmarcResult:
     spf_aligned: bool = False
     dkim_aligned: bool = False
     aligned_dkim_domain: str = ""
+    sampled_out: bool = False  # legacy pct=: this failure was outside the sample
     queries: int = 0
     warnings: tuple[str, ...] = field(default=())
 
@@ -115,6 +116,7 @@ def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result:
         disposition = LESS_STRICT[asked] if sampled_out else asked
         if sampled_out:
             reason += f" (legacy pct={record.pct}: sampled out, one level less strict)"
+        base = dataclasses.replace(base, sampled_out=disposition is not asked)
     else:
         disposition = LESS_STRICT[asked] if record.testing else asked
         if record.testing:
