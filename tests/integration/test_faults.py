@@ -871,7 +871,8 @@ def _disk_fault(env: Env, ns: MountNamespace, fault: str) -> None:
         passes(f"{fault} 1")
         if fault == "full":
             filler = ns.path(base / "filler")
-            with filler.open("wb") as out, contextlib.suppress(OSError):
+            # suppress() outermost: closing the file flushes what the full disk refused
+            with contextlib.suppress(OSError), filler.open("wb") as out:
                 while True:
                     out.write(b"\0" * 65536)
                     out.flush()
