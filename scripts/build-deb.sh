@@ -149,7 +149,7 @@ cat > "$STAGE/DEBIAN/prerm" <<'EOF'
 #!/bin/sh
 set -e
 if [ -d /run/systemd/system ] && [ "$1" = remove ]; then
-    deb-systemd-invoke stop mailwarden.service mailwarden-dmarc-report.timer >/dev/null || true
+    deb-systemd-invoke stop mailwarden.service mailwarden-dmarc-report.timer mailwarden-dmarc-failures.timer >/dev/null || true
 fi
 exit 0
 EOF
@@ -163,7 +163,7 @@ if [ "$1" = purge ]; then
     rm -rf /var/lib/mailwarden
     rmdir --ignore-fail-on-non-empty /etc/mailwarden 2>/dev/null || true
     if command -v deb-systemd-helper >/dev/null; then
-        deb-systemd-helper purge mailwarden.service mailwarden-dmarc-report.timer \
+        deb-systemd-helper purge mailwarden.service mailwarden-dmarc-report.timer mailwarden-dmarc-failures.timer \
             >/dev/null || true
     fi
 fi

@@ -71,6 +71,10 @@ class Recorder:
     def received_report(self, result: str) -> None:
         """One aggregate report that arrived by mail: stored, duplicate or refused."""
 
+    def failure_report(self, result: str) -> None:
+        """One failure report (RFC 9991) for one destination: queued, rate-limited, dropped
+        (by the daemon); sent, skipped, failed, uncertain (by `dmarc failures`)."""
+
 
 class PrometheusRecorder(Recorder):
     """Every event into a prometheus_client metric (multi-process mode)."""
@@ -122,6 +126,11 @@ class PrometheusRecorder(Recorder):
             "mailwarden_received_reports_total",
             "Aggregate reports about our domains that arrived by mail (dmarc_reports rule), "
             "by result (stored, duplicate, refused)", ["result"])
+        self._failures = Counter(
+            "mailwarden_failure_reports_total",
+            "DMARC failure reports (RFC 9991) per destination, by result: queued, "
+            "rate_limited, dropped (daemon), sent, skipped, failed (dmarc failures)",
+            ["result"])
         self._store_available = Gauge(
             "mailwarden_dmarc_store_available",
             "1 when every worker that has tried has its DMARC report store open, 0 when one "
@@ -131,6 +140,8 @@ class PrometheusRecorder(Recorder):
             self._errors.labels(kind)
         for result in ("stored", "duplicate", "refused"):
             self._received.labels(result)
+        for result in ("queued", "rate_limited", "dropped", "sent", "failed"):
+            self._failures.labels(result)
         for check, results in (("dkim_sign", ("signed", "none", "error")),
                                ("arc_seal", ("sealed", "error"))):
             for result in results:
@@ -174,6 +185,9 @@ class PrometheusRecorder(Recorder):
 
     def received_report(self, result: str) -> None:
         self._received.labels(result).inc()
+
+    def failure_report(self, result: str) -> None:
+        self._failures.labels(result.replace("-", "_")).inc()
 
 
 METRICS: Recorder = Recorder()

@@ -84,11 +84,12 @@ def _result_dict(result: CheckResult) -> dict[str, Any]:
 
 
 def offline_config(config: Config, nameservers: list[Nameserver] | None) -> Config:
-    """The configuration as the test runs it: other DNS servers if given, no DMARC store."""
+    """The configuration as the test runs it: other DNS servers if given, no DMARC store
+    (no evaluation recorded, no failure report queued)."""
     dns = config.dns
     if nameservers:
         dns = dataclasses.replace(dns, nameservers=tuple(nameservers))
-    dmarc = dataclasses.replace(config.dmarc, store="")
+    dmarc = dataclasses.replace(config.dmarc, store="", failure_reports=None)
     return dataclasses.replace(config, dns=dns, dmarc=dmarc)
 
 

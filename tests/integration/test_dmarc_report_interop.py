@@ -97,11 +97,11 @@ def realistic(store: Store) -> None:
         # an existing subdomain failing over IPv6: quarantined (sp=quarantine)
         evaluation(**EXAMPLE, **FAIL, source_ip="2001:db8:bad::1", header_from="shop.example.com",
                    envelope_from="shop.example.com", disposition="quarantine", dkim=(),
-                   spf=(("shop.example.com", "mfrom", "softfail"),)),
+                   spf=(("shop.example.com", "mfrom", "softfail"),), policy_tag="sp"),
         # a non-existent subdomain: np=reject
         evaluation(**EXAMPLE, **FAIL, source_ip="203.0.113.66", header_from="ghost.example.com",
                    envelope_from="ghost.example.com", disposition="reject", dkim=(),
-                   spf=(("ghost.example.com", "mfrom", "none"),)),
+                   spf=(("ghost.example.com", "mfrom", "none"),), policy_tag="np"),
         # override reasons: monitor mode (local_policy), a trusted forwarder
         evaluation(**EXAMPLE, **FAIL, source_ip="198.51.100.20", disposition="none",
                    envelope_from="lists.example.org", dkim=(("example.com", "s1", "fail"),),
@@ -265,8 +265,10 @@ def _spf(ev: Evaluation) -> tuple[str, str, str] | None:
 def expected_row(ev: Evaluation) -> Row:
     passed = "pass" in (ev.dkim_aligned, ev.spf_aligned)
     # the policy that applies to the author domain: p for the policy domain itself, sp for
-    # its subdomains (the store does not say when np= applied instead: see the xfail below)
-    asked = ev.p if ev.header_from == ev.policy_domain else (ev.sp or ev.p)
+    # its subdomains, np= for a non-existent one: the store says which tag applied (rows older
+    # than schema 3 do not, and fall back to p/sp)
+    asked = {"p": ev.p, "sp": ev.sp, "np": ev.np}.get(ev.policy_tag) or (
+        ev.p if ev.header_from == ev.policy_domain else (ev.sp or ev.p))
     disposition = ev.disposition
     if disposition == "none" and passed and asked in ("quarantine", "reject"):
         disposition = "pass"  # RFC 9990 schema: "No action, passing DMARC w/enforcing policy"
@@ -516,11 +518,6 @@ def test_three_parsers_read_our_reports_as_the_store_holds_them(
     assert complaints == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "report.py _row() takes sp for every subdomain; the store does not record that np= "
-    "applied (DmarcResult.policy_tag is not in Evaluation), so a t=y disposition one level "
-    "below np= that equals sp= gets no policy_test_mode reason, which RFC 9990 "
-    "<policy_evaluated> requires"))
 def test_t_y_on_a_non_existent_subdomain_says_policy_test_mode(
         tmp_path: Path, offline: list[str]) -> None:
     """t=y, np=reject, sp=quarantine, a non-existent subdomain failing: the milter applies
@@ -530,7 +527,7 @@ def test_t_y_on_a_non_existent_subdomain_says_policy_test_mode(
     store = Store.open(str(tmp_path / "np.db"))
     store.record(evaluation(**{**EXAMPLE, "testing": True}, **FAIL, source_ip="203.0.113.66",
                             header_from="ghost.example.com", envelope_from="ghost.example.com",
-                            disposition="quarantine", dkim=(),
+                            disposition="quarantine", dkim=(), policy_tag="np",
                             spf=(("ghost.example.com", "mfrom", "none"),)))
     (report,) = build_reports(store, period_start=DAY, period_end=END, settings=SETTINGS)
     store.close()

@@ -51,7 +51,7 @@ def test_commands_that_read_the_configuration_take_config() -> None:
     """One name per concept: every command reading the configuration takes --config."""
     readers = {"mailwarden run", "mailwarden test", "mailwarden check-config",
                "mailwarden dkim genkey", "mailwarden dkim check-dns", "mailwarden dmarc report",
-               "mailwarden dmarc ingest", "mailwarden dmarc sources",
+               "mailwarden dmarc failures", "mailwarden dmarc ingest", "mailwarden dmarc sources",
                "mailwarden dmarc summary"}
     found = {path for path, parser, _ in commands(build_parser())
              if any("--config" in a.option_strings for a in parser._actions)}

@@ -282,7 +282,7 @@ def test_unknown_tags_are_ignored_with_a_warning() -> None:
 def test_removed_tags_are_ignored_with_a_warning(tag: str, value: str) -> None:
     parsed = record(f"v=DMARC1; p=reject; {tag}={value}")
     assert parsed.p == "reject" and parsed.sp == "reject"  # pct=0 does not soften anything
-    legacy = " (dmarc.mode: legacy honours it)" if tag == "pct" else ""
+    legacy = " (dmarc.mode: legacy honours it)" if tag in ("pct", "rf") else ""
     warnings = (f"{tag}= was removed by RFC 9989 and is ignored{legacy}",)
     if value == "bogus":
         warnings += ("pct=bogus is not an integer from 0 to 100; using 100",)
@@ -293,8 +293,15 @@ def test_all_removed_tags_warn_in_order() -> None:
     parsed = record("v=DMARC1; ri=86400; p=none; rf=afrf; pct=100")
     assert parsed.warnings == ("pct= was removed by RFC 9989 and is ignored "
                                "(dmarc.mode: legacy honours it)",
-                               "rf= was removed by RFC 9989 and is ignored",
+                               "rf= was removed by RFC 9989 and is ignored "
+                               "(dmarc.mode: legacy honours it)",
                                "ri= was removed by RFC 9989 and is ignored")
+
+
+def test_rf_lists_the_failure_report_formats_for_legacy_mode() -> None:
+    assert record("v=DMARC1; p=none").rf == ("afrf",)  # RFC 7489 §6.3 default
+    assert record("v=DMARC1; p=none; rf=AFRF:iodef").rf == ("afrf", "iodef")
+    assert record("v=DMARC1; p=none; rf=iodef").rf == ("iodef",)
 
 
 def test_duplicate_tag_first_one_counts_with_a_warning() -> None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mailwarden.checks.base import CheckOutcome, CheckSpec, Context
+from mailwarden.checks.failure_reports import queue_failure_report
 from mailwarden.config.model import Outcome
 from mailwarden.dmarc.evaluate import DkimInput, DmarcResult, evaluate
 from mailwarden.findings import DmarcFinding, SpfIdentity
@@ -235,6 +236,7 @@ def finish(ctx: Context, txn: Transaction, finding: DmarcFinding,
                                          ctx.config.dmarc.mode))
     if applied is not None:
         _record(ctx, txn, finding, applied, overrides)
+        queue_failure_report(ctx, txn, finding, applied)
 
 
 def _record(ctx: Context, txn: Transaction, finding: DmarcFinding, disposition: Result,
@@ -263,6 +265,7 @@ def _record(ctx: Context, txn: Transaction, finding: DmarcFinding, disposition: 
         spf_aligned="pass" if found.spf_aligned else "fail",
         dkim=tuple((s.domain, s.selector, str(s.result)) for s in signatures if s.domain),
         spf=finding.spf_reported, overrides=overrides, rua=record.rua,
+        policy_tag=found.policy_tag,
     )
     try:
         ctx.store().record(evaluation, txn.deadline)

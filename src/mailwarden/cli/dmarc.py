@@ -56,6 +56,20 @@ def add_dmarc_commands(commands: Any) -> None:
                         '(default: yesterday)')
     report.add_argument("--dry-run", action="store_true", help="build, print, send nothing")
     report.set_defaults(handler=_cmd_dmarc_report)
+    failures = dmarc_sub.add_parser(
+        "failures", help="send the queued RFC 9991 failure reports",
+        description="Send the failure reports the daemon queued in dmarc.store (made only when "
+        "dmarc.failure_reports is configured and the sender's record has ruf=) through "
+        "dmarc.reports.smarthost, each once per destination, after verifying external "
+        "destinations as for aggregate reports. systemd/mailwarden-dmarc-failures.timer runs "
+        "it every five minutes. Started as root it runs as the store's owner. Exit status: 0 "
+        "nothing failed, 1 a destination or the store failed (the next run tries again), 2 a "
+        "configuration error.")
+    failures.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                          help=f"configuration file (default: {DEFAULT_CONFIG})")
+    failures.add_argument("--dry-run", action="store_true",
+                          help="verify destinations and print, send nothing")
+    failures.set_defaults(handler=_cmd_dmarc_failures)
     dsummary = dmarc_sub.add_parser(
         "summary", help="per domain and sending source: volume and DMARC pass rates",
         description="Summarise the stored DMARC evaluations of the last N days per policy "
@@ -125,8 +139,25 @@ def _cmd_dmarc_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_dmarc_report(args: argparse.Namespace) -> int:
+def _report_setup(config: Any) -> tuple[Any, Resolver]:
+    """The reporter settings (signing keys for the reporting address included) and the
+    resolver, from the configuration: the same sending path for every kind of report."""
+    from mailwarden.dkim.sign import SignOptions
     from mailwarden.dmarc.report import ReportSettings
+
+    resolver = Resolver(nameservers=list(config.dns.nameservers) or system_nameservers(),
+                        timeout=config.dns.timeout, lifetime=config.dns.lifetime)
+    networks = tuple(str(net) for name, entries in config.hosts.items()
+                     for net in HostGroup.from_entries(name, entries).networks)
+    settings = ReportSettings(**config.dmarc.reports, internal_networks=networks)
+    signing = config.signing
+    settings = dataclasses.replace(
+        settings, signing_keys=signing.keys_for_author(settings.sender),
+        sign_options=SignOptions(signing.headers, signing.oversign, signing.canonicalization))
+    return settings, resolver
+
+
+def _cmd_dmarc_report(args: argparse.Namespace) -> int:
     from mailwarden.dmarc.sending import run_report_command
 
     config = load_config(args.config)
@@ -135,20 +166,48 @@ def _cmd_dmarc_report(args: argparse.Namespace) -> int:
     if not config.dmarc.store or not config.dmarc.reports:
         print("mailwarden: dmarc.store and dmarc.reports must be configured", file=sys.stderr)
         return 2
-    resolver = Resolver(nameservers=list(config.dns.nameservers) or system_nameservers(),
-                        timeout=config.dns.timeout, lifetime=config.dns.lifetime)
-    networks = tuple(str(net) for name, entries in config.hosts.items()
-                     for net in HostGroup.from_entries(name, entries).networks)
-    from mailwarden.dkim.sign import SignOptions
-
-    settings = ReportSettings(**config.dmarc.reports, internal_networks=networks)
-    signing = config.signing
-    settings = dataclasses.replace(
-        settings, signing_keys=signing.keys_for_author(settings.sender),
-        sign_options=SignOptions(signing.headers, signing.oversign, signing.canonicalization))
+    settings, resolver = _report_setup(config)
     become_store_owner(config.dmarc.store, config.user)
     return run_report_command(store_url=config.dmarc.store, settings=settings, dns=resolver,
                               period=args.period, dry_run=args.dry_run)
+
+
+def _cmd_dmarc_failures(args: argparse.Namespace) -> int:
+    from mailwarden.dmarc.failures import send_failures
+    from mailwarden.dmarc.store import LockBusy, Store, StoreError
+
+    config = load_config(args.config)
+    if config is None:
+        return 2
+    if config.dmarc.failure_reports is None:
+        print("mailwarden: dmarc.failure_reports is not configured: no failure reports are "
+              "made", file=sys.stderr)
+        return 2
+    settings, resolver = _report_setup(config)
+    become_store_owner(config.dmarc.store, config.user)
+    try:
+        store = Store.open(config.dmarc.store)
+    except (StoreError, ValueError) as exc:
+        print(f"dmarc failures: {exc}", file=sys.stderr)
+        return 1
+    try:
+        with store.report_lock():
+            outcomes = send_failures(store, settings, resolver, dry_run=args.dry_run)
+    except LockBusy as exc:
+        print(f"dmarc failures: {exc}; the next run sends them")
+        return 0
+    except (StoreError, OSError) as exc:
+        print(f"dmarc failures: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    if not outcomes:
+        print("no failure reports waiting")
+    for item in outcomes:
+        detail = f": {item.detail}" if item.detail else ""
+        print(f"{item.status} {item.policy_domain} failure report {item.report_id} -> "
+              f"{item.destination}{detail}")
+    return 0 if all(item.ok for item in outcomes) else 1
 
 
 def _cmd_dmarc_summary(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from mailwarden.config.model import (
     Config,
     DmarcConfig,
     DNSConfig,
+    FailureReportsConfig,
     Outcome,
     RuleConfig,
     default_workers,
@@ -213,8 +214,27 @@ def _dmarc(top: Section) -> DmarcConfig:
         if not reports["smarthost"] and not reports["directory"]:
             raise reports_section.error(None, "give a smarthost (HOST:PORT) or a directory")
         reports_section.finish()
+    failures = _failure_reports(section, store, reports)
     section.finish()
-    return DmarcConfig(mode, store, reports)
+    return DmarcConfig(mode, store, reports, failures)
+
+
+def _failure_reports(dmarc: Section, store: str,
+                     reports: dict[str, Any]) -> FailureReportsConfig | None:
+    """dmarc.failure_reports: queued in the store, sent the way aggregate reports are."""
+    section = dmarc.section("failure_reports")
+    if section is None:
+        return None
+    if not store:
+        raise section.error(None, "failure reports are queued in dmarc.store: set it")
+    if not reports:
+        raise section.error(None, "failure reports are sent with the dmarc.reports settings "
+                                  "(email, smarthost or directory): set them")
+    rate = section.integer("rate_limit", 10, minimum=1)
+    domains = tuple(d.lower().rstrip(".") for d in section.str_list("domains"))
+    redact = section.boolean("redact", True)
+    section.finish()
+    return FailureReportsConfig(rate, domains, redact)
 
 
 def _octal_mode(text: str) -> int:

@@ -121,10 +121,21 @@ class SigningConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FailureReportsConfig:
+    """`dmarc.failure_reports:` (RFC 9991): present means on, for the domains whose record
+    asks for them with ruf=."""
+
+    rate_limit: int = 10  # reports per destination address per hour; the rest are dropped
+    domains: tuple[str, ...] = ()  # only these policy domains (empty: every domain)
+    redact: bool = True  # local-parts replaced by a keyed hash (RFC 6590)
+
+
+@dataclass(frozen=True, slots=True)
 class DmarcConfig:
     mode: str = "rfc9989"  # or "legacy": RFC 7489's Public Suffix List
     store: str = ""  # sqlite path/URL or postgresql://...; empty: evaluations are not stored
     reports: Mapping[str, Any] = field(default_factory=dict)
+    failure_reports: FailureReportsConfig | None = None  # None: off
 
 
 @dataclass(frozen=True, slots=True)

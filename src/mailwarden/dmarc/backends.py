@@ -31,7 +31,7 @@ class LockBusy(StoreError):
 
 # --------------------------------------------------------------------------- schema
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 def _v1(**types: str) -> tuple[str, ...]:
     """Schema version 1, one text for both databases (only the column types differ)."""
@@ -96,13 +96,33 @@ def _v2(**types: str) -> tuple[str, ...]:
     ))
 
 
+def _v3(**types: str) -> tuple[str, ...]:
+    """Schema version 3: failure reports (RFC 9991) waiting to be sent, one row per report
+    and destination (the report ledger says which were sent), and the policy tag of each
+    evaluation."""
+    return tuple(statement.format(**types) for statement in (
+            """CREATE TABLE failure_reports (
+                report_id TEXT NOT NULL,
+                destination TEXT NOT NULL,
+                created {real} NOT NULL,
+                policy_domain TEXT NOT NULL,
+                content TEXT NOT NULL,
+                state TEXT NOT NULL DEFAULT 'queued',
+                PRIMARY KEY (report_id, destination))""",
+            "CREATE INDEX failure_reports_state ON failure_reports (state)",
+            # which of p, sp and np applied: what the policy asked (RFC 9990 policy_evaluated)
+            "ALTER TABLE evaluations ADD COLUMN policy_tag TEXT NOT NULL DEFAULT ''",
+            "CREATE INDEX failure_reports_destination ON failure_reports (destination, created)",
+    ))
+
+
 _SQLITE = {"id": "INTEGER PRIMARY KEY AUTOINCREMENT", "real": "REAL", "flag": "INTEGER"}
 _PG = {"id": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY", "real": "DOUBLE PRECISION",
        "flag": "SMALLINT"}
 # version -> statements, per dialect; "?" is the parameter placeholder in every statement.
 MIGRATIONS: dict[str, list[tuple[int, tuple[str, ...]]]] = {
-    "sqlite": [(1, _v1(**_SQLITE)), (2, _v2(**_SQLITE))],
-    "postgresql": [(1, _v1(**_PG)), (2, _v2(**_PG))],
+    "sqlite": [(1, _v1(**_SQLITE)), (2, _v2(**_SQLITE)), (3, _v3(**_SQLITE))],
+    "postgresql": [(1, _v1(**_PG)), (2, _v2(**_PG)), (3, _v3(**_PG))],
 }
 
 _PG_SCHEMA_LOCK = 0x6D61_696C_646D_6172 & 0x7FFF_FFFF_FFFF_FFFF

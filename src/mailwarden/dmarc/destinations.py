@@ -77,10 +77,11 @@ class Verifier:
             self._org[domain] = self.discovery.organizational_domain(domain)
         return self._org[domain]
 
-    def destinations(self, policy_domain: str,
-                     dest: Destination) -> list[Destination] | tuple[str, str]:
+    def destinations(self, policy_domain: str, dest: Destination,
+                     kind: str = "rua") -> list[Destination] | tuple[str, str]:
         """The destinations to use for `dest` (itself, or the override of its verification
-        record), or (status, why) when it cannot be used."""
+        record: its rua=, or its ruf= for failure reports, RFC 9991 §5), or (status, why)
+        when it cannot be used."""
         try:
             if self.org(policy_domain) == self.org(dest.host):
                 return [dest]
@@ -103,7 +104,7 @@ class Verifier:
                                f"{name} ({answer.status})")
         overrides: list[Destination] = []
         for tags in records:
-            for uri in (u.strip() for u in tags.get("rua", "").split(",") if u.strip()):
+            for uri in (u.strip() for u in tags.get(kind, "").split(",") if u.strip()):
                 parsed = parse_uri(uri)
                 if isinstance(parsed, str):
                     continue

@@ -6,6 +6,7 @@ a failing message outside the sampled percentage gets the next less strict polic
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
@@ -42,6 +43,11 @@ class DmarcResult:
     dkim_aligned: bool = False
     aligned_dkim_domain: str = ""
     sampled_out: bool = False  # legacy pct=: this failure was outside the sample
+    # for failure reports (RFC 9991 §4 Identity-Alignment): the mechanisms whose aligned
+    # identifier did not pass, and the first such DKIM signature (domain, selector);
+    # computed only for a record with ruf=
+    failed_aligned: tuple[str, ...] = ()
+    failed_dkim: tuple[str, str] | None = None
     queries: int = 0
     warnings: tuple[str, ...] = field(default=())
 
@@ -67,6 +73,20 @@ def _undecided(discovery: Discovery, author: str, record: DmarcRecord, spf_domai
     if spf_result is Result.TEMPERROR and discovery.aligned(spf_domain, author, record.aspf):
         return f"SPF for {spf_domain}"
     return ""
+
+
+def _failed_aligned(base: DmarcResult, discovery: Discovery, record: DmarcRecord,
+                    spf_domain: str, spf_result: Result,
+                    dkim: Sequence[DkimInput]) -> DmarcResult:
+    """RFC 9991 §4: which mechanisms failed to authenticate an identifier aligned with the
+    author domain."""
+    author = base.author_domain
+    failed_sig = next(((sig.domain, sig.selector) for sig in dkim if sig.result is not Result.PASS
+                       and discovery.aligned(sig.domain, author, record.adkim)), None)
+    spf_failed = bool(spf_domain) and spf_result is not Result.PASS and \
+        discovery.aligned(spf_domain, author, record.aspf)
+    failed = (("dkim",) if failed_sig else ()) + (("spf",) if spf_failed else ())
+    return dataclasses.replace(base, failed_aligned=failed, failed_dkim=failed_sig)
 
 
 def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result: Result,
@@ -105,6 +125,9 @@ def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result:
         spf_aligned=spf_ok, dkim_aligned=bool(dkim_domain), aligned_dkim_domain=dkim_domain,
         queries=discovery.queries, warnings=record.warnings,
     )
+    if record.ruf:
+        with contextlib.suppress(TemporaryError):  # only a failure report's detail is missing
+            base = _failed_aligned(base, discovery, record, spf_domain, spf_result, dkim)
     if spf_ok or dkim_domain:
         how = "DKIM" if dkim_domain else "SPF"
         return dataclasses.replace(base, result=Result.PASS, reason=f"aligned {how} pass")

@@ -36,6 +36,7 @@ class DmarcRecord:
     p_explicit: bool = True
     warnings: tuple[str, ...] = ()
     pct: int = 100  # RFC 7489 §6.3: honoured only in dmarc.mode: legacy
+    rf: tuple[str, ...] = ("afrf",)  # RFC 7489 §6.3 failure report formats (legacy only)
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +72,7 @@ def parse(text: str) -> DmarcRecord | NotARecord:
         tags[name] = value
     for removed in ("pct", "rf", "ri"):
         if removed in tags:
-            honoured = " (dmarc.mode: legacy honours it)" if removed == "pct" else ""
+            honoured = "" if removed == "ri" else " (dmarc.mode: legacy honours it)"
             warnings.append(f"{removed}= was removed by RFC 9989 and is ignored{honoured}")
     known = {"v", "p", "sp", "np", "psd", "t", "adkim", "aspf", "rua", "ruf", "fo",
              "pct", "rf", "ri"}
@@ -116,6 +117,7 @@ def parse(text: str) -> DmarcRecord | NotARecord:
         psd=choice("psd", ("y", "n", "u"), "u"), testing=choice("t", ("y", "n"), "n") == "y",
         rua=rua, ruf=ruf, fo=_fo(tags.get("fo"), warnings), p_explicit=p_explicit,
         warnings=tuple(warnings), pct=pct,
+        rf=tuple(f.strip().lower() for f in tags.get("rf", "afrf").split(":") if f.strip()),
     )
 
 

@@ -180,7 +180,9 @@ def _row(ev: Evaluation) -> _Row:
     disposition = ev.disposition.strip().lower()
     if disposition not in _POLICIES:
         disposition = "none"
-    applied = ev.p if header_from == policy_domain else (ev.sp or ev.p)
+    # the policy the record asked of this message (p, sp or np, as the evaluation found)
+    applied = {"p": ev.p, "sp": ev.sp, "np": ev.np}.get(ev.policy_tag) or (
+        ev.p if header_from == policy_domain else (ev.sp or ev.p))
     if disposition == "none" and "pass" in (dkim_eval, spf_eval) and \
             applied.strip().lower() in ("quarantine", "reject"):
         disposition = "pass"
@@ -307,7 +309,7 @@ _PRIVATE_USE = tuple(ipaddress.ip_network(net) for net in (
     "169.254.0.0/16", "0.0.0.0/8", "::1/128", "::/128", "fc00::/7", "fe80::/10"))
 
 
-def _internal(source: str, networks: Sequence[IPNetwork]) -> bool:
+def is_internal(source: str, networks: Sequence[IPNetwork]) -> bool:
     """A private-use address, or one in our own host groups' networks."""
     try:
         ip = ipaddress.ip_address(source.strip())
@@ -331,7 +333,7 @@ def build_reports(store: Store, *, period_start: float, period_end: float,
         counts: dict[_Row, int] = {}
         latest: Evaluation | None = None
         for ev in store.iter_evaluations(period_start, period_end, domain):
-            if not settings.include_internal_sources and _internal(ev.source_ip, internal):
+            if not settings.include_internal_sources and is_internal(ev.source_ip, internal):
                 continue
             key = _row(ev)
             counts[key] = counts.get(key, 0) + 1

@@ -38,7 +38,13 @@ def report_mail(report: Report, settings: ReportSettings, address: str) -> bytes
     attachment.add_header("Content-Disposition", "attachment", filename=report.filename)
     message.attach(attachment)
     # No header folding, so the filename stays one plain parameter (not RFC 2231 pieces).
-    data = message.as_bytes(policy=email.policy.SMTP.clone(max_line_length=None))
+    return finish_mail(message.as_bytes(policy=email.policy.SMTP.clone(max_line_length=None)),
+                       settings)
+
+
+def finish_mail(data: bytes, settings: ReportSettings) -> bytes:
+    """A report mail signed (when `settings` has keys) and ready for SMTP DATA (CRLF,
+    dot-stuffed): aggregate and failure reports alike."""
     if settings.signing_keys:
         data = _signed(data, settings)
     data = re.sub(rb"(?m)^\.", b"..", data)  # SMTP dot-stuffing (RFC 5321 §4.5.2)

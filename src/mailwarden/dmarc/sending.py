@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import math
 import os
 import smtplib
@@ -54,7 +55,8 @@ from mailwarden.dmarc.reportmail import report_mail
 from mailwarden.dmarc.store import LedgerEntry, LockBusy, Store, StoreError
 from mailwarden.dns import DNSClient
 
-__all__ = ["SendOutcome", "parse_period", "run_report_command", "send_reports"]
+__all__ = ["Item", "SendOutcome", "deliver_once", "parse_period", "run_report_command",
+           "send_reports"]
 
 @dataclass(frozen=True, slots=True)
 class SendOutcome:
@@ -89,7 +91,7 @@ def _hostport(text: str) -> tuple[str, int]:
     return (host, int(port)) if sep and port.isdigit() else (text, 25)
 
 
-class _Sender:
+class Sender:
     """Sends one report to one address with the ledger protocol of the module docstring."""
 
     def __init__(self, store: Store, settings: ReportSettings) -> None:
@@ -98,14 +100,13 @@ class _Sender:
             raise ValueError("no smarthost configured")
         self.host, self.port = _hostport(settings.smarthost)
 
-    def send(self, report: Report, dest: Destination, data: bytes) -> SendOutcome:
+    def send(self, item: Item, dest: Destination, data: bytes) -> SendOutcome:
         def outcome(status: str, detail: str) -> SendOutcome:
-            return SendOutcome(report.report_id, report.policy_domain, dest.key, status, detail)
+            return SendOutcome(item.report_id, item.policy_domain, dest.key, status, detail)
 
         def ledger(state: str, detail: str) -> None:
             self.store.ledger_put(LedgerEntry(
-                report.report_id, dest.key, state, report.policy_domain,
-                f"<{report.report_id}@{report.submitter}>", detail))
+                item.report_id, dest.key, state, item.policy_domain, item.message_id, detail))
 
         committing = False
         in_data = False  # between DATA's 354 and the answer to the final "."
@@ -213,7 +214,7 @@ def _send_all(store: Store, reports: list[Report], settings: ReportSettings, dns
         for report in reports:
             outcomes.append(_to_directory(store, report, settings.directory, dry_run=dry_run))
         return outcomes
-    sender = _Sender(store, settings) if settings.smarthost else None
+    sender = Sender(store, settings) if settings.smarthost else None
     verifier = Verifier(dns)
     for report in reports:
         def result(key: str, status: str, detail: str, report: Report = report) -> None:
@@ -234,30 +235,51 @@ def _send_all(store: Store, reports: list[Report], settings: ReportSettings, dns
                 result(parsed.key, *found)
                 continue
             targets.extend(dest for dest in found if dest not in targets)
+        item = Item(report.report_id, report.policy_domain,
+                    f"<{report.report_id}@{report.submitter}>")
         for dest in dict.fromkeys(targets):
-            entry = store.ledger_get(report.report_id, dest.key)
-            if entry is not None and entry.state == "sent":
-                result(dest.key, "already-sent", entry.detail)
-                continue
-            if entry is not None and entry.state == "committing" and not resend_uncertain:
-                result(dest.key, "uncertain",
-                       "a previous run stopped after handing over the final '.' and before "
-                       "recording the answer: the message may have been accepted; not "
-                       "re-sent (check the smarthost's log, then resend_uncertain)")
-                continue
-            data = report_mail(report, settings, dest.address)
-            if dest.limit is not None and len(data) > dest.limit:
-                result(dest.key, "skipped",
-                       f"report mail of {len(data)} bytes exceeds the URI's limit {dest.limit}")
-                continue
-            if dry_run:
-                result(dest.key, "would-send", f"{len(data)} bytes via {settings.smarthost}")
-                continue
-            if sender is None:
-                result(dest.key, "failed", "no smarthost and no directory configured")
-                continue
-            outcomes.append(sender.send(report, dest, data))
+            outcomes.append(deliver_once(
+                store, sender, item, dest,
+                functools.partial(report_mail, report, settings, dest.address),
+                dry_run=dry_run, resend_uncertain=resend_uncertain))
     return outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """What the ledger needs to know of a report (aggregate or failure)."""
+
+    report_id: str
+    policy_domain: str
+    message_id: str
+
+
+def deliver_once(store: Store, sender: Sender | None, item: Item, dest: Destination,
+                 build: Callable[[], bytes], *, dry_run: bool,
+                 resend_uncertain: bool = False, honour_limit: bool = True) -> SendOutcome:
+    """Send one report to one destination unless the ledger says it was (or may have
+    been) sent; `build` makes the mail. `honour_limit`: skip a mail over the URI's !size."""
+    def result(status: str, detail: str) -> SendOutcome:
+        return SendOutcome(item.report_id, item.policy_domain, dest.key, status, detail)
+
+    entry = store.ledger_get(item.report_id, dest.key)
+    if entry is not None and entry.state == "sent":
+        return result("already-sent", entry.detail)
+    if entry is not None and entry.state == "committing" and not resend_uncertain:
+        return result("uncertain",
+                      "a previous run stopped after handing over the final '.' and before "
+                      "recording the answer: the message may have been accepted; not "
+                      "re-sent (check the smarthost's log, then resend_uncertain)")
+    data = build()
+    if honour_limit and dest.limit is not None and len(data) > dest.limit:
+        return result("skipped",
+                      f"report mail of {len(data)} bytes exceeds the URI's limit {dest.limit}")
+    if dry_run:
+        where = sender.settings.smarthost if sender is not None else "no smarthost"
+        return result("would-send", f"{len(data)} bytes via {where}")
+    if sender is None:
+        return result("failed", "no smarthost configured")
+    return sender.send(item, dest, data)
 
 
 def _to_directory(store: Store, report: Report, directory: str, *,

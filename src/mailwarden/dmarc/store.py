@@ -98,6 +98,7 @@ class Evaluation:
     spf: tuple[tuple[str, str, str], ...] = ()  # (domain, scope "mfrom"|"helo", result)
     overrides: tuple[tuple[str, str], ...] = ()  # (type, comment)
     rua: tuple[str, ...] = ()  # reporting URIs of the record (mailto:...)
+    policy_tag: str = ""  # which applied: p, sp or np ("" in rows older than schema 3)
 
 
 LEDGER_STATES = ("committing", "sent", "failed")
@@ -126,7 +127,7 @@ class LedgerEntry:
 
 _COLUMNS = ("time", "source_ip", "header_from", "envelope_from", "envelope_to", "policy_domain",
             "p", "sp", "np", "adkim", "aspf", "testing", "psd", "disposition", "dkim_aligned",
-            "spf_aligned", "dkim", "spf", "overrides", "rua")
+            "spf_aligned", "dkim", "spf", "overrides", "rua", "policy_tag")
 _INSERT = (f"INSERT INTO evaluations ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 _SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM evaluations"
@@ -143,6 +144,7 @@ def _to_row(ev: Evaluation) -> tuple[object, ...]:
         ev.disposition, ev.dkim_aligned, ev.spf_aligned,
         json.dumps([list(item) for item in ev.dkim]), json.dumps([list(item) for item in ev.spf]),
         json.dumps([list(item) for item in ev.overrides]), json.dumps(list(ev.rua)),
+        ev.policy_tag,
     )
 
 
@@ -157,14 +159,14 @@ def _pairs(text: str) -> tuple[tuple[str, str], ...]:
 def _from_row(row: Sequence[Any]) -> Evaluation:
     (_id, time_, source_ip, header_from, envelope_from, envelope_to, policy_domain, p, sp, np,
      adkim, aspf, testing, psd, disposition, dkim_aligned, spf_aligned, dkim, spf, overrides,
-     rua) = row
+     rua, policy_tag) = row
     return Evaluation(
         time=float(time_), source_ip=source_ip, header_from=header_from,
         envelope_from=envelope_from, envelope_to=envelope_to, policy_domain=policy_domain,
         p=p, sp=sp, np=np, adkim=adkim, aspf=aspf, testing=bool(testing), psd=psd,
         disposition=disposition, dkim_aligned=dkim_aligned, spf_aligned=spf_aligned,
         dkim=_triples(dkim), spf=_triples(spf), overrides=_pairs(overrides),
-        rua=tuple(str(uri) for uri in json.loads(rua)),
+        rua=tuple(str(uri) for uri in json.loads(rua)), policy_tag=policy_tag,
     )
 
 

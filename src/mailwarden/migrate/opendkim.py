@@ -264,7 +264,8 @@ def _dmarc_rule(dm: Settings, hosts: dict[str, list[str]], config: dict[str, Any
                      "rule, enforcing nothing)")
     if dm.flag("FailureReports", False):
         notes.append(f"{_at(dm, 'FailureReports')}: FailureReports: not carried over: "
-                     "mailwarden sends aggregate reports only, no failure reports")
+                     "failure reports need dmarc.store and dmarc.reports; then add "
+                     "dmarc.failure_reports and enable mailwarden-dmarc-failures.timer")
     return rule
 
 

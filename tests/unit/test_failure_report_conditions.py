@@ -1,0 +1,94 @@
+"""When the daemon makes a failure report at all (checks/failure_reports.py): only with
+`dmarc.failure_reports` configured, a ruf= in the record, never for a psd=y record (RFC 9991
+§2), in legacy mode only when rf= lists afrf (RFC 7489 §6.3), only for the configured domains,
+never about internal sources or about a feedback report."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailwarden.checks.base import Context
+from mailwarden.checks.failure_reports import _wanted
+from mailwarden.config.build import parse
+from mailwarden.dmarc.evaluate import DmarcResult
+from mailwarden.dmarc.record import DmarcRecord
+from mailwarden.dmarc.record import parse as parse_record
+from mailwarden.findings import DmarcFinding
+from mailwarden.results import Result
+from mailwarden.transaction import Transaction
+
+from fakedns import FakeDNS
+
+BASE = """\
+authserv_id: mx.ours.example
+dmarc:
+  mode: {mode}
+  store: /var/lib/mailwarden/dmarc.db
+  reports: {{org_name: Ours, email: d@ours.example, smarthost: "127.0.0.1:25"}}
+{failures}
+hosts:
+  ours: [198.51.100.0/24]
+"""
+ON = "  failure_reports: {rate_limit: 5}"
+
+
+def context(mode: str = "rfc9989", failures: str = ON) -> Context:
+    return Context(parse(BASE.format(mode=mode, failures=failures)), FakeDNS(), {})
+
+
+def finding(record_text: str, result: Result = Result.FAIL,
+            domain: str = "example.com") -> DmarcFinding:
+    record = parse_record(record_text)
+    assert isinstance(record, DmarcRecord)
+    found = DmarcResult(result, "", domain, policy_domain=domain, record=record,
+                        policy_tag="p")
+    return DmarcFinding("dmarc", found, Result.REJECT)
+
+
+def txn(ip: str = "203.0.113.9", content_type: str = "text/plain") -> Transaction:
+    made = Transaction.for_client(ip)
+    made.headers = [("From", " a@example.com"), ("Content-Type", f" {content_type}")]
+    return made
+
+
+RUF = "v=DMARC1; p=reject; ruf=mailto:f@example.com"
+
+
+def test_a_record_with_ruf_and_the_feature_on_gets_a_report() -> None:
+    assert _wanted(context(), txn(), finding(RUF)) is not None
+
+
+@pytest.mark.parametrize(("ctx", "message", "found"), [
+    pytest.param(lambda: context(failures=""), txn, lambda: finding(RUF), id="feature off"),
+    pytest.param(context, txn, lambda: finding("v=DMARC1; p=reject; rua=mailto:a@example.com"),
+                 id="no ruf"),
+    pytest.param(context, txn, lambda: finding(RUF + "; psd=y"), id="psd=y"),
+    pytest.param(lambda: context("legacy"), txn, lambda: finding(RUF + "; rf=iodef"),
+                 id="legacy rf without afrf"),
+    pytest.param(lambda: context(failures="  failure_reports: {domains: [partner.example]}"),
+                 txn, lambda: finding(RUF), id="not a configured domain"),
+    pytest.param(context, lambda: txn("10.1.2.3"), lambda: finding(RUF), id="private source"),
+    pytest.param(context, lambda: txn("198.51.100.7"), lambda: finding(RUF),
+                 id="host group source"),
+    pytest.param(context, lambda: txn(content_type="multipart/report; "
+                                      "report-type=feedback-report"),
+                 lambda: finding(RUF), id="a feedback report"),
+    pytest.param(context, txn, lambda: finding(RUF, Result.TEMPERROR), id="temperror"),
+])
+def test_no_report(ctx: object, message: object, found: object) -> None:
+    assert _wanted(ctx(), message(), found()) is None  # type: ignore[operator]
+
+
+def test_legacy_with_afrf_listed_and_rfc9989_ignoring_rf_get_reports() -> None:
+    assert _wanted(context("legacy"), txn(), finding(RUF + "; rf=iodef:afrf")) is not None
+    assert _wanted(context(), txn(), finding(RUF + "; rf=iodef")) is not None  # rf= removed
+
+
+def test_mailwarden_test_queues_nothing() -> None:
+    """`mailwarden test` judges a file without a store: no failure report either."""
+    from mailwarden.offline import offline_config
+
+    config = offline_config(context().config, None)
+    assert config.dmarc.failure_reports is None
+    ctx = Context(config, FakeDNS(), {})
+    assert _wanted(ctx, txn(), finding(RUF)) is None
