@@ -108,6 +108,8 @@ class Findings:
     arc: ArcFinding | None = None
     dmarc: list[DmarcFinding] = field(default_factory=list)
     signing: list[SigningFinding] = field(default_factory=list)
+    # the failure reports (RFC 9991) made for this message: "KIND report (fo=...) to URIS"
+    failure_reports: list[str] = field(default_factory=list)
 
     def add(self, finding: Finding) -> None:
         if isinstance(finding, SpfFinding):

@@ -62,6 +62,7 @@ class Report:
     quarantine: str | None = None
     rcpts_refused: list[tuple[str, str]] = field(default_factory=list)
     signing: list[SigningFinding] = field(default_factory=list)  # what signing/sealing did
+    failure_reports: list[str] = field(default_factory=list)  # made, not sent by the test
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +76,7 @@ class Report:
             "headers": {"added": [{"name": n, "value": v} for n, v in self.added],
                         "removed": [{"name": n, "index": i} for n, i in self.removed]},
             "signing": [finding.as_dict() for finding in self.signing],
+            "failure_reports": self.failure_reports,
         }
 
 
@@ -85,11 +87,12 @@ def _result_dict(result: CheckResult) -> dict[str, Any]:
 
 def offline_config(config: Config, nameservers: list[Nameserver] | None) -> Config:
     """The configuration as the test runs it: other DNS servers if given, no DMARC store
-    (no evaluation recorded, no failure report queued)."""
+    (no evaluation recorded, no failure report queued: a report that would be made is
+    shown)."""
     dns = config.dns
     if nameservers:
         dns = dataclasses.replace(dns, nameservers=tuple(nameservers))
-    dmarc = dataclasses.replace(config.dmarc, store="", failure_reports=None)
+    dmarc = dataclasses.replace(config.dmarc, store="")
     return dataclasses.replace(config, dns=dns, dmarc=dmarc)
 
 
@@ -226,6 +229,7 @@ def _finish(connection: Connection, report: Report) -> Report:
     txn = connection.txn
     report.monitored = [str(m) for m in txn.monitored]
     report.signing = list(txn.findings.signing)
+    report.failure_reports = list(txn.findings.failure_reports)
     return report
 
 
@@ -251,6 +255,8 @@ def format_report(report: Report) -> str:
         lines.append(f"monitor mode, not applied: {note}")
     for finding in report.signing:
         lines.append(_signing_line(finding))
+    for made in report.failure_reports:
+        lines.append(f"{made} (the daemon queues it; mailwarden test sends nothing)")
     if report.removed:
         lines.append("headers removed:")
         lines.extend(f"  {name} #{index} (claims our authserv-id: forged)"

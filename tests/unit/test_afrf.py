@@ -27,7 +27,8 @@ FAILURE = Failure(
     arrival=1765000000.0,
     headers=(("From", " Alice <alice@news.example.com>"), ("To", " bob@ours.example"),
              ("Cc", ' "carol x"@ours.example'), ("Subject", " click http://x.example/ now"),
-             ("Received", " from a by b for <alice@ours.example>")),
+             ("Received", " from a by b for <alice@ours.example>"),
+             ("Message-ID", " <4711.alice@news.example.com>")),
     authentication_results="mx.ours.example; dmarc=fail header.from=news.example.com",
     dmarc_failed=True, failed_aligned=("dkim",), aligned_passes=(),
     failed_dkim=("example.com", "s1"),
@@ -78,6 +79,11 @@ def test_the_feedback_fields_rfc9991_requires() -> None:
         "<alice@ours.example>", "<bob@ours.example>"]
     # §4: DKIM-Domain/Selector for the failing aligned signature, SPF-DNS for aligned SPF
     assert (values["DKIM-Domain"], values["DKIM-Selector"]) == ("example.com", "s1")
+    assert values["DKIM-Identity"] == "@example.com"  # RFC 6376 §3.5: no i= is @d=
+    signed_by = dataclasses.replace(FAILURE, dkim_identities=(
+        ("other.example", "s1", "x@other.example"), ("example.com", "s1", "news@example.com")))
+    assert dict(feedback_fields("dmarc", signed_by, redactor(None)))["DKIM-Identity"] == \
+        "news@example.com"
     assert "SPF-DNS" not in values
     spf = dataclasses.replace(FAILURE, failed_aligned=("spf",), failed_dkim=None)
     assert dict(feedback_fields("dmarc", spf, redactor(None)))["SPF-DNS"] == \
@@ -91,13 +97,14 @@ def test_redaction_is_keyed_consistent_and_everywhere() -> None:
     redact = redactor(KEY)
     item = content("dmarc", FAILURE, redact, "Ours")
     text = item.headers + "".join(f"{n}: {v}\n" for n, v in item.feedback)
-    for local in ("alice@", "bob@", "carol", "bounce@"):
+    for local in ("<alice@", " alice@", "bob@", "carol", "bounce@"):
         assert local not in text, local
     alice = redact.local("alice")
     assert text.count(f"{alice}@") == 3  # From, Received, Original-Rcpt-To: the same hash
     assert redactor(b"other key" * 4).local("alice") != alice
     assert redactor(None).local("alice") == "alice"
     assert "http://" not in item.headers and "hxxp://x.example/" in item.headers
+    assert "Message-ID: <4711.alice@news.example.com>" in item.headers  # left as it is
 
 
 def test_the_mail_is_a_feedback_report_with_three_parts() -> None:

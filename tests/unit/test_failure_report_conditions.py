@@ -84,11 +84,25 @@ def test_legacy_with_afrf_listed_and_rfc9989_ignoring_rf_get_reports() -> None:
     assert _wanted(context(), txn(), finding(RUF + "; rf=iodef")) is not None  # rf= removed
 
 
-def test_mailwarden_test_queues_nothing() -> None:
-    """`mailwarden test` judges a file without a store: no failure report either."""
+def test_mailwarden_test_shows_the_report_and_queues_nothing() -> None:
+    """`mailwarden test` judges a file without a store: the report it would make is noted in
+    the findings (and printed), nothing is handed to a store."""
+    from mailwarden.checks.failure_reports import queue_failure_report
+    from mailwarden.dmarc import failures
     from mailwarden.offline import offline_config
 
     config = offline_config(context().config, None)
-    assert config.dmarc.failure_reports is None
     ctx = Context(config, FakeDNS(), {})
-    assert _wanted(ctx, txn(), finding(RUF)) is None
+    message = txn()
+    queuers = dict(failures._QUEUERS)
+    queue_failure_report(ctx, message, finding(RUF), Result.REJECT)
+    assert message.findings.failure_reports == [
+        "dmarc failure report (fo=0) to mailto:f@example.com"]
+    assert set(failures._QUEUERS) <= set(queuers)  # no queuer made
+    passing = txn()
+    queue_failure_report(ctx, passing, finding(RUF, Result.PASS), Result.NONE)
+    assert passing.findings.failure_reports == []  # fo=0 asks only about DMARC failures
+    from mailwarden.offline import Report, format_report
+
+    shown = format_report(Report(failure_reports=message.findings.failure_reports))
+    assert "dmarc failure report (fo=0) to mailto:f@example.com (the daemon queues it" in shown

@@ -12,7 +12,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from mailwarden import metrics
-from mailwarden.dmarc.afrf import Failure, is_feedback_report
+from mailwarden.dmarc.afrf import Failure, is_feedback_report, triggers
 from mailwarden.dmarc.report import is_internal
 from mailwarden.findings import SpfIdentity
 from mailwarden.headers import authentication_results
@@ -35,7 +35,7 @@ def _wanted(ctx: Context, txn: Transaction, finding: DmarcFinding) -> FailureRep
     settings = ctx.config.dmarc.failure_reports
     found = finding.evaluation
     record = found.record
-    if settings is None or not ctx.config.dmarc.store or record is None or not record.ruf:
+    if settings is None or record is None or not record.ruf:
         return None
     if found.result not in (Result.PASS, Result.FAIL) or record.psd == "y":
         return None  # RFC 9991 §2: no ruf= of a Public Suffix Domain's record
@@ -56,7 +56,8 @@ def _wanted(ctx: Context, txn: Transaction, finding: DmarcFinding) -> FailureRep
 
 def queue_failure_report(ctx: Context, txn: Transaction, finding: DmarcFinding,
                          applied: Result) -> None:
-    """Hand the failure report of this message to the store's writer, if one is wanted."""
+    """Hand the failure report of this message to the store's writer, if one is wanted, and
+    note it in the transaction's findings (what `mailwarden test` shows)."""
     settings = _wanted(ctx, txn, finding)
     if settings is None:
         return
@@ -81,7 +82,16 @@ def queue_failure_report(ctx: Context, txn: Transaction, finding: DmarcFinding,
         spf_failed=mailfrom is not None and mailfrom.result in (Result.FAIL, Result.SOFTFAIL),
         spf_domain=mailfrom.domain if mailfrom is not None else "",
         spf_record="", delivery=str(applied),
-        legacy=ctx.config.dmarc.mode == "legacy")
+        legacy=ctx.config.dmarc.mode == "legacy",
+        dkim_identities=tuple((s.domain, s.selector, s.identity) for s in signatures
+                              if s.domain))
+    kinds = triggers(record.fo, failure)
+    if not kinds:
+        return
+    txn.findings.failure_reports.append(
+        f"{kinds[0]} failure report (fo={record.fo}) to {', '.join(record.ruf)}")
+    if not ctx.config.dmarc.store:
+        return  # `mailwarden test`: shown, not queued
     org_name = str(ctx.config.dmarc.reports.get("org_name", ""))
     job = partial(_write, ctx, failure, record.fo, record.ruf, settings, org_name)
     from mailwarden.dmarc.failures import queuer_for

@@ -5,9 +5,10 @@ the mail that carries it. Pure functions; queueing and sending are in failures.p
 The mail is multipart/report; report-type=feedback-report with three parts (RFC 5965 §2): a
 human-readable text, the message/feedback-report fields, and the reported message's header
 only, as text/rfc822-headers (RFC 9991 Appendix A: the body is never included here). With
-redaction on, every local-part in that header and in Original-Mail-From/Original-Rcpt-To is
-replaced by a keyed hash, the same one wherever the address appears (RFC 6590 §4; RFC 9991
-§7.1), so that the domain owner can correlate without learning who received the mail.
+redaction on, every local-part in that header (Message-ID excepted), in Original-Mail-From,
+Original-Rcpt-To and DKIM-Identity is replaced by a keyed hash, the same one wherever the
+address appears (RFC 6590 §4; RFC 9991 §7.1), so that the domain owner can correlate without
+learning who received the mail.
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class Failure:
     spf_record: str  # the SPF record at spf_domain, "" when unknown
     delivery: str  # none | quarantine | reject: what was done with the message
     legacy: bool = False  # dmarc.mode: legacy (RFC 7489 §7.3 semantics)
+    # i= of the reported signature (domain, selector) -> identity; RFC 6376 §3.5: "@" + d= when
+    # the signature has none
+    dkim_identities: tuple[tuple[str, str, str], ...] = ()
 
 
 def triggers(fo: str, failure: Failure) -> tuple[str, ...]:
@@ -135,8 +139,12 @@ def feedback_fields(kind: str, failure: Failure, redact: _Redact,
                .get(failure.delivery, "delivered"))]
     fields[7:7] = [("Original-Rcpt-To", f"<{redact.address(rcpt)}>") for rcpt in failure.rcpts]
     if failure.failed_dkim is not None or (kind == "dkim" and failure.dkim_failures):
+        # RFC 9991 §4: DKIM-Domain, -Identity and -Selector for the failing signature
         domain, selector = failure.failed_dkim or failure.dkim_failures[0][:2]
-        fields += [("DKIM-Domain", domain), ("DKIM-Selector", selector)]
+        identity = next((i for d, s, i in failure.dkim_identities
+                         if (d, s) == (domain, selector) and i), f"@{domain}")
+        fields += [("DKIM-Domain", domain), ("DKIM-Identity", redact.address(identity)),
+                   ("DKIM-Selector", selector)]
     if ("spf" in failure.failed_aligned or kind == "spf") and failure.spf_record:
         fields.append(("SPF-DNS", f"txt : {failure.spf_domain} : {failure.spf_record}"))
     if incidents > 1:
@@ -149,7 +157,9 @@ def headers_part(failure: Failure, redact: _Redact) -> str:
     links defused (RFC 9991 §7.3: http becomes hxxp)."""
     lines = []
     for name, value in failure.headers:
-        value = _URL.sub(lambda m: f"hxxp{m[1]}://", redact.text(value))
+        if name.lower() != "message-id":  # an identifier the owner's logs know, not an address
+            value = redact.text(value)
+        value = _URL.sub(lambda m: f"hxxp{m[1]}://", value)
         lines.append(f"{name}:{value}".replace("\r\n", "\n").replace("\n", "\r\n"))
     return "\r\n".join(lines) + "\r\n"
 
