@@ -31,9 +31,10 @@ import pytest
 from mailwarden.devtools.devdns import DevDNSServer
 from mailwarden.dkim.keys import generate, load_key, public_record, write_private
 from mailwarden.dkim.verify import verify_message
+from mailwarden.dmarc.ledger import LedgerEntry, ledger_entries, ledger_get
 from mailwarden.dmarc.report import ReportSettings, build_reports
 from mailwarden.dmarc.sending import parse_period, run_report_command, send_reports
-from mailwarden.dmarc.store import Evaluation, LedgerEntry, Store, StoreError
+from mailwarden.dmarc.store import Evaluation, Store, StoreError
 
 from helpers import make_resolver
 
@@ -325,7 +326,7 @@ def test_mail_through_the_sink_with_the_rfc_subject_and_attachment(
         xml = gzip.decompress(attachment.get_content())
         assert xml == report.xml
         xmllint(xml, tmp_path)
-    ledger = store.ledger()
+    ledger = ledger_entries(store)
     assert sorted(e.state for e in ledger) == ["sent"] * 4
 
 
@@ -390,23 +391,23 @@ def test_a_refused_destination_is_sent_on_the_rerun_and_nothing_twice(
 
 CRASHER = textwrap.dedent("""
     import os, signal, sys
-    from mailwarden.dmarc import store as store_module
+    from mailwarden.dmarc import sending, store as store_module
     from mailwarden.dmarc.report import ReportSettings, build_reports
     from mailwarden.dmarc.sending import send_reports
     from mailwarden.dns import Nameserver, Resolver
 
     url, smtp_port, dns_port, mode, start, end = sys.argv[1:]
-    original = store_module.Store.ledger_put
+    original = sending.ledger_put
 
-    def ledger_put(self, entry):
+    def ledger_put(store, entry):
         if entry.state == "sent" and mode == "before-ledger":
             # the smarthost has answered 250, the ledger still says "committing"
             os.kill(os.getpid(), signal.SIGKILL)
-        original(self, entry)
+        original(store, entry)
         if entry.state == "sent":
             os.kill(os.getpid(), signal.SIGKILL)  # after the first destination is recorded
 
-    store_module.Store.ledger_put = ledger_put
+    sending.ledger_put = ledger_put
     store = store_module.Store.open(url)
     settings = ReportSettings(org_name="Receiver Org", email="dmarc-reports@receiver.example",
                               smarthost=f"127.0.0.1:{smtp_port}")
@@ -447,7 +448,7 @@ def test_a_run_killed_between_acceptance_and_the_ledger_never_duplicates(
     assert sink.recipients() == ["dmarc@example.com"]  # accepted, but not in the ledger
     (report,) = [r for r in build_reports(store, period_start=DAY, period_end=DAY + 86400,
                                           settings=SETTINGS) if r.policy_domain == "example.com"]
-    entry = store.ledger_get(report.report_id, "mailto:dmarc@example.com")
+    entry = ledger_get(store, report.report_id, "mailto:dmarc@example.com")
     assert entry is not None and entry.state == "committing"
     code = run_report_command(store_url=f"sqlite://{tmp_path / 'dmarc.db'}",
                               settings=via(sink), dns=make_resolver(dns),
@@ -464,12 +465,12 @@ def test_a_run_killed_between_acceptance_and_the_ledger_never_duplicates(
 
 def test_a_failed_ledger_write_abandons_the_message(
         store: Store, sink: Sink, dns: DevDNSServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(entry: LedgerEntry) -> None:
+    def broken(store: Store, entry: LedgerEntry) -> None:
         raise StoreError("disk full")
 
     reports = [r for r in build_reports(store, period_start=DAY, period_end=DAY + 86400,
                                         settings=SETTINGS) if r.policy_domain == "other.example"]
-    monkeypatch.setattr(store, "ledger_put", broken)
+    monkeypatch.setattr("mailwarden.dmarc.sending.ledger_put", broken)
     start = time.monotonic()
     outcomes = send_reports(store, reports, via(sink), make_resolver(dns))
     assert [o.status for o in outcomes] == ["failed"]
@@ -491,13 +492,13 @@ def test_dry_run_sends_nothing_and_writes_no_ledger(
     assert out.count("would-send ") == 4
     assert out.count("\nreport ") + out.startswith("report ") == 2
     assert sink.messages() == []
-    assert store.ledger() == []
+    assert ledger_entries(store) == []
     # the real run afterwards sends everything
     assert run_report_command(store_url=url, settings=via(sink), dns=make_resolver(dns),
                               period="yesterday", dry_run=False, now=now) == 0
     assert capsys.readouterr().out.count("\nsent ") == 4
     assert len(sink.messages()) == 4
-    assert len(store.ledger()) == 4
+    assert len(ledger_entries(store)) == 4
 
 
 def test_directory_mode_writes_files_once(store: Store, tmp_path: Path,

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from mailwarden.dmarc import backends as store_backends
+from mailwarden.dmarc.ledger import LedgerEntry, ledger_entries, ledger_get, ledger_put
 from mailwarden.dmarc.store import (
     SCHEMA_VERSION,
     Evaluation,
-    LedgerEntry,
     LockBusy,
     SchemaError,
     Store,
@@ -124,20 +124,20 @@ def test_record_round_trip_and_queries(tmp_path: Path) -> None:
 
 def test_ledger_round_trip_and_upsert(tmp_path: Path) -> None:
     store = Store.open(str(tmp_path / "dmarc.db"))
-    assert store.ledger_get("r1", "mailto:a@example.com") is None
-    store.ledger_put(LedgerEntry("r1", "mailto:a@example.com", "committing", "example.com",
+    assert ledger_get(store, "r1", "mailto:a@example.com") is None
+    ledger_put(store, LedgerEntry("r1", "mailto:a@example.com", "committing", "example.com",
                                  "<r1@x>", "sending"))
-    store.ledger_put(LedgerEntry("r1", "mailto:a@example.com", "sent", "example.com", "<r1@x>",
+    ledger_put(store, LedgerEntry("r1", "mailto:a@example.com", "sent", "example.com", "<r1@x>",
                                  "250 ok"))
-    store.ledger_put(LedgerEntry("r1", "mailto:b@example.com", "failed", "example.com", "",
+    ledger_put(store, LedgerEntry("r1", "mailto:b@example.com", "failed", "example.com", "",
                                  "550 no"))
-    entry = store.ledger_get("r1", "mailto:a@example.com")
+    entry = ledger_get(store, "r1", "mailto:a@example.com")
     assert entry is not None and (entry.state, entry.detail) == ("sent", "250 ok")
     assert entry.updated > 0
-    assert [(e.destination, e.state) for e in store.ledger("r1")] == [
+    assert [(e.destination, e.state) for e in ledger_entries(store, "r1")] == [
         ("mailto:a@example.com", "sent"), ("mailto:b@example.com", "failed")]
     with pytest.raises(ValueError):
-        store.ledger_put(LedgerEntry("r1", "x", "bogus"))
+        ledger_put(store, LedgerEntry("r1", "x", "bogus"))
     store.close()
 
 
@@ -223,7 +223,7 @@ def test_ledger_commits_are_fsynced_and_evaluations_are_not(tmp_path: Path) -> N
     store.record(make_evaluation())
     assert not any("synchronous = FULL" in sql for sql in statements)
     statements.clear()
-    store.ledger_put(LedgerEntry("r1", "mailto:a@example.com", "sent", "example.com", "<r1@x>",
+    ledger_put(store, LedgerEntry("r1", "mailto:a@example.com", "sent", "example.com", "<r1@x>",
                                  "250 ok"))
     begin = statements.index("BEGIN IMMEDIATE")
     assert "PRAGMA synchronous = FULL" in statements[:begin]

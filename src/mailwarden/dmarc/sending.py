@@ -50,9 +50,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailwarden.dmarc.destinations import Destination, Verifier, parse_uri
+from mailwarden.dmarc.ledger import LedgerEntry, ledger_get, ledger_put
 from mailwarden.dmarc.report import SMTP_TIMEOUT, Report, ReportSettings, build_reports
 from mailwarden.dmarc.reportmail import report_mail
-from mailwarden.dmarc.store import LedgerEntry, LockBusy, Store, StoreError
+from mailwarden.dmarc.store import LockBusy, Store, StoreError
 from mailwarden.dns import DNSClient
 
 __all__ = ["Item", "SendOutcome", "deliver_once", "parse_period", "run_report_command",
@@ -105,7 +106,7 @@ class Sender:
             return SendOutcome(item.report_id, item.policy_domain, dest.key, status, detail)
 
         def ledger(state: str, detail: str) -> None:
-            self.store.ledger_put(LedgerEntry(
+            ledger_put(self.store, LedgerEntry(
                 item.report_id, dest.key, state, item.policy_domain, item.message_id, detail))
 
         committing = False
@@ -262,7 +263,7 @@ def deliver_once(store: Store, sender: Sender | None, item: Item, dest: Destinat
     def result(status: str, detail: str) -> SendOutcome:
         return SendOutcome(item.report_id, item.policy_domain, dest.key, status, detail)
 
-    entry = store.ledger_get(item.report_id, dest.key)
+    entry = ledger_get(store, item.report_id, dest.key)
     if entry is not None and entry.state == "sent":
         return result("already-sent", entry.detail)
     if entry is not None and entry.state == "committing" and not resend_uncertain:
@@ -290,14 +291,14 @@ def _to_directory(store: Store, report: Report, directory: str, *,
     def outcome(status: str, detail: str = "") -> SendOutcome:
         return SendOutcome(report.report_id, report.policy_domain, key, status, detail)
 
-    entry = store.ledger_get(report.report_id, key)
+    entry = ledger_get(store, report.report_id, key)
     if entry is not None and entry.state == "sent":
         return outcome("already-sent", entry.detail)
     if dry_run:
         return outcome("would-send", f"{len(report.gz)} bytes")
     try:
         _write_file(directory, report)
-        store.ledger_put(LedgerEntry(report.report_id, key, "sent", report.policy_domain, "",
+        ledger_put(store, LedgerEntry(report.report_id, key, "sent", report.policy_domain, "",
                                      f"{len(report.gz)} bytes written"))
     except (OSError, StoreError) as exc:
         return outcome("failed", str(exc))

@@ -36,7 +36,6 @@ import contextlib
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +54,9 @@ from mailwarden.dmarc.backends import (
 )
 
 __all__ = [
-    "LEDGER_STATES",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "Evaluation",
-    "LedgerEntry",
     "LockBusy",
     "SchemaError",
     "Store",
@@ -101,38 +98,12 @@ class Evaluation:
     policy_tag: str = ""  # which applied: p, sp or np ("" in rows older than schema 3)
 
 
-LEDGER_STATES = ("committing", "sent", "failed")
-
-
-@dataclass(frozen=True, slots=True)
-class LedgerEntry:
-    """What is known about sending one report to one destination.
-
-    state: ``committing`` -- the whole message was handed to the SMTP server and only the final
-    "." (the commit point of SMTP) was still to be sent when this was written: if nothing
-    follows, whether the server accepted the message is unknown; ``sent`` -- the server accepted
-    it (250 after the final "."), or the file was written; ``failed`` -- the server refused it or
-    the connection failed before the commit point (safe to try again).
-    """
-
-    report_id: str
-    destination: str
-    state: str
-    policy_domain: str = ""
-    message_id: str = ""
-    detail: str = ""
-    updated: float = 0.0
-
-
-
 _COLUMNS = ("time", "source_ip", "header_from", "envelope_from", "envelope_to", "policy_domain",
             "p", "sp", "np", "adkim", "aspf", "testing", "psd", "disposition", "dkim_aligned",
             "spf_aligned", "dkim", "spf", "overrides", "rua", "policy_tag")
 _INSERT = (f"INSERT INTO evaluations ({', '.join(_COLUMNS)}) "
            f"VALUES ({', '.join('?' for _ in _COLUMNS)})")
 _SELECT = f"SELECT id, {', '.join(_COLUMNS)} FROM evaluations"
-_LEDGER_COLUMNS = ("report_id", "destination", "state", "policy_domain", "message_id", "detail",
-                   "updated")
 # A 64-bit key for PostgreSQL advisory locks ("mailwarden dmarc"): schema and report runs.
 _CHUNK = 5000
 
@@ -304,11 +275,12 @@ class Store:
                 raise
         return int(count)
 
-    def transaction(self, work: Callable[[_Backend], T]) -> T:
+    def transaction(self, work: Callable[[_Backend], T], *, durable: bool = False) -> T:
         """`work` on the connection in one committed transaction (other modules' tables,
-        such as the received reports of `dmarc.received_store`)."""
+        such as the received reports of `dmarc.received_store`); `durable`: on disk when
+        this returns (the report ledger)."""
         with self._lock:
-            self._db.begin()
+            self._db.begin(durable=durable)
             try:
                 result = work(self._db)
                 self._db.commit()
@@ -390,41 +362,7 @@ class Store:
         return [(str(r[0]), str(r[1]), str(r[2]), *(int(n) for n in r[3:10]), str(r[10] or ""))
                 for r in rows]
 
-    # -- the report ledger --------------------------------------------------------------
-    def ledger_get(self, report_id: str, destination: str) -> LedgerEntry | None:
-        rows = self._read(f"SELECT {', '.join(_LEDGER_COLUMNS)} FROM report_ledger "
-                          "WHERE report_id = ? AND destination = ?", (report_id, destination))
-        return _entry(rows[0]) if rows else None
-
-    def ledger(self, report_id: str | None = None) -> list[LedgerEntry]:
-        sql = f"SELECT {', '.join(_LEDGER_COLUMNS)} FROM report_ledger"
-        params: tuple[object, ...] = ()
-        if report_id is not None:
-            sql += " WHERE report_id = ?"
-            params = (report_id,)
-        return [_entry(row) for row in self._read(sql + " ORDER BY report_id, destination",
-                                                  params)]
-
-    def ledger_put(self, entry: LedgerEntry) -> None:
-        """Insert or replace the entry of (report_id, destination); committed and on disk."""
-        if entry.state not in LEDGER_STATES:
-            raise ValueError(f"unknown ledger state {entry.state!r}")
-        values = (entry.report_id, entry.destination, entry.state, entry.policy_domain,
-                  entry.message_id, entry.detail, entry.updated or time.time())
-        sql = (f"INSERT INTO report_ledger ({', '.join(_LEDGER_COLUMNS)}) "
-               f"VALUES ({', '.join('?' for _ in _LEDGER_COLUMNS)}) "
-               "ON CONFLICT (report_id, destination) DO UPDATE SET state = excluded.state, "
-               "policy_domain = excluded.policy_domain, message_id = excluded.message_id, "
-               "detail = excluded.detail, updated = excluded.updated")
-        with self._lock:
-            self._db.begin(durable=True)
-            try:
-                self._db.execute(sql, values)
-                self._db.commit()
-            except BaseException:
-                self._db.rollback()
-                raise
-
+    # -- report runs ------------------------------------------------------------------
     @contextlib.contextmanager
     def report_lock(self) -> Iterator[None]:
         """Held by a report run; raises `LockBusy` at once when another run holds it."""
@@ -445,12 +383,6 @@ class Store:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _entry(row: Sequence[Any]) -> LedgerEntry:
-    return LedgerEntry(report_id=row[0], destination=row[1], state=row[2],
-                       policy_domain=row[3], message_id=row[4], detail=row[5],
-                       updated=float(row[6]))
 
 
 def redact(url: str) -> str:
