@@ -120,3 +120,49 @@ def test_the_mail_is_a_feedback_report_with_three_parts() -> None:
     assert all(len(line) <= 998 for line in data.split(b"\r\n"))  # RFC 5322 §2.1.1
     assert is_feedback_report([("Content-Type", message["Content-Type"])])
     assert not is_feedback_report(FAILURE.headers)
+
+
+def test_redaction_leaves_no_local_part_in_any_form() -> None:
+    """Review findings: non-ASCII local-parts (RFC 6532), a percent-encoded address in a
+    List-Unsubscribe URI, and the smtp.mailfrom of our Authentication-Results."""
+    odd = dataclasses.replace(
+        FAILURE,
+        headers=(("To", " zoë.smith@ours.example"),
+                 ("List-Unsubscribe", " <https://x.example/u?e=john%40rcpt.example>")),
+        authentication_results="mx.ours.example; spf=fail smtp.mailfrom=bounce@evil.example")
+    item = content("dmarc", odd, redactor(KEY), "Ours")
+    text = item.headers + "".join(f"{n}: {v}\n" for n, v in item.feedback)
+    for leak in ("zo", "smith", "john", "bounce"):
+        assert leak not in text, (leak, text)
+    assert "%40rcpt.example" in text and "@ours.example" in text  # domains stay
+    # an identity without a local-part (DKIM's default i=@d) gets no invented one
+    assert redactor(KEY).address("@example.com") == "@example.com"
+
+
+def test_long_fields_are_folded_and_any_org_name_is_sent() -> None:
+    results = "mx.ours.example; " + "; ".join(
+        f"dkim=fail header.d=signer{n}.example header.s=selector{n} header.b=abcdefgh"
+        for n in range(15))
+    long = dataclasses.replace(FAILURE, authentication_results=results)
+    item = content("dmarc", long, redactor(KEY), "Bücher GmbH")
+    data = failure_mail(item, "id1", "dmarc@ours.example", "ours.example", "ruf@example.com")
+    assert max(len(line) for line in data.split(b"\r\n")) <= 998
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    text = data.decode()
+    feedback = text[text.index("Feedback-Type:"):text.index("\r\n--", text.index(
+        "Feedback-Type:"))]
+    assert all(len(line) <= 78 for line in feedback.split("\r\n")), feedback
+    unfolded = feedback.replace("\r\n ", " ")
+    assert "header.d=signer14.example" in unfolded
+    assert "Bücher GmbH" in next(iter(message.iter_parts())).get_content()
+
+
+def test_dkim_fields_describe_the_signature_auth_failure_names() -> None:
+    two = dataclasses.replace(FAILURE, failed_dkim=("news.example.com", "n1"),
+                              dkim_failures=(("other.example", "o1", "signature did not "
+                                              "verify"), ("news.example.com", "n1", "body "
+                                              "hash mismatch")))
+    fields = dict(feedback_fields("dkim", two, redactor(None)))
+    assert (fields["Auth-Failure"], fields["DKIM-Domain"]) == ("signature", "other.example")
+    fields = dict(feedback_fields("dmarc", two, redactor(None)))
+    assert (fields["Auth-Failure"], fields["DKIM-Domain"]) == ("dmarc", "news.example.com")

@@ -106,3 +106,19 @@ def test_mailwarden_test_shows_the_report_and_queues_nothing() -> None:
 
     shown = format_report(Report(failure_reports=message.findings.failure_reports))
     assert "dmarc failure report (fo=0) to mailto:f@example.com (the daemon queues it" in shown
+
+
+def test_no_report_about_a_local_submission() -> None:
+    """No client address: no Source-IP to report (the review found an empty field)."""
+    assert _wanted(context(), Transaction.for_client(None), finding(RUF)) is None
+
+
+@pytest.mark.parametrize("reports", ["", '  reports: {org_name: O, email: d@o.example, '
+                                         'directory: /var/lib/mailwarden/reports}\n'])
+def test_failure_reports_need_a_smarthost(reports: str) -> None:
+    from mailwarden.config.reader import ConfigError
+
+    text = ("authserv_id: mx.ours.example\ndmarc:\n  store: /var/lib/mailwarden/dmarc.db\n"
+            f"{reports}  failure_reports: {{rate_limit: 5}}\n")
+    with pytest.raises(ConfigError, match=r"dmarc\.failure_reports.*smarthost"):
+        parse(text)

@@ -138,7 +138,8 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
     dkim = [DkimInput(s.domain, s.selector, s.result) for s in signatures if s.domain]
     found = evaluate(ctx.dns, domain, spf_domain=spf_domain, spf_result=spf_result,
                      dkim=dkim, mode=ctx.config.dmarc.mode, deadline=txn.deadline,
-                     sample=_sampler())
+                     sample=_sampler(),
+                     failure_detail=ctx.config.dmarc.failure_reports is not None)
     decisive, overrides = found.result, []
     if found.result is Result.FAIL:
         decisive = found.disposition if found.disposition in _REFUSING else Result.FAIL
@@ -236,7 +237,12 @@ def finish(ctx: Context, txn: Transaction, finding: DmarcFinding,
                                          ctx.config.dmarc.mode))
     if applied is not None:
         _record(ctx, txn, finding, applied, overrides)
-        queue_failure_report(ctx, txn, finding, applied)
+        try:
+            queue_failure_report(ctx, txn, finding, applied)
+        except Exception:
+            # a report is not worth a verdict: the evaluation stands and is already recorded
+            log.exception("could not make the DMARC failure report for %s",
+                          finding.evaluation.author_domain)
 
 
 def _record(ctx: Context, txn: Transaction, finding: DmarcFinding, disposition: Result,

@@ -43,8 +43,8 @@ def _wanted(ctx: Context, txn: Transaction, finding: DmarcFinding) -> FailureRep
         return None  # RFC 7489 §6.3: a format we do not produce
     if settings.domains and found.policy_domain not in settings.domains:
         return None
-    if is_feedback_report(txn.headers):
-        return None
+    if is_feedback_report(txn.headers) or txn.client_ip is None:
+        return None  # no loops; no Source-IP to report (local submission)
     if not ctx.config.dmarc.reports.get("include_internal_sources"):
         networks = [ipaddress.ip_network(net, strict=False) for name, entries
                     in ctx.config.hosts.items()
@@ -96,7 +96,7 @@ def queue_failure_report(ctx: Context, txn: Transaction, finding: DmarcFinding,
     job = partial(_write, ctx, failure, record.fo, record.ruf, settings, org_name)
     from mailwarden.dmarc.failures import queuer_for
 
-    queuer_for(ctx.store()).submit(job)
+    queuer_for(ctx.config.dmarc.store).submit(job)
 
 
 def _write(ctx: Context, failure: Failure, fo: str, ruf: tuple[str, ...],
@@ -105,7 +105,7 @@ def _write(ctx: Context, failure: Failure, fo: str, ruf: tuple[str, ...],
 
     from mailwarden.dmarc.failures import queue_report
 
-    if failure.spf_domain and "spf" in failure.failed_aligned:
+    if failure.spf_domain and ("spf" in failure.failed_aligned or failure.spf_failed):
         answer = ctx.dns.txt(failure.spf_domain)  # cached since the SPF check
         record = next((t for t in answer.records if t.lower().startswith("v=spf1")), "")
         failure = dataclasses.replace(failure, spf_record=record)

@@ -227,9 +227,9 @@ def _failure_reports(dmarc: Section, store: str,
         return None
     if not store:
         raise section.error(None, "failure reports are queued in dmarc.store: set it")
-    if not reports:
-        raise section.error(None, "failure reports are sent with the dmarc.reports settings "
-                                  "(email, smarthost or directory): set them")
+    if not reports or not reports.get("smarthost"):
+        raise section.error(None, "failure reports are mailed with the dmarc.reports settings: "
+                                  "set dmarc.reports with a smarthost")
     rate = section.integer("rate_limit", 10, minimum=1)
     domains = tuple(d.lower().rstrip(".") for d in section.str_list("domains"))
     redact = section.boolean("redact", True)

@@ -27,8 +27,9 @@ from email.utils import format_datetime, formatdate
 from mailwarden import __version__
 
 # an address in a header field: local-part (dot-atom or quoted) @ domain
-_ADDRESS = re.compile(r'(?P<local>"(?:[^"\\\r\n]|\\.)*"|[A-Za-z0-9!#$%&\'*+/=?^_`{|}~.-]+)'
-                      r"@(?P<domain>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)")
+# (non-ASCII local-parts included, RFC 6532), also percent-encoded in a URI (%40)
+_ADDRESS = re.compile(r'(?P<local>"(?:[^"\\\r\n]|\\.)*"|[^\s"<>()\[\]\\,;:@%=?&/]+)'
+                      r"(?:@|%40)(?P<domain>[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)")
 _URL = re.compile(r"\bhttp(s?)://", re.IGNORECASE)
 
 
@@ -103,7 +104,7 @@ class _Redact:
         self.key = key
 
     def local(self, local: str) -> str:
-        if self.key is None:
+        if self.key is None or not local:
             return local
         digest = hmac.new(self.key, local.encode("utf-8", "replace"), hashlib.sha256).digest()
         return "redacted-" + base64.b32encode(digest[:10]).decode("ascii").lower()
@@ -113,13 +114,20 @@ class _Redact:
         return f"{self.local(local)}@{domain}" if at else address
 
     def text(self, text: str) -> str:
-        return _ADDRESS.sub(lambda m: f"{self.local(m['local'])}@{m['domain']}", text)
+        return _ADDRESS.sub(lambda m: m[0].replace(m["local"], self.local(m["local"]), 1), text)
 
 
 def _field(value: str) -> str:
-    """One line, printable ASCII (a feedback-report field is a header field)."""
+    """Printable ASCII on one logical line (a feedback-report field is a header field)."""
     flat = re.sub(r"[\r\n]+[ \t]*", " ", value)
     return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in flat)
+
+
+def _folded(name: str, value: str) -> str:
+    """`name: value` folded at spaces before 78 columns (RFC 5322 §2.2.3, §2.1.1)."""
+    from mailwarden.headers import fold
+
+    return f"{name}: " + fold(name, value, 78).replace("\n", "\r\n") + "\r\n"
 
 
 def feedback_fields(kind: str, failure: Failure, redact: _Redact,
@@ -129,7 +137,7 @@ def feedback_fields(kind: str, failure: Failure, redact: _Redact,
               ("User-Agent", f"mailwarden/{__version__}"),
               ("Auth-Failure", auth_failure(kind, failure)),
               ("Identity-Alignment", identity_alignment(failure)),
-              ("Authentication-Results", failure.authentication_results),
+              ("Authentication-Results", redact.text(failure.authentication_results)),
               ("Original-Mail-From", f"<{redact.address(failure.mail_from)}>"),
               ("Arrival-Date", format_datetime(dt.datetime.fromtimestamp(failure.arrival,
                                                                          dt.UTC))),
@@ -138,9 +146,11 @@ def feedback_fields(kind: str, failure: Failure, redact: _Redact,
               ("Delivery-Result", {"reject": "reject", "quarantine": "policy"}
                .get(failure.delivery, "delivered"))]
     fields[7:7] = [("Original-Rcpt-To", f"<{redact.address(rcpt)}>") for rcpt in failure.rcpts]
-    if failure.failed_dkim is not None or (kind == "dkim" and failure.dkim_failures):
+    reported = failure.dkim_failures[0][:2] if kind == "dkim" and failure.dkim_failures \
+        else failure.failed_dkim  # the signature Auth-Failure speaks of
+    if reported is not None:
         # RFC 9991 §4: DKIM-Domain, -Identity and -Selector for the failing signature
-        domain, selector = failure.failed_dkim or failure.dkim_failures[0][:2]
+        domain, selector = reported
         identity = next((i for d, s, i in failure.dkim_identities
                          if (d, s) == (domain, selector) and i), f"@{domain}")
         fields += [("DKIM-Domain", domain), ("DKIM-Identity", redact.address(identity)),
@@ -220,11 +230,11 @@ def failure_mail(item: Content, report_id: str, sender: str, submitter: str,
     message.replace_header("Content-Type", "multipart/report")
     message.set_param("report-type", "feedback-report")
     text = EmailMessage()
-    text.set_content(item.text, subtype="plain", charset="us-ascii", cte="7bit")
+    text.set_content(item.text, subtype="plain", charset="utf-8")  # org_name may be any text
     del text["MIME-Version"]
     message.attach(text)
     report = EmailMessage()
-    report.set_payload("".join(f"{name}: {value}\r\n" for name, value in item.feedback))
+    report.set_payload("".join(_folded(name, value) for name, value in item.feedback))
     report["Content-Type"] = "message/feedback-report"
     report["Content-Transfer-Encoding"] = "7bit"
     message.attach(report)

@@ -45,7 +45,7 @@ class DmarcResult:
     sampled_out: bool = False  # legacy pct=: this failure was outside the sample
     # for failure reports (RFC 9991 §4 Identity-Alignment): the mechanisms whose aligned
     # identifier did not pass, and the first such DKIM signature (domain, selector);
-    # computed only for a record with ruf=
+    # computed only for a record with ruf= when failure reports are on
     failed_aligned: tuple[str, ...] = ()
     failed_dkim: tuple[str, str] | None = None
     queries: int = 0
@@ -92,9 +92,11 @@ def _failed_aligned(base: DmarcResult, discovery: Discovery, record: DmarcRecord
 def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result: Result,
              dkim: Sequence[DkimInput], mode: str = "rfc9989",
              deadline: Deadline | None = None,
-             sample: Callable[[], float] = random.random) -> DmarcResult:
+             sample: Callable[[], float] = random.random,
+             failure_detail: bool = False) -> DmarcResult:
     """The DMARC result for a message whose author domain is `author_domain`. `sample`
-    draws from [0, 1) for legacy pct= sampling."""
+    draws from [0, 1) for legacy pct= sampling; `failure_detail`: also find which aligned
+    identifiers failed (failure reports are on: more DNS for a record with ruf=)."""
     author = author_domain.lower().rstrip(".")
     discovery = Discovery(dns, mode, deadline)
     try:
@@ -125,7 +127,7 @@ def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result:
         spf_aligned=spf_ok, dkim_aligned=bool(dkim_domain), aligned_dkim_domain=dkim_domain,
         queries=discovery.queries, warnings=record.warnings,
     )
-    if record.ruf:
+    if failure_detail and record.ruf:
         with contextlib.suppress(TemporaryError):  # only a failure report's detail is missing
             base = _failed_aligned(base, discovery, record, spf_domain, spf_result, dkim)
     if spf_ok or dkim_domain:

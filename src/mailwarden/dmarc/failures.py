@@ -9,9 +9,10 @@ message, for each ruf= address, at most `rate_limit` per address and hour (RFC 9
 report generator MUST rate-limit); past it, the report is dropped and counted.
 
 Queueing never delays or changes a verdict: the worker hands the report to a background
-thread (at most QUEUE_LIMIT waiting; beyond, dropped) which writes it to the store. Sending
-verifies external destinations (RFC 9991 §5: RFC 9990's procedure with ruf=) and records
-each (report, destination) in the ledger, so a report goes out once.
+thread (at most QUEUE_LIMIT waiting; beyond, dropped) which writes it to the store over a
+connection of its own. Sending verifies external destinations (RFC 9991 §5: RFC 9990's
+procedure with ruf=) and records each (report, destination) in the ledger, so a report goes
+out once; one not delivered within MAX_AGE is given up, and ended ones are deleted after KEEP.
 """
 
 from __future__ import annotations
@@ -30,10 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 from mailwarden import metrics
 from mailwarden.dmarc.afrf import Content, Failure, content, failure_mail, redactor, triggers
-from mailwarden.dmarc.backends import _PG_REPORT_LOCK
 from mailwarden.dmarc.destinations import Destination, Verifier, parse_uri
 from mailwarden.dmarc.report import ReportSettings
-from mailwarden.dmarc.store import Store
+from mailwarden.dmarc.store import Store, StoreError
 
 if TYPE_CHECKING:
     from mailwarden.dmarc.sending import SendOutcome
@@ -41,7 +41,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("mailwarden.dmarc")
 
 QUEUE_LIMIT = 1000
-_RATE_LOCK = _PG_REPORT_LOCK ^ 2
+MAX_AGE = 3 * 86400  # a report not delivered by then is given up
+KEEP = 30 * 86400  # ended reports (their headers) are deleted after this
+_RATE_LOCK_CLASS = 0x6D77_6672  # "mwfr": pg_advisory_xact_lock(int4, int4) keys per destination
 _COUNT = "SELECT count(*) FROM failure_reports WHERE destination = ? AND created >= ?"
 _INSERT = ("INSERT INTO failure_reports (report_id, destination, created, policy_domain, "
            "content) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
@@ -84,12 +86,17 @@ def queue_report(store: Store, failure: Failure, *, fo: str, ruf: tuple[str, ...
 
     def work(db: Any) -> None:
         if store.dialect == "postgresql":
-            db.execute("SELECT pg_advisory_xact_lock(?)", (_RATE_LOCK,))
+            # a fleet counts together: one destination's count is serialised across MTAs,
+            # and a lock not had in 5 s drops the report rather than waiting on
+            db.execute("SET LOCAL lock_timeout = '5s'")
         for uri in dict.fromkeys(ruf):
             parsed = parse_uri(uri)
             if isinstance(parsed, str):
                 outcomes.append((uri, f"unusable: {parsed}"))
                 continue
+            if store.dialect == "postgresql":
+                db.execute("SELECT pg_advisory_xact_lock(?, hashtext(?))",
+                           (_RATE_LOCK_CLASS, parsed.key))
             if db.execute(_COUNT, (parsed.key, now - 3600))[0][0] >= rate_limit:
                 outcomes.append((parsed.key, "rate-limited"))
                 continue
@@ -98,6 +105,23 @@ def queue_report(store: Store, failure: Failure, *, fo: str, ruf: tuple[str, ...
 
     store.transaction(work)
     return outcomes
+
+
+def expire(store: Store, now: float) -> list[tuple[str, str, str]]:
+    """Give up reports still queued MAX_AGE after they were made (a destination that refuses
+    them for good, or a run that may have sent one: RFC 9991 asks for them "almost
+    immediately", a week later they help nobody), and forget those ended KEEP ago; returns
+    (report_id, destination, policy_domain) of the reports given up."""
+    def work(db: Any) -> list[tuple[str, str, str]]:
+        rows = db.execute("SELECT report_id, destination, policy_domain FROM failure_reports "
+                          "WHERE state = 'queued' AND created < ?", (now - MAX_AGE,))
+        db.execute("UPDATE failure_reports SET state = 'expired' WHERE state = 'queued' AND "
+                   "created < ?", (now - MAX_AGE,))
+        db.execute("DELETE FROM failure_reports WHERE state <> 'queued' AND created < ?",
+                   (now - KEEP,))
+        return [(str(a), str(b), str(c)) for a, b, c in rows]
+
+    return store.transaction(work)
 
 
 def pending(store: Store) -> list[Queued]:
@@ -114,10 +138,16 @@ def pending(store: Store) -> list[Queued]:
 
 
 class Queuer:
-    """The worker's hand-off: `submit` never blocks; one thread writes to the store."""
+    """The worker's hand-off: `submit` never blocks; one thread writes to the store, on a
+    connection of its own (a slow write or lock here never holds the evaluations' writer,
+    which the milter waits for)."""
 
-    def __init__(self, store: Callable[[], Store | None]) -> None:
-        self._store = store
+    RETRY_OPEN = 60.0
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._store: Store | None = None
+        self._next_open = 0.0
         self._queue: queue.Queue[Callable[[Store], None]] = queue.Queue(QUEUE_LIMIT)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -141,11 +171,21 @@ class Queuer:
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.01)
 
+    def _open(self) -> Store | None:
+        if self._store is None and time.monotonic() >= self._next_open:
+            try:
+                self._store = Store.open(self.url)
+            except Exception as exc:
+                self._next_open = time.monotonic() + self.RETRY_OPEN
+                log.error("failure reports: the DMARC store cannot be opened (%s); reports "
+                          "are dropped until it can", exc)
+        return self._store
+
     def _run(self) -> None:
         while True:
             job = self._queue.get()
             try:
-                store = self._store()
+                store = self._open()
                 if store is None:
                     metrics.METRICS.failure_report("dropped")
                 else:
@@ -157,22 +197,24 @@ class Queuer:
                 self._queue.task_done()
 
 
-_QUEUERS: dict[int, Queuer] = {}
+_QUEUERS: dict[str, Queuer] = {}
+_QUEUERS_LOCK = threading.Lock()
 
 
-def queuer_for(recorder: Any) -> Queuer:
-    """The queuer that writes through `recorder`'s store (one per recorder)."""
-    found = _QUEUERS.get(id(recorder))
-    if found is None:
-        found = _QUEUERS[id(recorder)] = Queuer(recorder.store)
-    return found
+def queuer_for(url: str) -> Queuer:
+    """This process's queuer for the store at `url`."""
+    with _QUEUERS_LOCK:
+        found = _QUEUERS.get(url)
+        if found is None:
+            found = _QUEUERS[url] = Queuer(url)
+        return found
 
 
 # --------------------------------------------------------------------------- sending
 
 
 def send_failures(store: Store, settings: ReportSettings, dns: Any, *,
-                  dry_run: bool = False) -> list[SendOutcome]:
+                  dry_run: bool = False, now: float | None = None) -> list[SendOutcome]:
     """Send every queued report to its destination once (see the module docstring); one
     outcome per report and destination. A report whose destinations all ended (sent, or not
     usable) leaves the queue; one that failed is tried again by the next run."""
@@ -181,6 +223,12 @@ def send_failures(store: Store, settings: ReportSettings, dns: Any, *,
     sender = Sender(store, settings) if settings.smarthost else None
     verifier = Verifier(dns)
     outcomes: list[SendOutcome] = []
+    if not dry_run:
+        for report_id, destination, domain in expire(store, time.time() if now is None else now):
+            metrics.METRICS.failure_report("expired")
+            outcomes.append(SendOutcome(report_id, domain, destination, "expired",
+                                        f"not delivered within {MAX_AGE // 3600} hours: "
+                                        "given up"))
     for queued in pending(store):
         item = Item(queued.report_id, queued.policy_domain,
                     f"<{queued.report_id}@{settings.submitter}>")
@@ -192,9 +240,16 @@ def send_failures(store: Store, settings: ReportSettings, dns: Any, *,
             done = [SendOutcome(item.report_id, item.policy_domain, queued.destination, status,
                                 detail)]
         else:
-            done = [deliver_once(store, sender, item, dest,
-                                 functools.partial(_mail, queued, settings, dest),
-                                 dry_run=dry_run, honour_limit=False) for dest in found]
+            try:
+                done = [deliver_once(store, sender, item, dest,
+                                     functools.partial(_mail, queued, settings, dest),
+                                     dry_run=dry_run, honour_limit=False) for dest in found]
+            except (StoreError, OSError):
+                raise
+            except Exception as exc:  # one broken report never blocks the queue behind it
+                log.exception("failure report %s could not be made", queued.report_id)
+                done = [SendOutcome(item.report_id, item.policy_domain, queued.destination,
+                                    "failed", f"could not be made: {exc}")]
         for outcome in done:
             metrics.METRICS.failure_report(outcome.status)
         outcomes.extend(done)
