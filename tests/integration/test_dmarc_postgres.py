@@ -304,3 +304,43 @@ def test_received_reports_are_stored_once_in_a_shared_store(pg: Server) -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_failure_report_rate_limit_holds_across_a_fleet(pg: Server) -> None:
+    """Four MTAs of a fleet queue failure reports to one destination at once: the rate limit
+    (per destination and hour) counts them together, serialised by a per-destination lock."""
+    import dataclasses as dc
+
+    from mailwarden.dmarc import afrf, failures
+
+    failure = afrf.Failure(
+        policy_domain="example.com", author_domain="example.com", source_ip="192.0.2.7",
+        mail_from="x@evil.example", rcpts=("a@ours.example",), arrival=DAY,
+        headers=(("From", " a@example.com"),), authentication_results="mx; dmarc=fail",
+        dmarc_failed=True, failed_aligned=(), aligned_passes=(), failed_dkim=None,
+        dkim_failures=(), spf_failed=False, spf_domain="", spf_record="", delivery="reject")
+    url = pg.new_database()
+    stores = [Store.open(url) for _ in range(4)]
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def mta(store: Store, n: int) -> None:
+        for i in range(10):
+            done = failures.queue_report(
+                store, dc.replace(failure, source_ip=f"192.0.2.{n * 10 + i}"), fo="0",
+                ruf=("mailto:f@example.com",), rate_limit=7, redact=True, org_name="Ours",
+                now=DAY + n + i / 100)
+            with lock:
+                results.extend(status for _, status in done)
+
+    threads = [threading.Thread(target=mta, args=(store, n)) for n, store in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    try:
+        assert sorted(results) == ["queued"] * 7 + ["rate-limited"] * 33
+        assert stores[0].read("SELECT count(*) FROM failure_reports") == [(7,)]
+    finally:
+        for store in stores:
+            store.close()
