@@ -122,3 +122,13 @@ def test_failure_reports_need_a_smarthost(reports: str) -> None:
             f"{reports}  failure_reports: {{rate_limit: 5}}\n")
     with pytest.raises(ConfigError, match=r"dmarc\.failure_reports.*smarthost"):
         parse(text)
+
+
+def test_check_config_shows_whether_failure_reports_are_made() -> None:
+    from mailwarden.policy.describe import effective_policy, format_policy
+
+    shown = format_policy(effective_policy(context().config))
+    assert "dmarc failure reports on: at most 5 per destination and hour, redacted, " \
+        "domains any with ruf=" in shown
+    off = format_policy(effective_policy(context(failures="").config))
+    assert "dmarc failure reports off" in off

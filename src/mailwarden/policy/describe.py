@@ -81,11 +81,20 @@ def effective_policy(config: Config) -> dict[str, Any]:
                            "keys": [f"{k.domain}/{k.selector}" for k in entry.keys]}
                           for entry in config.signing.table],
         "dmarc": {"mode": config.dmarc.mode, "store": redact(config.dmarc.store) or None,
-                  "reports": dict(config.dmarc.reports) or None},
+                  "reports": dict(config.dmarc.reports) or None,
+                  "failure_reports": _failure_reports(config)},
         "domains": sorted(config.domains),
         "hosts": {name: list(entries) for name, entries in config.hosts.items()},
         "rules": rules,
     }
+
+
+def _failure_reports(config: Config) -> dict[str, Any] | None:
+    found = config.dmarc.failure_reports
+    if found is None:
+        return None
+    return {"rate_limit": found.rate_limit, "redact": found.redact,
+            "domains": list(found.domains)}
 
 
 def _condition(data: dict[str, Any]) -> dict[str, Any]:
@@ -139,6 +148,12 @@ def format_policy(policy: dict[str, Any]) -> str:
     dmarc = policy["dmarc"]
     lines.append(f"dmarc mode {dmarc['mode']}  store {dmarc['store'] or '-'}  reports "
                  f"{shown(dmarc['reports']) if dmarc['reports'] else 'off'}")
+    failures = dmarc["failure_reports"]
+    lines.append("dmarc failure reports " + (
+        "off" if failures is None else
+        f"on: at most {failures['rate_limit']} per destination and hour, "
+        f"{'redacted' if failures['redact'] else 'NOT redacted'}, domains "
+        f"{', '.join(failures['domains']) or 'any with ruf='}"))
     for name, entries in policy["hosts"].items():
         lines.append(f"hosts.{name}: {', '.join(entries)}")
     for stage, rules in policy["rules"].items():
