@@ -1,16 +1,8 @@
 """A small in-memory DNS server on loopback, for tests, demos and benchmarks.
 
-Zone data uses the openspf SPF test-suite format: a mapping from owner names to
-lists of entries, each entry either a ``{TYPE: value}`` mapping (optionally with a
-``ttl`` key) or a bare marker string (``TIMEOUT``, ``SERVFAIL``, ``REFUSED``, ``AD``)::
-
-    example.com:
-      - TXT: "v=spf1 -all"
-      - MX: [10, mx.example.com]
-      - TIMEOUT
-
-The zone is compiled into :class:`dns.rrset.RRset` objects once, at :meth:`DevDNSServer.load`
-time. UDP and TCP are served on the same port from daemon threads.
+Zone data (the openspf SPF test-suite format) is read, compiled (once, at
+:meth:`DevDNSServer.load` time) and answered from by devzone.py; this module is the server.
+UDP and TCP are served on the same port from daemon threads.
 """
 
 from __future__ import annotations
@@ -25,9 +17,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping
 from types import FrameType, TracebackType
 from typing import Any, Final
 
@@ -49,172 +39,26 @@ import dns.rdtypes.ANY.TXT
 import dns.rdtypes.nsbase
 import dns.rdtypes.txtbase
 import dns.rrset
-import yaml
+
+from mailwarden.devtools.devzone import (
+    Node,
+    compile_zone,
+    load_zone_file,
+    lookup,
+)
 
 __all__ = ["DevDNSServer", "load_zone_file", "main"]
 
-DEFAULT_TTL: Final = 300
 EDNS_PAYLOAD: Final = 1232
-MAX_CNAME_HOPS: Final = 8
 TCP_IDLE_TIMEOUT: Final = 30.0
 
-TIMEOUT: Final = "TIMEOUT"
-SERVFAIL: Final = "SERVFAIL"
-REFUSED: Final = "REFUSED"
-_FAULTS: Final = frozenset({TIMEOUT, SERVFAIL, REFUSED})
-_FAULT_RCODES: Final = {SERVFAIL: dns.rcode.SERVFAIL, REFUSED: dns.rcode.REFUSED}
 
 _IN = dns.rdataclass.IN
-_TXT = dns.rdatatype.TXT
-_SPF = dns.rdatatype.SPF
-_CNAME = dns.rdatatype.CNAME
-_ANY = dns.rdatatype.ANY
-_TXT_CLASSES: Final[dict[dns.rdatatype.RdataType, type[dns.rdtypes.txtbase.TXTBase]]] = {
-    _TXT: dns.rdtypes.ANY.TXT.TXT,
-    _SPF: dns.rdtypes.ANY.SPF.SPF,
-}
-_NAME_CLASSES: Final[dict[dns.rdatatype.RdataType, type[dns.rdtypes.nsbase.NSBase]]] = {
-    _CNAME: dns.rdtypes.ANY.CNAME.CNAME,
-    dns.rdatatype.PTR: dns.rdtypes.ANY.PTR.PTR,
-    dns.rdatatype.NS: dns.rdtypes.ANY.NS.NS,
-    dns.rdatatype.DNAME: dns.rdtypes.ANY.DNAME.DNAME,
-}
 _SOA_MNAME: Final = dns.name.from_text("ns.devdns.invalid.")
 _SOA_RNAME: Final = dns.name.from_text("hostmaster.devdns.invalid.")
 
 
-# --------------------------------------------------------------------------- zone compilation
-
-
-@dataclass(frozen=True, slots=True)
-class _Node:
-    """Compiled data for one owner name."""
-
-    rrsets: dict[dns.rdatatype.RdataType, dns.rrset.RRset]
-    target: dns.name.Name | None  # CNAME target
-    fault: str | None  # first bare TIMEOUT/SERVFAIL/REFUSED marker, if any
-    exempt: frozenset[dns.rdatatype.RdataType]  # types with records listed before ``fault``
-    type_faults: dict[dns.rdatatype.RdataType, str]  # ``TXT: TIMEOUT`` style entries
-    ad: bool
-
-    def fault_for(self, rdtype: dns.rdatatype.RdataType) -> str | None:
-        """Return the fault marker that applies to a query of *rdtype*, if any."""
-        if rdtype in self.type_faults:
-            return self.type_faults[rdtype]
-        if self.fault is not None and rdtype not in self.exempt:
-            return self.fault
-        return None
-
-
-def _chunks(value: object) -> list[bytes]:
-    """Encode one TXT string (UTF-8) and split it into 255-byte character-strings."""
-    if value is None:
-        value = b""
-    raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
-    return [raw[i : i + 255] for i in range(0, len(raw), 255)] or [b""]
-
-
-def _make_rdata(rdtype: dns.rdatatype.RdataType, value: object) -> dns.rdata.Rdata:
-    """Build one rdata of *rdtype* from a YAML value."""
-    if rdtype in _TXT_CLASSES:
-        items: Iterable[object] = value if isinstance(value, list | tuple) else [value]
-        strings = [chunk for item in items for chunk in _chunks(item)] or [b""]
-        return _TXT_CLASSES[rdtype](_IN, rdtype, strings)
-    if rdtype in _NAME_CLASSES and not isinstance(value, list | tuple):
-        return _NAME_CLASSES[rdtype](_IN, rdtype, dns.name.from_text(str(value)))
-    if rdtype == dns.rdatatype.MX and isinstance(value, list | tuple) and len(value) == 2:
-        pref, exchange = value
-        exchange_name = dns.name.from_text(str(exchange) or ".")
-        value = (int(pref), exchange_name.to_text())
-    text = " ".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
-    return dns.rdata.from_text(_IN, rdtype, text, origin=dns.name.root, relativize=False)
-
-
-def _compile_node(owner: dns.name.Name, entries: Iterable[Any], spf_as_txt: bool) -> _Node:
-    """Compile the entry list of one owner name."""
-    rdatas: dict[dns.rdatatype.RdataType, list[tuple[dns.rdata.Rdata, int]]] = {}
-    listed: set[dns.rdatatype.RdataType] = set()
-    fault: str | None = None
-    exempt: frozenset[dns.rdatatype.RdataType] = frozenset()
-    type_faults: dict[dns.rdatatype.RdataType, str] = {}
-    ad = False
-    mentions_txt = False
-    for entry in entries:
-        if isinstance(entry, str):
-            marker = entry.strip().upper()
-            if marker == "AD":
-                ad = True
-            elif marker in _FAULTS:
-                if fault is None:
-                    fault, exempt = marker, frozenset(listed)
-            else:
-                raise ValueError(f"{owner}: unknown marker {entry!r}")
-            continue
-        if not isinstance(entry, Mapping):
-            raise ValueError(f"{owner}: bad entry {entry!r}")
-        ttls = [v for k, v in entry.items() if str(k).lower() == "ttl"]
-        ttl = int(ttls[0]) if ttls else DEFAULT_TTL
-        for key, value in entry.items():
-            if str(key).lower() == "ttl":
-                continue
-            rdtype = dns.rdatatype.from_text(str(key).upper())
-            if rdtype == _TXT:
-                mentions_txt = True
-            if isinstance(value, str) and value.strip().upper() == "NONE":
-                continue
-            if isinstance(value, str) and value.strip().upper() in _FAULTS:
-                type_faults.setdefault(rdtype, value.strip().upper())
-                continue
-            try:
-                rdata = _make_rdata(rdtype, value)
-            except Exception as exc:
-                raise ValueError(f"{owner}: bad {key} value {value!r}: {exc}") from exc
-            rdatas.setdefault(rdtype, []).append((rdata, ttl))
-            listed.add(rdtype)
-    if spf_as_txt and not mentions_txt and _SPF in rdatas:
-        # Generated TXT copies count as listed last, i.e. after any fault marker.
-        rdatas[_TXT] = [
-            (dns.rdtypes.ANY.TXT.TXT(_IN, _TXT, rd.strings), ttl)
-            for rd, ttl in rdatas[_SPF]
-            if isinstance(rd, dns.rdtypes.txtbase.TXTBase)
-        ]
-    rrsets: dict[dns.rdatatype.RdataType, dns.rrset.RRset] = {}
-    for rdtype, items in rdatas.items():
-        rrset = dns.rrset.RRset(owner, _IN, rdtype)
-        for rdata, ttl in items:
-            rrset.add(rdata, ttl)
-        rrsets[rdtype] = rrset
-    target = None
-    if _CNAME in rrsets:
-        first = rrsets[_CNAME][0]
-        assert isinstance(first, dns.rdtypes.nsbase.NSBase)
-        target = first.target
-    return _Node(rrsets, target, fault, exempt, type_faults, ad)
-
-
-def _compile_zone(zone: Mapping[str, Any], spf_as_txt: bool) -> dict[dns.name.Name, _Node]:
-    """Compile a whole zone mapping (keys are case-insensitive owner names)."""
-    merged: dict[dns.name.Name, list[Any]] = {}
-    for key, entries in zone.items():
-        try:
-            owner = dns.name.from_text(str(key).lower())
-        except dns.exception.DNSException as exc:
-            raise ValueError(f"bad owner name {key!r}: {exc}") from exc
-        if isinstance(entries, str | Mapping):  # a single entry not wrapped in a list
-            entries = [entries]
-        merged.setdefault(owner, []).extend(entries or ())
-    return {owner: _compile_node(owner, entries, spf_as_txt) for owner, entries in merged.items()}
-
-
 # --------------------------------------------------------------------------- server
-
-
-@dataclass(slots=True)
-class _Result:
-    rcode: dns.rcode.Rcode
-    answer: list[dns.rrset.RRset]
-    authority: list[dns.rrset.RRset]
-    ad: bool
 
 
 class DevDNSServer:
@@ -236,7 +80,7 @@ class DevDNSServer:
         self.queries: list[tuple[str, str, str]] = []
         self._port = port
         self._log_lock = threading.Lock()
-        self._zone: dict[dns.name.Name, _Node] = {}
+        self._zone: dict[dns.name.Name, Node] = {}
         self._soa = dns.rdata.from_text(
             _IN, dns.rdatatype.SOA, f"{_SOA_MNAME} {_SOA_RNAME} 1 3600 600 86400 {negative_ttl}"
         )
@@ -262,7 +106,7 @@ class DevDNSServer:
 
     def load(self, zone: Mapping[str, Any]) -> None:
         """Replace the zone data atomically; the query log is kept."""
-        self._zone = _compile_zone(zone, self.spf_as_txt)
+        self._zone = compile_zone(zone, self.spf_as_txt)
 
     def clear_log(self) -> None:
         """Empty the query log."""
@@ -469,7 +313,7 @@ class DevDNSServer:
         if question.rdclass not in (_IN, dns.rdataclass.ANY):
             response.set_rcode(dns.rcode.REFUSED)
             return response.to_wire()
-        result = self._resolve(qname, qtype)
+        result = lookup(self._zone, qname, qtype, self._negative_soa)
         if result is None:
             return None
         response.set_rcode(result.rcode)
@@ -487,41 +331,6 @@ class DevDNSServer:
             response.answer, response.authority = [], []
             response.flags |= dns.flags.TC
             return response.to_wire()
-
-    def _resolve(self, qname: dns.name.Name, qtype: dns.rdatatype.RdataType) -> _Result | None:
-        """Look *qname*/*qtype* up, following CNAMEs; ``None`` means drop the query."""
-        zone = self._zone
-        answer: list[dns.rrset.RRset] = []
-        ad = True
-        seen: set[dns.name.Name] = set()
-        name = qname
-        while True:
-            node = zone.get(name)
-            if node is None:
-                return _Result(dns.rcode.NXDOMAIN, answer, [self._negative_soa(name)], False)
-            ad = ad and node.ad
-            chase = node.target is not None and qtype not in (_CNAME, _ANY)
-            fault = node.fault_for(_CNAME if chase else qtype)
-            if fault == TIMEOUT:
-                return None
-            if fault is not None:
-                return _Result(_FAULT_RCODES[fault], [], [], False)
-            if chase and node.target is not None:
-                if len(answer) >= MAX_CNAME_HOPS:
-                    return _Result(dns.rcode.NOERROR, answer, [], ad)
-                answer.append(node.rrsets[_CNAME])
-                seen.add(name)
-                name = node.target
-                if name in seen:  # loop: stop with what we have
-                    return _Result(dns.rcode.NOERROR, answer, [], ad)
-                continue
-            if qtype == _ANY:
-                found = list(node.rrsets.values())
-            else:
-                found = [node.rrsets[qtype]] if qtype in node.rrsets else []
-            if not found:
-                return _Result(dns.rcode.NOERROR, answer, [self._negative_soa(name)], ad)
-            return _Result(dns.rcode.NOERROR, answer + found, [], ad)
 
     def _negative_soa(self, name: dns.name.Name) -> dns.rrset.RRset:
         owner = dns.name.Name(name.labels[-3:]) if len(name.labels) > 3 else name
@@ -547,23 +356,7 @@ def _bare_response(data: bytes, rcode: dns.rcode.Rcode) -> bytes | None:
     return struct.pack("!6H", qid, dns.flags.QR | dns.flags.RA | rcode, 0, 0, 0, 0)
 
 
-# --------------------------------------------------------------------------- files and CLI
-
-
-def load_zone_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML zone file: a bare mapping, or one document with a ``zonedata:`` key."""
-    with open(path, encoding="utf-8") as fh:
-        docs = [doc for doc in yaml.safe_load_all(fh) if doc is not None]
-    if not docs:
-        return {}
-    if len(docs) > 1:
-        raise ValueError(f"{path}: expected a single YAML document, found {len(docs)}")
-    doc = docs[0]
-    if isinstance(doc, Mapping) and isinstance(doc.get("zonedata"), Mapping):
-        doc = doc["zonedata"]
-    if not isinstance(doc, Mapping):
-        raise ValueError(f"{path}: zone data must be a mapping")
-    return {str(k): v for k, v in doc.items()}
+# --------------------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
