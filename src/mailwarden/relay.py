@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mailwarden.deadline import Deadline
@@ -105,3 +106,9 @@ class HostGroup:
         if included is Membership.IN and excluded is Membership.UNKNOWN:
             return Membership.UNKNOWN
         return included
+
+
+def internal_networks(groups: Iterable[HostGroup]) -> tuple[IPNetwork, ...]:
+    """The networks of every host group: our own sources, which reports to other domains
+    leave out (addresses excluded with `!` are not subtracted)."""
+    return tuple(net for group in groups for net in group.networks)

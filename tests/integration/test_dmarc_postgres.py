@@ -327,7 +327,7 @@ def test_failure_report_rate_limit_holds_across_a_fleet(pg: Server) -> None:
     def mta(store: Store, n: int) -> None:
         for i in range(10):
             done = failures.queue_report(
-                store, dc.replace(failure, source_ip=f"192.0.2.{n * 10 + i}"), fo="0",
+                store, dc.replace(failure, source_ip=f"192.0.2.{n * 10 + i}"), kind="dmarc",
                 ruf=("mailto:f@example.com",), rate_limit=7, redact=True, org_name="Ours",
                 now=DAY + n + i / 100)
             with lock:

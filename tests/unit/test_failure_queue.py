@@ -33,7 +33,7 @@ def store(tmp_path: Path) -> Store:
 def queue(store: Store, now: float, ruf: tuple[str, ...] = ("mailto:f@example.com",),
           domain: str = "example.com") -> list[tuple[str, str]]:
     return failures.queue_report(store, dataclasses.replace(FAILURE, author_domain=domain),
-                                 fo="0", ruf=ruf, rate_limit=2, redact=True, org_name="Ours",
+                                 kind="dmarc", ruf=ruf, rate_limit=2, redact=True, org_name="Ours",
                                  now=now)
 
 

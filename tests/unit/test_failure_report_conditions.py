@@ -33,7 +33,10 @@ ON = "  failure_reports: {rate_limit: 5}"
 
 
 def context(mode: str = "rfc9989", failures: str = ON) -> Context:
-    return Context(parse(BASE.format(mode=mode, failures=failures)), FakeDNS(), {})
+    """The context the engine makes: the host groups built once, from the configuration."""
+    from mailwarden.policy.engine import Engine
+
+    return Engine(parse(BASE.format(mode=mode, failures=failures)), FakeDNS()).ctx
 
 
 def finding(record_text: str, result: Result = Result.FAIL,
@@ -92,7 +95,7 @@ def test_mailwarden_test_shows_the_report_and_queues_nothing() -> None:
     from mailwarden.offline import offline_config
 
     config = offline_config(context().config, None)
-    ctx = Context(config, FakeDNS(), {})
+    ctx = Context(config, FakeDNS(), context().groups)
     message = txn()
     queuers = dict(failures._QUEUERS)
     queue_failure_report(ctx, message, finding(RUF), Result.REJECT)
@@ -132,3 +135,24 @@ def test_check_config_shows_whether_failure_reports_are_made() -> None:
         "domains any with ruf=" in shown
     off = format_policy(effective_policy(context(failures="").config))
     assert "dmarc failure reports off" in off
+
+
+def test_which_aligned_identifiers_failed() -> None:
+    """RFC 9991 §4 Identity-Alignment, worked out off the milter path: a failing signature of
+    the author's Organizational Domain and a failing aligned MAIL FROM are listed, a failing
+    third party is not, and strict alignment counts only the exact domain."""
+    from mailwarden.dmarc.evaluate import DkimInput, failed_aligned
+    from mailwarden.dmarc.orgdomain import Discovery
+
+    discovery = Discovery(FakeDNS(), "legacy")  # the Public Suffix List: no DNS
+    record = parse_record("v=DMARC1; p=reject; ruf=mailto:f@example.com")
+    strict = parse_record("v=DMARC1; p=reject; adkim=s; aspf=s")
+    assert isinstance(record, DmarcRecord) and isinstance(strict, DmarcRecord)
+    dkim = (DkimInput("other.example", "o1", Result.FAIL),
+            DkimInput("example.com", "s1", Result.FAIL))
+    assert failed_aligned(discovery, "news.example.com", record, "bounce.example.com",
+                          Result.SOFTFAIL, dkim) == (("dkim", "spf"), ("example.com", "s1"))
+    assert failed_aligned(discovery, "news.example.com", strict, "bounce.example.com",
+                          Result.SOFTFAIL, dkim) == ((), None)
+    assert failed_aligned(discovery, "news.example.com", record, "news.example.com",
+                          Result.PASS, dkim[:1]) == ((), None)

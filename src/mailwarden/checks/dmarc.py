@@ -138,8 +138,7 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
     dkim = [DkimInput(s.domain, s.selector, s.result) for s in signatures if s.domain]
     found = evaluate(ctx.dns, domain, spf_domain=spf_domain, spf_result=spf_result,
                      dkim=dkim, mode=ctx.config.dmarc.mode, deadline=txn.deadline,
-                     sample=_sampler(),
-                     failure_detail=ctx.config.dmarc.failure_reports is not None)
+                     sample=_sampler())
     decisive, overrides = found.result, []
     if found.result is Result.FAIL:
         decisive = found.disposition if found.disposition in _REFUSING else Result.FAIL

@@ -5,7 +5,8 @@ background thread: nothing in it can delay, change or fail the verdict."""
 
 from __future__ import annotations
 
-import ipaddress
+import contextlib
+import dataclasses
 import logging
 import time
 from functools import partial
@@ -13,15 +14,19 @@ from typing import TYPE_CHECKING
 
 from mailwarden import metrics
 from mailwarden.dmarc.afrf import Failure, is_feedback_report, triggers
+from mailwarden.dmarc.evaluate import DkimInput, failed_aligned
+from mailwarden.dmarc.orgdomain import Discovery, TemporaryError
 from mailwarden.dmarc.report import is_internal
 from mailwarden.findings import SpfIdentity
 from mailwarden.headers import authentication_results
-from mailwarden.relay import HostGroup
+from mailwarden.relay import internal_networks
 from mailwarden.results import Result
+from mailwarden.spf.record import is_spf_record
 
 if TYPE_CHECKING:
     from mailwarden.checks.base import Context
     from mailwarden.config.model import FailureReportsConfig
+    from mailwarden.dmarc.record import DmarcRecord
     from mailwarden.dmarc.store import Store
     from mailwarden.findings import DmarcFinding
     from mailwarden.transaction import Transaction
@@ -45,12 +50,9 @@ def _wanted(ctx: Context, txn: Transaction, finding: DmarcFinding) -> FailureRep
         return None
     if is_feedback_report(txn.headers) or txn.client_ip is None:
         return None  # no loops; no Source-IP to report (local submission)
-    if not ctx.config.dmarc.reports.get("include_internal_sources"):
-        networks = [ipaddress.ip_network(net, strict=False) for name, entries
-                    in ctx.config.hosts.items()
-                    for net in HostGroup.from_entries(name, entries).networks]
-        if is_internal(str(txn.client_ip or ""), networks):
-            return None
+    if not ctx.config.dmarc.reports.get("include_internal_sources") and \
+            is_internal(str(txn.client_ip), internal_networks(ctx.groups.values())):
+        return None
     return settings
 
 
@@ -75,8 +77,8 @@ def queue_failure_report(ctx: Context, txn: Transaction, finding: DmarcFinding,
         authentication_results=authentication_results(
             ctx.config.authserv_id,
             [r for r in txn.results if r.method in ("dmarc", "dkim", "spf")]),
-        dmarc_failed=found.result is Result.FAIL, failed_aligned=found.failed_aligned,
-        aligned_passes=passes, failed_dkim=found.failed_dkim,
+        dmarc_failed=found.result is Result.FAIL, failed_aligned=(),
+        aligned_passes=passes, failed_dkim=None,
         dkim_failures=tuple((s.domain, s.selector, s.reason) for s in signatures
                             if s.domain and s.result in _FAILED_DKIM),
         spf_failed=mailfrom is not None and mailfrom.result in (Result.FAIL, Result.SOFTFAIL),
@@ -93,23 +95,31 @@ def queue_failure_report(ctx: Context, txn: Transaction, finding: DmarcFinding,
     if not ctx.config.dmarc.store:
         return  # `mailwarden test`: shown, not queued
     org_name = str(ctx.config.dmarc.reports.get("org_name", ""))
-    job = partial(_write, ctx, failure, record.fo, record.ruf, settings, org_name)
+    dkim = tuple(DkimInput(s.domain, s.selector, s.result) for s in signatures if s.domain)
+    spf_result = mailfrom.result if mailfrom is not None else Result.NONE
+    job = partial(_write, ctx, failure, kinds[0], record, dkim, spf_result, settings, org_name)
     from mailwarden.dmarc.failures import queuer_for
 
     queuer_for(ctx.config.dmarc.store).submit(job)
 
 
-def _write(ctx: Context, failure: Failure, fo: str, ruf: tuple[str, ...],
-           settings: FailureReportsConfig, org_name: str, store: Store) -> None:
-    import dataclasses
-
+def _write(ctx: Context, failure: Failure, kind: str, record: DmarcRecord,
+           dkim: tuple[DkimInput, ...], spf_result: Result, settings: FailureReportsConfig,
+           org_name: str, store: Store) -> None:
+    """In the background: what the report needs beyond the verdict's work (which aligned
+    identifiers failed: the Organizational Domain walk; the SPF record), then queue it."""
     from mailwarden.dmarc.failures import queue_report
 
+    discovery = Discovery(ctx.dns, ctx.config.dmarc.mode)
+    with contextlib.suppress(TemporaryError):  # only the report's detail is missing then
+        failed, failed_dkim = failed_aligned(discovery, failure.author_domain, record,
+                                             failure.spf_domain, spf_result, dkim)
+        failure = dataclasses.replace(failure, failed_aligned=failed, failed_dkim=failed_dkim)
     if failure.spf_domain and ("spf" in failure.failed_aligned or failure.spf_failed):
         answer = ctx.dns.txt(failure.spf_domain)  # cached since the SPF check
-        record = next((t for t in answer.records if t.lower().startswith("v=spf1")), "")
-        failure = dataclasses.replace(failure, spf_record=record)
-    for destination, result in queue_report(store, failure, fo=fo, ruf=ruf,
+        spf = next((t for t in answer.records if is_spf_record(t)), "")
+        failure = dataclasses.replace(failure, spf_record=spf)
+    for destination, result in queue_report(store, failure, kind=kind, ruf=record.ruf,
                                             rate_limit=settings.rate_limit,
                                             redact=settings.redact, org_name=org_name):
         metrics.METRICS.failure_report(result.partition(":")[0])

@@ -19,7 +19,7 @@ from mailwarden.cli.common import (
 )
 from mailwarden.cli.received import add_ingest_command
 from mailwarden.dns import Resolver, system_nameservers
-from mailwarden.relay import HostGroup
+from mailwarden.relay import HostGroup, internal_networks
 from mailwarden.storeowner import become_store_owner
 
 
@@ -147,8 +147,8 @@ def _report_setup(config: Any) -> tuple[Any, Resolver]:
 
     resolver = Resolver(nameservers=list(config.dns.nameservers) or system_nameservers(),
                         timeout=config.dns.timeout, lifetime=config.dns.lifetime)
-    networks = tuple(str(net) for name, entries in config.hosts.items()
-                     for net in HostGroup.from_entries(name, entries).networks)
+    networks = tuple(str(net) for net in internal_networks(
+        HostGroup.from_entries(name, entries) for name, entries in config.hosts.items()))
     settings = ReportSettings(**config.dmarc.reports, internal_networks=networks)
     signing = config.signing
     settings = dataclasses.replace(

@@ -6,7 +6,6 @@ a failing message outside the sampled percentage gets the next less strict polic
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
 from collections.abc import Callable, Sequence
@@ -43,11 +42,6 @@ class DmarcResult:
     dkim_aligned: bool = False
     aligned_dkim_domain: str = ""
     sampled_out: bool = False  # legacy pct=: this failure was outside the sample
-    # for failure reports (RFC 9991 §4 Identity-Alignment): the mechanisms whose aligned
-    # identifier did not pass, and the first such DKIM signature (domain, selector);
-    # computed only for a record with ruf= when failure reports are on
-    failed_aligned: tuple[str, ...] = ()
-    failed_dkim: tuple[str, str] | None = None
     queries: int = 0
     warnings: tuple[str, ...] = field(default=())
 
@@ -75,28 +69,25 @@ def _undecided(discovery: Discovery, author: str, record: DmarcRecord, spf_domai
     return ""
 
 
-def _failed_aligned(base: DmarcResult, discovery: Discovery, record: DmarcRecord,
-                    spf_domain: str, spf_result: Result,
-                    dkim: Sequence[DkimInput]) -> DmarcResult:
-    """RFC 9991 §4: which mechanisms failed to authenticate an identifier aligned with the
-    author domain."""
-    author = base.author_domain
+def failed_aligned(discovery: Discovery, author: str, record: DmarcRecord, spf_domain: str,
+                   spf_result: Result, dkim: Sequence[DkimInput]
+                   ) -> tuple[tuple[str, ...], tuple[str, str] | None]:
+    """RFC 9991 §4 (failure reports): the mechanisms that failed to authenticate an
+    identifier aligned with the author domain, and the first such DKIM signature (domain,
+    selector). May raise TemporaryError (the Organizational Domain walk)."""
     failed_sig = next(((sig.domain, sig.selector) for sig in dkim if sig.result is not Result.PASS
                        and discovery.aligned(sig.domain, author, record.adkim)), None)
     spf_failed = bool(spf_domain) and spf_result is not Result.PASS and \
         discovery.aligned(spf_domain, author, record.aspf)
-    failed = (("dkim",) if failed_sig else ()) + (("spf",) if spf_failed else ())
-    return dataclasses.replace(base, failed_aligned=failed, failed_dkim=failed_sig)
+    return (("dkim",) if failed_sig else ()) + (("spf",) if spf_failed else ()), failed_sig
 
 
 def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result: Result,
              dkim: Sequence[DkimInput], mode: str = "rfc9989",
              deadline: Deadline | None = None,
-             sample: Callable[[], float] = random.random,
-             failure_detail: bool = False) -> DmarcResult:
+             sample: Callable[[], float] = random.random) -> DmarcResult:
     """The DMARC result for a message whose author domain is `author_domain`. `sample`
-    draws from [0, 1) for legacy pct= sampling; `failure_detail`: also find which aligned
-    identifiers failed (failure reports are on: more DNS for a record with ruf=)."""
+    draws from [0, 1) for legacy pct= sampling."""
     author = author_domain.lower().rstrip(".")
     discovery = Discovery(dns, mode, deadline)
     try:
@@ -127,9 +118,6 @@ def evaluate(dns: DNSClient, author_domain: str, *, spf_domain: str, spf_result:
         spf_aligned=spf_ok, dkim_aligned=bool(dkim_domain), aligned_dkim_domain=dkim_domain,
         queries=discovery.queries, warnings=record.warnings,
     )
-    if failure_detail and record.ruf:
-        with contextlib.suppress(TemporaryError):  # only a failure report's detail is missing
-            base = _failed_aligned(base, discovery, record, spf_domain, spf_result, dkim)
     if spf_ok or dkim_domain:
         how = "DKIM" if dkim_domain else "SPF"
         return dataclasses.replace(base, result=Result.PASS, reason=f"aligned {how} pass")

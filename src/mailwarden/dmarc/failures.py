@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mailwarden import metrics
-from mailwarden.dmarc.afrf import Content, Failure, content, failure_mail, redactor, triggers
+from mailwarden.dmarc.afrf import Content, Failure, content, failure_mail, redactor
 from mailwarden.dmarc.destinations import Destination, Verifier, parse_uri
 from mailwarden.dmarc.report import ReportSettings
 from mailwarden.dmarc.store import Store, StoreError
@@ -66,17 +66,14 @@ def redaction_key(store: Store) -> bytes:
     return hashlib.sha256(f"redact\0{store.instance_id}".encode()).digest()
 
 
-def queue_report(store: Store, failure: Failure, *, fo: str, ruf: tuple[str, ...],
+def queue_report(store: Store, failure: Failure, *, kind: str, ruf: tuple[str, ...],
                  rate_limit: int, redact: bool, org_name: str,
                  now: float | None = None) -> list[tuple[str, str]]:
-    """Store the failure report of one message for each ruf= URI within the rate limit;
-    returns (destination, "queued" | "rate-limited" | "unusable: why") per URI, or nothing
-    when fo= asks for no report."""
-    kinds = triggers(fo, failure)
-    if not kinds:
-        return []
+    """Store the failure report of one message (of `kind`, what fo= asked: afrf.triggers)
+    for each ruf= URI within the rate limit; returns (destination, "queued" |
+    "rate-limited" | "unusable: why") per URI."""
     now = time.time() if now is None else now
-    item = content(kinds[0], failure, redactor(redaction_key(store) if redact else None),
+    item = content(kind, failure, redactor(redaction_key(store) if redact else None),
                    org_name)
     report_id = hashlib.sha256(
         f"{store.instance_id}\0{now}\0{os.getpid()}\0{threading.get_ident()}\0"
