@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from mailwarden import __version__, textout
 from mailwarden.cli.common import (
     DEFAULT_CONFIG,
+    config_option,
     ip_argument,
     load_config,
     nameserver_argument,
@@ -68,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "SIGHUP reloads the configuration (a broken one is refused and the running one kept); "
         "SIGTERM stops taking connections and lets those in progress finish within "
         "drain_timeout. Exit status: 0 stopped, 1 could not start, 2 a configuration error.")
-    run.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                     help=f"configuration file (default: {DEFAULT_CONFIG})")
+    config_option(run)
     run.set_defaults(handler=_cmd_run)
 
     test = commands.add_parser(
@@ -92,8 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(default: unknown)")
     test.add_argument("--auth-user", default="", metavar="LOGIN",
                       help="treat the client as SMTP-AUTH authenticated as LOGIN")
-    test.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                      help=f"configuration file (default: {DEFAULT_CONFIG})")
+    config_option(test)
     test.add_argument("--nameserver", action="append", type=nameserver_argument, default=None,
                       metavar="HOST[:PORT]",
                       help="DNS server to ask instead of the configured ones (repeatable)")

@@ -81,11 +81,15 @@ def read_message(path: str) -> bytes:
         raise SystemExit(f"mailwarden: cannot read {path}: {exc.strerror}") from None
 
 
+def config_option(parser: argparse.ArgumentParser, what: str = "configuration file") -> None:
+    """--config PATH, the same name and default on every command that reads it."""
+    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
+                        help=f"{what} (default: {DEFAULT_CONFIG})")
+
+
 def store_options(parser: argparse.ArgumentParser) -> None:
     """--config and --store: where a command reading the DMARC store finds it."""
-    parser.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                        help=f"configuration file whose dmarc.store is used "
-                        f"(default: {DEFAULT_CONFIG})")
+    config_option(parser, "configuration file whose dmarc.store is used")
     parser.add_argument("--store", metavar="URL", help="the store (instead of the config's)")
 
 
@@ -95,9 +99,6 @@ def with_store(args: argparse.Namespace, work: Callable[[Store], T], *,
     as root; `create`: a missing store is made, else reading never creates one), then
     closed: (its result, 0), or (None, the exit status) after printing the error: 2 for the
     configuration, 1 for the store."""
-    from mailwarden.dmarc.store import Store, StoreError
-    from mailwarden.storeowner import become_store_owner
-
     url, user = args.store, None
     if url is None:
         config = load_config(args.config)
@@ -108,6 +109,16 @@ def with_store(args: argparse.Namespace, work: Callable[[Store], T], *,
             print(f"mailwarden: {args.config}: no dmarc.store configured (or give --store)",
                   file=sys.stderr)
             return None, 2
+    return on_store(url, user, work, create=create)
+
+
+def on_store(url: str, user: str | None, work: Callable[[Store], T], *,
+             create: bool = False) -> tuple[T | None, int]:
+    """`work` on the DMARC store at `url` (as the store's owner when started as root), then
+    closed: (its result, 0), or (None, 1) after printing the store's error."""
+    from mailwarden.dmarc.store import Store, StoreError
+    from mailwarden.storeowner import become_store_owner
+
     become_store_owner(url, user)
     try:
         store = Store.open(url) if create else Store.open_existing(url)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mailwarden.cli.common import (
-    DEFAULT_CONFIG,
+    config_option,
     dns_options,
     load_config,
     read_message,
@@ -43,9 +43,7 @@ def add_dkim_commands(commands: Any) -> None:
                         help="key file (default: DOMAIN.SELECTOR.TYPE.pem here)")
     genkey.add_argument("--owner", metavar="USER",
                         help="run as root: the key's owner (default: the `user` of --config)")
-    genkey.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                        help=f"configuration whose `user` gets the key when run as root "
-                        f"(default: {DEFAULT_CONFIG})")
+    config_option(genkey, "configuration whose `user` gets the key when run as root")
     genkey.set_defaults(handler=_cmd_dkim_genkey)
     checkdns = dkim_sub.add_parser(
         "check-dns", help="does the published record match the key?",
@@ -60,8 +58,7 @@ def add_dkim_commands(commands: Any) -> None:
     checkdns.add_argument("--key", metavar="PATH", help="the private key file")
     checkdns.add_argument("--all", action="store_true",
                           help="every key of --config's signing.keys instead")
-    checkdns.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                          help=f"configuration file, for --all (default: {DEFAULT_CONFIG})")
+    config_option(checkdns, "configuration file, for --all")
     dns_options(checkdns)
     checkdns.set_defaults(handler=_cmd_dkim_check_dns, parser=checkdns)
     verify = dkim_sub.add_parser(

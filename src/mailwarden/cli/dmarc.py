@@ -9,9 +9,10 @@ import sys
 from typing import Any
 
 from mailwarden.cli.common import (
-    DEFAULT_CONFIG,
+    config_option,
     dns_options,
     load_config,
+    on_store,
     positive_float,
     resolver_from,
     store_options,
@@ -49,8 +50,7 @@ def add_dmarc_commands(commands: Any) -> None:
         "run from sending again. systemd/mailwarden-dmarc-report.timer runs it daily. Started "
         "as root it runs as the store's owner. Exit status: 0 nothing failed, 1 a destination "
         "or the store failed, 2 a configuration error.")
-    report.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                        help=f"configuration file (default: {DEFAULT_CONFIG})")
+    config_option(report)
     report.add_argument("--period", default="yesterday",
                         help='"yesterday" (UTC), "last-hour", or START..END (ISO 8601) '
                         '(default: yesterday)')
@@ -65,8 +65,7 @@ def add_dmarc_commands(commands: Any) -> None:
         "it every five minutes. Started as root it runs as the store's owner. Exit status: 0 "
         "nothing failed, 1 a destination or the store failed (the next run tries again), 2 a "
         "configuration error.")
-    failures.add_argument("--config", default=DEFAULT_CONFIG, metavar="PATH",
-                          help=f"configuration file (default: {DEFAULT_CONFIG})")
+    config_option(failures)
     failures.add_argument("--dry-run", action="store_true",
                           help="verify destinations and print, send nothing")
     failures.set_defaults(handler=_cmd_dmarc_failures)
@@ -174,7 +173,8 @@ def _cmd_dmarc_report(args: argparse.Namespace) -> int:
 
 def _cmd_dmarc_failures(args: argparse.Namespace) -> int:
     from mailwarden.dmarc.failures import send_failures
-    from mailwarden.dmarc.store import LockBusy, Store, StoreError
+    from mailwarden.dmarc.sending import SendOutcome
+    from mailwarden.dmarc.store import LockBusy, Store
 
     config = load_config(args.config)
     if config is None:
@@ -184,23 +184,21 @@ def _cmd_dmarc_failures(args: argparse.Namespace) -> int:
               "made", file=sys.stderr)
         return 2
     settings, resolver = _report_setup(config)
-    become_store_owner(config.dmarc.store, config.user)
-    try:
-        store = Store.open(config.dmarc.store)
-    except (StoreError, ValueError) as exc:
-        print(f"dmarc failures: {exc}", file=sys.stderr)
-        return 1
-    try:
-        with store.report_lock():
-            outcomes = send_failures(store, settings, resolver, dry_run=args.dry_run)
-    except LockBusy as exc:
-        print(f"dmarc failures: {exc}; the next run sends them")
-        return 0
-    except (StoreError, OSError) as exc:
-        print(f"dmarc failures: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        store.close()
+
+    def locked_send(store: Store) -> list[SendOutcome] | None:
+        try:
+            with store.report_lock():
+                return send_failures(store, settings, resolver, dry_run=args.dry_run)
+        except LockBusy as exc:
+            print(f"dmarc failures: {exc}; the next run sends them")
+            return []
+        except OSError as exc:
+            print(f"dmarc failures: {exc}", file=sys.stderr)
+            return None
+
+    outcomes, status = on_store(config.dmarc.store, config.user, locked_send, create=True)
+    if outcomes is None:
+        return status or 1
     if not outcomes:
         print("no failure reports waiting")
     for item in outcomes:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mailwarden.cli.common import nameserver_argument, store_options, with_store
+from mailwarden.cli.common import dns_options, resolver_from, store_options, with_store
 from mailwarden.textout import shown
 
 if TYPE_CHECKING:
@@ -52,11 +52,8 @@ def add_ingest_command(dmarc_sub: Any) -> None:
                          help="reports whose period ended in the last N days (default: 30)")
     sources.add_argument("--no-dns", action="store_true",
                          help="do not look up the sources' reverse names")
-    sources.add_argument("--nameserver", action="append", type=nameserver_argument,
-                         default=None, metavar="HOST[:PORT]",
-                         help="DNS server for the reverse names (default: /etc/resolv.conf)")
+    dns_options(sources)  # for the reverse names
     store_options(sources)
-    sources.add_argument("--json", action="store_true", help="print one JSON object")
     sources.set_defaults(handler=_cmd_dmarc_sources)
 
 
@@ -74,15 +71,13 @@ def _reverse_name(resolver: Any, ip: str) -> str:
 
 def _cmd_dmarc_sources(args: argparse.Namespace) -> int:
     from mailwarden.dmarc.sources import collect
-    from mailwarden.dns import Resolver, system_nameservers
 
     domains, status = with_store(
         args, lambda store: collect(store, time.time() - args.days * 86400, args.domain))
     if domains is None:
         return status
     if not args.no_dns:
-        resolver = Resolver(nameservers=args.nameserver or system_nameservers(), timeout=2.0,
-                            lifetime=4.0)
+        resolver = resolver_from(args)
         for domain in domains:
             for source in domain.sources[:50]:
                 source.name = _reverse_name(resolver, source.ip)
