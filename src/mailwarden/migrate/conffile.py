@@ -43,6 +43,13 @@ class Settings:
                 if key not in self.used]
 
 
+def name_value(line: str) -> tuple[str, str]:
+    """`Name value`: the first word, and the rest (either may be separated by spaces or tabs,
+    as opendkim.conf(5) and the data set files allow)."""
+    name, *rest = line.split(None, 1)
+    return name, rest[0] if rest else ""
+
+
 def read_settings(path: str) -> Settings:
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
@@ -53,7 +60,7 @@ def read_settings(path: str) -> Settings:
         line = raw.split("#", 1)[0].strip()
         if not line:
             continue
-        name, _, value = line.partition(" ") if " " in line else line.partition("\t")
+        name, value = name_value(line)
         settings.values[name.lower()] = (value.strip(), number)
         settings.names[name.lower()] = name
     return settings

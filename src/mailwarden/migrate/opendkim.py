@@ -15,7 +15,14 @@ from typing import Any
 import yaml
 
 from mailwarden.dkim.table import covers, normalize
-from mailwarden.migrate.conffile import DataSet, ImportError_, Settings, data_set, read_settings
+from mailwarden.migrate.conffile import (
+    DataSet,
+    ImportError_,
+    Settings,
+    data_set,
+    name_value,
+    read_settings,
+)
 from mailwarden.relay import check_host_entry
 
 # Why a setting has no place in mailwarden's configuration (lower-cased names).
@@ -158,7 +165,7 @@ def _keys(dk: Settings, notes: list[str]) -> tuple[list[dict[str, str]], dict[st
     table = dk.get("KeyTable")
     if table is not None:
         for line, where in data_set(table, _at(dk, "KeyTable")).lines:
-            name, _, spec = line.partition(" ") if " " in line else line.partition("\t")
+            name, spec = name_value(line)
             domain, _, rest = spec.strip().partition(":")
             selector, _, path = rest.partition(":")
             if not (domain and selector and path):
@@ -194,7 +201,7 @@ def _signing_table(dk: Settings, by_name: dict[str, str],
     found: DataSet = data_set(value, _at(dk, "SigningTable"))
     entries: dict[str, list[str]] = {}
     for line, where in found.lines:
-        written, _, names = line.partition(" ") if " " in line else line.partition("\t")
+        written, names = name_value(line)
         try:
             pattern = normalize(written)
         except ValueError as exc:
