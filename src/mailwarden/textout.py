@@ -12,10 +12,17 @@ command, with whatever the terminal's encoding cannot show written as `\\x..`/`\
 from __future__ import annotations
 
 import io
+import re
 import sys
 from typing import TextIO
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_UNPRINTABLE = re.compile(r"[^ -~]")  # all but printable ASCII and space
+
+
+def printable(text: str) -> str:
+    """Printable ASCII, anything else as "?": a log line's or a header field's value."""
+    return _UNPRINTABLE.sub("?", text)
 
 
 def _escape(char: str) -> str:

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mailwarden.logparse import client_address, decisions, fields
-from mailwarden.policy.logline import describe, printable
+from mailwarden.policy.logline import describe
+from mailwarden.textout import printable
 from mailwarden.transaction import Monitored, Transaction
 from mailwarden.verdict import Action, Reply, Stage, Verdict
 

@@ -25,6 +25,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, formatdate
 
 from mailwarden import __version__
+from mailwarden.textout import printable
 
 # an address in a header field: local-part (dot-atom or quoted) @ domain
 # (non-ASCII local-parts included, RFC 6532), also percent-encoded in a URI (%40)
@@ -119,8 +120,7 @@ class _Redact:
 
 def _field(value: str) -> str:
     """Printable ASCII on one logical line (a feedback-report field is a header field)."""
-    flat = re.sub(r"[\r\n]+[ \t]*", " ", value)
-    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in flat)
+    return printable(re.sub(r"[\r\n]+[ \t]*", " ", value))
 
 
 def _folded(name: str, value: str) -> str:

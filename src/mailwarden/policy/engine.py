@@ -33,9 +33,10 @@ from mailwarden.dns import DNSClient
 from mailwarden.findings import DmarcFinding, SigningFinding, SignStatus
 from mailwarden.headers import AR, authentication_results, fold, forged_indices
 from mailwarden.policy import codes
-from mailwarden.policy.logline import describe, printable
+from mailwarden.policy.logline import describe
 from mailwarden.relay import HostGroup, Membership
 from mailwarden.results import Result
+from mailwarden.textout import printable
 from mailwarden.transaction import Monitored, Transaction
 from mailwarden.verdict import CONTINUE, Action, Mode, Stage, Verdict
 

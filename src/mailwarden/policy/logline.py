@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 
 from mailwarden.results import Result
+from mailwarden.textout import printable
 from mailwarden.transaction import Monitored, Transaction
 from mailwarden.verdict import Verdict
 
@@ -90,11 +91,10 @@ _TOKEN = re.compile(r'[!#-~]+')  # printable ASCII but space and '"'
 
 def value(text: str) -> str:
     """`text` as a field value: a bare token when it is one, else a quoted string."""
+    if _TOKEN.fullmatch(text):  # a token is printable already
+        return text
     shown = printable(text)
     if _TOKEN.fullmatch(shown):
         return shown
     return '"' + shown.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-
-def printable(text: str) -> str:
-    return "".join(ch if " " <= ch <= "~" else "?" for ch in text)
