@@ -78,10 +78,6 @@ class SigningFinding:
     algorithm: str = ""
     reason: str = ""
 
-    def short(self) -> str:
-        """`dkim_sign=signed(d=example.com s=s1 a=rsa-sha256)` or `dkim_sign=none(reason)`."""
-        return f"{self.check}={self.outcome()}"
-
     def outcome(self) -> str:
         """`signed(d=example.com s=s1 a=rsa-sha256)` or `none(reason)`."""
         if self.status in (SignStatus.SIGNED, SignStatus.SEALED):

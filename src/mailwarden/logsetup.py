@@ -162,8 +162,7 @@ def configure_logging(level: str, config: LogConfig | None = None,
     else:
         handler = logging.StreamHandler(out)
         handler.setFormatter(JournalFormatter("%(message)s") if under_journald(out) else _PLAIN)
-    for old in logging.getLogger().handlers:
-        old.close()
+    # force=True removes and closes the handlers of a previous configuration
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     if problem:
         logging.getLogger("mailwarden").warning(

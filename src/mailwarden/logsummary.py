@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mailwarden.logparse import client_address
+from mailwarden.verdict import Action
 
-REFUSED = ("reject", "tempfail", "discard")
+REFUSED = frozenset(str(action) for action in Action if action.refuses)
 
 
 @dataclass
