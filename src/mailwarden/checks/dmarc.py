@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import functools
 import logging
 import os
 import random
@@ -159,7 +160,9 @@ def run(ctx: Context, txn: Transaction, args: DmarcArgs) -> CheckOutcome:
     return CheckOutcome(decisive, (result,), text=text, findings=(finding,))
 
 
-_SEEDED: list[random.Random] = []
+@functools.cache
+def _seeded(seed: str) -> random.Random:
+    return random.Random(seed)
 
 
 def _sampler() -> Callable[[], float]:
@@ -169,9 +172,7 @@ def _sampler() -> Callable[[], float]:
     seed = os.environ.get("MAILWARDEN_PCT_SEED")
     if not seed:
         return random.random
-    if not _SEEDED:
-        _SEEDED.append(random.Random(seed))
-    return _SEEDED[0].random
+    return _seeded(seed).random
 
 
 def wording(result: Result, domain: str, reason: str) -> str:
@@ -186,7 +187,7 @@ def wording(result: Result, domain: str, reason: str) -> str:
 
 
 def _comment(found: DmarcResult, disposition: Result, overridden: bool,
-             mode: str = "rfc9989") -> str | None:
+             mode: str) -> str | None:
     """The Authentication-Results comment: the policy that applied, the disposition, and in
     legacy mode which rules decided (RFC 7489, and its pct= when it is not 100)."""
     comment = None

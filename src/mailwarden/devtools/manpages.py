@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from mailwarden import __version__
+from mailwarden.cli.common import DEFAULT_CONFIG
 
 DATE = "2026-12-07"
 
@@ -68,7 +69,7 @@ def command_page(parser: argparse.ArgumentParser) -> str:
             if isinstance(action, argparse._HelpAction):
                 continue
             out += [".TP", _option(action), lines(roff((action.help or "").replace("%%", "%")))]
-    out += [".SH FILES", ".TP", "\\fI/etc/mailwarden/mailwarden.yaml\\fR",
+    out += [".SH FILES", ".TP", f"\\fI{DEFAULT_CONFIG}\\fR",
             "The configuration, see \\fBmailwarden.yaml\\fR(5).", ".TP",
             "\\fI/var/lib/mailwarden\\fR", "The DMARC store of the default configuration.",
             ".SH SIGNALS", ".TP", "\\fBSIGHUP\\fR",

@@ -66,7 +66,7 @@ def reports_in(data: bytes) -> list[bytes] | Refused:
     with the report attached or as its body."""
     if len(data) > MAX_INPUT:
         return Refused(f"{len(data)} bytes: more than {MAX_INPUT} (refused before unpacking)")
-    if data[:2] == b"\x1f\x8b" or data[:4] == b"PK\x03\x04" or data.lstrip()[:1] == b"<":
+    if _kind(data):
         unpacked = _unpack(data, "")
         return unpacked if isinstance(unpacked, Refused) else [unpacked]
     message = email.message_from_bytes(data, policy=email.policy.compat32)
@@ -99,13 +99,22 @@ def read_reports(data: bytes) -> tuple[list[ReceivedReport], list[Refused]]:
             [p for p in parsed if isinstance(p, Refused)])
 
 
-def _unpack(data: bytes, name: str) -> bytes | Refused:
+def _kind(data: bytes) -> str:
+    """"gzip", "zip" or "xml" by the data's first bytes, or "" for none of them."""
     if data[:2] == b"\x1f\x8b":
-        return _gunzip(data)
+        return "gzip"
     if data[:4] == b"PK\x03\x04":
+        return "zip"
+    return "xml" if data.lstrip()[:1] == b"<" else ""
+
+
+def _unpack(data: bytes, name: str) -> bytes | Refused:
+    kind = _kind(data)
+    if kind == "gzip":
+        return _gunzip(data)
+    if kind == "zip":
         return _unzip(data)
-    stripped = data.lstrip()
-    if stripped.startswith(b"<"):
+    if kind == "xml":
         return data
     return Refused(f"{name or 'the data'} is neither XML, gzip nor zip")
 

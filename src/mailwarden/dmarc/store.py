@@ -292,9 +292,6 @@ class Store:
     # -- reading ----------------------------------------------------------------------
     def read(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         """Rows of a query on the store's tables (`?` placeholders in both dialects)."""
-        return self._read(sql, params)
-
-    def _read(self, sql: str, params: Sequence[object] = ()) -> list[Any]:
         with self._lock:
             try:
                 return self._db.execute(sql, params)
@@ -303,11 +300,11 @@ class Store:
 
     def count(self) -> int:
         """How many evaluations the store holds."""
-        return int(self._read("SELECT count(*) FROM evaluations")[0][0])
+        return int(self.read("SELECT count(*) FROM evaluations")[0][0])
 
     def policy_domains(self, start: float, end: float) -> list[str]:
         """The policy domains with evaluations in [start, end), sorted."""
-        rows = self._read("SELECT DISTINCT policy_domain FROM evaluations "
+        rows = self.read("SELECT DISTINCT policy_domain FROM evaluations "
                           "WHERE time >= ? AND time < ?", (start, end))
         return sorted(str(row[0]) for row in rows)
 
@@ -323,7 +320,7 @@ class Store:
             params: list[object] = [start, end, last]
             if policy_domain is not None:
                 params.append(policy_domain)
-            rows = self._read(f"{_SELECT} WHERE {where} ORDER BY id LIMIT {_CHUNK}", params)
+            rows = self.read(f"{_SELECT} WHERE {where} ORDER BY id LIMIT {_CHUNK}", params)
             for row in rows:
                 yield _from_row(row)
             if len(rows) < _CHUNK:
@@ -346,7 +343,7 @@ class Store:
         if policy_domain is not None:
             where += " AND e.policy_domain = ?"
             params.append(policy_domain)
-        rows = self._read(
+        rows = self.read(
             "SELECT e.policy_domain, e.header_from, e.source_ip, count(*),"
             " sum(CASE WHEN e.dkim_aligned = 'pass' OR e.spf_aligned = 'pass'"
             " THEN 1 ELSE 0 END),"
